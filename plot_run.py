@@ -1,0 +1,112 @@
+"""Plot one or several training runs: run_*.json -> PNG of loss and learning-rate curves.
+
+    python plot_run.py out-demo/run_*.json --out out-demo/loss.png
+
+Top panel: train loss per iteration (line) and the periodic eval's val loss (points) against
+iteration, with the number of tokens seen on a second x-axis. Bottom panel: learning rate.
+Several runs share the axes (one colour each), e.g. a base run and its SFT run.
+matplotlib is an optional extra (`make demo` installs it); it is imported only here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def load_run(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            run = json.load(f)
+    except OSError as e:
+        raise SystemExit(f'plot_run: cannot read {path}: {e.strerror}')
+    except json.JSONDecodeError as e:
+        raise SystemExit(f'plot_run: {path}:{e.lineno}: not valid JSON ({e.msg}); '
+                         'is the run still writing it?')
+    if not isinstance(run, dict) or not isinstance(run.get('iters'), list):
+        raise SystemExit(f"plot_run: {path}: no 'iters' list; expected a run_*.json written by "
+                         'train_sft.py')
+    for i, rec in enumerate(run['iters']):
+        if not isinstance(rec, dict) or 'iter' not in rec or 'loss' not in rec:
+            raise SystemExit(f"plot_run: {path}: iters[{i}] lacks 'iter' or 'loss'")
+    return run
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('plot_run: matplotlib is not installed; it is an optional extra: '
+                         '.venv/bin/pip install matplotlib (make demo installs it)')
+    matplotlib.use('Agg')  # files only: works without a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
+    runs = [(p, load_run(p)) for p in paths]
+    plt = import_pyplot()
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+                                         gridspec_kw={'height_ratios': [3, 1.3]})
+    tokens_at = {}  # iteration -> tokens seen, for the second x-axis (first run's scale)
+    for k, (path, run) in enumerate(runs):
+        color = f'C{k}'
+        label = os.path.basename(os.path.dirname(os.path.abspath(path))) or os.path.basename(path)
+        if len(runs) > 1 and len({os.path.dirname(os.path.abspath(p)) for p in paths}) == 1:
+            label = os.path.basename(path)
+        its = run['iters']
+        x = [r['iter'] for r in its]
+        ax_loss.plot(x, [r['loss'] for r in its], color=color, lw=1, alpha=0.8,
+                     label=f'{label} train')
+        evals = [e for e in run.get('evals', []) if e.get('val_loss') is not None]
+        if evals:
+            ax_loss.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 'o--',
+                         color=color, ms=5, label=f'{label} val')
+        lrs = [(r['iter'], r['lr']) for r in its if r.get('lr') is not None]
+        if lrs:
+            ax_lr.plot(*zip(*lrs), color=color, lw=1.2)
+        if k == 0:
+            tokens_at = {r['iter']: r['tokens'] for r in its if r.get('tokens') is not None}
+    ax_loss.set_ylabel('loss (mean over trained tokens)')
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    ax_lr.set_ylabel('learning rate')
+    ax_lr.set_xlabel('iteration')
+    ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
+    if len(tokens_at) >= 2:
+        # Tokens grow ~linearly with iterations; interpolate so the top axis labels tokens seen.
+        import numpy as np
+        xi = np.array(sorted(tokens_at), dtype=float)
+        ti = np.array([tokens_at[i] for i in sorted(tokens_at)], dtype=float)
+        sec = ax_loss.secondary_xaxis('top', functions=(lambda v: np.interp(v, xi, ti),
+                                                        lambda v: np.interp(v, ti, xi)))
+        sec.set_xlabel('tokens seen' + (' (first run)' if len(runs) > 1 else ''))
+    fig.suptitle(title or 'nanoSFT: ' + ', '.join(os.path.basename(p) for p, _ in runs), fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    root, ext = os.path.splitext(out)
+    tmp = f'{root}.tmp{os.getpid()}{ext or ".png"}'  # keep the extension: it picks the format
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('runs', nargs='+', help='run_*.json files written by train_sft.py')
+    p.add_argument('--out', default=None, help='PNG path (default: next to the first run, loss.png)')
+    p.add_argument('--title', default=None)
+    args = p.parse_args(argv)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.runs[0])), 'loss.png')
+    print(f'wrote {plot_runs(args.runs, out, args.title)}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,55 @@
+import builtins
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import plot_run  # noqa: E402
+
+
+def fake_run(path, n=30, lr=1e-3):
+    iters = [{'iter': i, 'loss': 5.0 / (1 + i), 'lr': lr * min(1, (i + 1) / 5), 'grad_norm': 1.0,
+              'tokens': 512 * (i + 1), 'trained_tokens': 100 * (i + 1), 'tok_per_s': 1e3,
+              'time': 0.1 * i} for i in range(n)]
+    evals = [{'iter': i, 'train_loss': 5.0 / (1 + i), 'val_loss': 5.5 / (1 + i)} for i in (0, 10, 20)]
+    path.write_text(json.dumps({'config': {}, 'iters': iters, 'evals': evals, 'summary': {}}))
+    return str(path)
+
+
+def test_writes_png_for_one_and_several_runs(tmp_path):
+    pytest.importorskip('matplotlib')
+    a, b = fake_run(tmp_path / 'run_a.json'), fake_run(tmp_path / 'run_b.json', lr=3e-4)
+    out = tmp_path / 'plots' / 'loss.png'
+    subprocess.run([sys.executable, os.path.join(ROOT, 'plot_run.py'), a, b, '--out', str(out)],
+                   check=True, capture_output=True)
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert not [f for f in os.listdir(out.parent) if 'tmp' in f]
+    plot_run.plot_runs([a], str(tmp_path / 'one.png'))
+    assert (tmp_path / 'one.png').stat().st_size > 1000
+
+
+def test_bad_run_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / 'run_x.json'
+    bad.write_text('{"iters": [')
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'plot_run.py'), str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and 'run_x.json' in r.stderr and 'Traceback' not in r.stderr
+    bad.write_text('{"evals": []}')
+    with pytest.raises(SystemExit, match="no 'iters'"):
+        plot_run.load_run(str(bad))
+
+
+def test_missing_matplotlib_says_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith('matplotlib'):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, '__import__', no_mpl)
+    with pytest.raises(SystemExit, match='pip install matplotlib'):
+        plot_run.import_pyplot()
