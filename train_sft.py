@@ -1,0 +1,767 @@
+"""
+Supervised fine-tuning, nanoGPT style: the globals below are the config, overwritten by a config file
+and `--key=value` overrides (configurator.py). One process or torchrun DDP:
+
+    python train_sft.py configs/sft_demo_cpu.py
+    torchrun --standalone --nproc_per_node=8 train_sft.py configs/sft_qwen3_1.8b.py
+
+What this loop guarantees beyond the usual ones:
+- every trained token weighs the same in a step, whatever the padding, accumulation or GPU count
+  (loss = sum over trained tokens / trained tokens of the whole step, counted before backward);
+- the examples an optimizer step sees depend only on (seed, step), not on how the global batch is
+  split into ranks x micro-steps x rows;
+- `init_from='resume'` continues bit-exactly (CPU) where ckpt.pt left off: model, optimizer, RNG
+  states of every rank and the data cursor are in the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+# -----------------------------------------------------------------------------
+# default config (every global below can be set from a config file or --key=value)
+# I/O
+out_dir = 'out-sft'
+eval_interval = 200
+log_interval = 1
+eval_iters = 20
+eval_only = False
+keep_last_n = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
+init_from = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
+# wandb
+wandb_log = False
+wandb_project = 'nanosft'
+wandb_run_name = None
+# data
+data_dir = 'data/my_sft'     # prepare_sft.py output dir, or a .jsonl file tokenized on the fly
+tokenizer = 'qwen3'          # only used for .jsonl input
+train_on = 'all'             # only used for .jsonl input (see tokenizer.encode_conversation)
+chat_template = 'chatml'     # only used for .jsonl input
+gradient_accumulation_steps = 4   # per process
+batch_size = 4               # rows per micro-batch per process
+block_size = 2048
+packing = False              # False: pad to the longest row of the micro-batch; True: pack rows
+seed = 1337
+# model (init_from='scratch': a preset and/or explicit architecture keys)
+model_preset = 'tiny'
+n_layer = None
+n_head = None
+n_kv_head = None
+n_embd = None
+vocab_size = None
+dropout = 0.0                # overrides the checkpoint's / HF model's dropout
+# optimizer
+learning_rate = 2e-5
+max_iters = 3000
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0              # 0 disables clipping (the norm is still computed and logged)
+max_nan_steps = 10           # abort after this many non-finite steps in a row
+# learning rate schedule
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 3000
+min_lr = 2e-6
+# system
+backend = ''                 # '' -> nccl on CUDA, gloo on CPU
+device = ''                  # '' -> cuda if available else cpu
+dtype = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU
+compile = False
+peak_flops = 0.0             # per GPU, for MFU; 0 -> guess from the device name
+# -----------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+DEFAULT_PAD_ID = 151643      # <|endoftext|>
+
+
+class TrainError(RuntimeError):
+    """A user-facing problem found before or during training (bad data, mismatch, ...)."""
+
+
+# -----------------------------------------------------------------------------
+# Loss and checkpoint loading (the specification's three entry points)
+
+def load_checkpoint(path, device='cpu', dropout=None):
+    """checkpoint.load_checkpoint: rebuild ConfigurableGPT from ckpt['model_args'] -> (model, ckpt)."""
+    from checkpoint import load_checkpoint as _load  # lazy: importing train_sft stays cheap
+    return _load(path, device=device, dropout=dropout)
+
+
+def compute_sft_loss(model, input_ids, labels, ignore_index=IGNORE_INDEX):
+    """Mean cross-entropy over the trained tokens (labels aligned with input_ids, shifted inside)."""
+    if ignore_index != IGNORE_INDEX:
+        labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
+    _, loss = model(input_ids, labels=labels)
+    return loss
+
+
+def count_trained_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Targets the model is trained on: labels are shifted inside, so position 0 never is one."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+class JsonlSplit:
+    """A .jsonl chat file tokenized once in memory; same (input_ids, labels) as the binary shards."""
+
+    def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='chatml'):
+        from prepare_sft import load_records
+        from tokenizer import encode_conversation, load_tokenizer
+        tok = load_tokenizer(tokenizer_name)
+        records = list(load_records(path))
+        # Deterministic split without a val file: every 20th conversation is validation.
+        if len(records) >= 20:
+            keep = (lambda i: i % 20 == 19) if split == 'val' else (lambda i: i % 20 != 19)
+            records = [r for i, r in enumerate(records) if keep(i)]
+        self.examples = []
+        for messages in records:
+            ids, labels = encode_conversation(messages, tok, train_on=train_on, chat_template=chat_template)
+            self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
+        self.lengths = np.array([len(e[0]) for e in self.examples], dtype=np.int64)
+        self.meta = {'tokenizer': tok.name, 'tokenizer_hash': tok.hash, 'vocab_size': tok.vocab_size,
+                     'special_tokens': dict(tok.special_tokens), 'pad_id': tok.pad_id}
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+def open_split(path, split, cfg=None):
+    cfg = cfg or {}
+    if str(path).endswith('.jsonl'):
+        if not os.path.isfile(path):
+            raise TrainError(f"data_dir: file not found: {path}")
+        return JsonlSplit(path, split, cfg.get('tokenizer', 'qwen3'), cfg.get('train_on', 'all'),
+                          cfg.get('chat_template', 'chatml'))
+    if not os.path.isdir(path):
+        raise TrainError(f"data_dir: directory not found: {path} (build it with prepare_sft.py "
+                         f"--out_dir {path}, or point data_dir at a .jsonl file)")
+    from prepare_sft import ShardDataset
+    try:
+        return ShardDataset(path, split)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"data_dir {path}: cannot read the {split} split: {e}") from e
+
+
+def pack_greedy(order, lengths, block_size) -> list[list[int]]:
+    """Next-fit packing of examples (in the given order) into rows of block_size tokens."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = min(int(lengths[i]), block_size)
+        if row and used + n > block_size:
+            rows.append(row)
+            row, used = [], 0
+        row.append(int(i))
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+class SFTDataset:
+    """
+    Examples of one split turned into training rows. A unit is what fills one row of a micro-batch:
+    one example (padding) or a packed list of examples (packing). `units(epoch)` is a seeded
+    permutation of the split (packed after shuffling), the global order the sampler walks through.
+    """
+
+    def __init__(self, data, block_size, packing=False, pad_id=DEFAULT_PAD_ID, seed=1337, shuffle=True):
+        self.data, self.block_size, self.packing = data, block_size, packing
+        self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
+        self.lengths = np.asarray(getattr(data, 'lengths', None) if getattr(data, 'lengths', None) is not None
+                                  else [len(data[i][0]) for i in range(len(data))], dtype=np.int64)
+        self.truncated = 0          # examples cut to block_size when batched (reported, never silent)
+        self._cache = (None, None)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+    def units(self, epoch: int) -> list[list[int]]:
+        if self._cache[0] == epoch:
+            return self._cache[1]
+        n = len(self.data)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        units = pack_greedy(order, self.lengths, self.block_size) if self.packing else [[int(i)] for i in order]
+        self._cache = (epoch, units)
+        return units
+
+    def collate(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
+        return self._collate_packed(units) if self.packing else self._collate_padded(units)
+
+    def _example(self, i):
+        ids, labels = self.data[i]
+        ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+        if len(ids) > self.block_size:
+            self.truncated += 1
+            ids, labels = ids[:self.block_size], labels[:self.block_size]
+        return ids, labels
+
+    def _collate_padded(self, units):
+        examples = [self._example(u[0]) for u in units]
+        T = max(1, max(len(e[0]) for e in examples))
+        x = np.full((len(units), T), self.pad_id, dtype=np.int64)
+        y = np.full((len(units), T), IGNORE_INDEX, dtype=np.int64)
+        for r, (ids, labels) in enumerate(examples):
+            # Right padding + causal attention: real tokens never see the pads, so no mask is needed.
+            x[r, :len(ids)], y[r, :len(ids)] = ids, labels
+        return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y)}
+
+    def _collate_packed(self, units):
+        B, T = len(units), self.block_size
+        x = np.full((B, T), self.pad_id, dtype=np.int64)
+        y = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        pos = np.zeros((B, T), dtype=np.int64)
+        doc = np.zeros((B, T), dtype=np.int64)
+        for r, unit in enumerate(units):
+            t = 0
+            for d, i in enumerate(unit):
+                ids, labels = self._example(i)
+                n = len(ids)
+                x[r, t:t + n], y[r, t:t + n] = ids, labels
+                y[r, t] = IGNORE_INDEX   # a document's first token is never a target of the one before
+                pos[r, t:t + n] = np.arange(n)
+                doc[r, t:t + n] = d
+                t += n
+            if t < T:  # the pad tail is a document of its own, so no real token attends to it
+                doc[r, t:] = len(unit)
+                pos[r, t:] = np.arange(T - t)
+        return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y),
+                'position_ids': torch.from_numpy(pos), 'doc_ids': torch.from_numpy(doc)}
+
+
+class GlobalSampler:
+    """
+    World-size-invariant order. Optimizer step k takes the next G = world_size * grad_accum *
+    batch_size units of the global per-epoch order (crossing into the next epoch when one runs out);
+    rank r, micro-step m take a fixed slice of those G. So the set of examples in a step does not
+    depend on how G is split. The cursor (epoch, position) is all that resume needs.
+    """
+
+    def __init__(self, dataset: SFTDataset, epoch=0, position=0):
+        if len(dataset) == 0:
+            raise TrainError("the training split has no examples")
+        self.dataset, self.epoch, self.position = dataset, epoch, position
+
+    def take(self, n: int) -> list[list[int]]:
+        out = []
+        while len(out) < n:
+            units = self.dataset.units(self.epoch)
+            k = min(n - len(out), len(units) - self.position)
+            out.extend(units[self.position:self.position + k])
+            self.position += k
+            if self.position >= len(units):
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def next_step(self, world_size, rank, grad_accum, batch_size) -> list[list[list[int]]]:
+        """The micro-batches (lists of units) of this rank for the next optimizer step."""
+        per_rank = grad_accum * batch_size
+        step = self.take(world_size * per_rank)
+        mine = step[rank * per_rank:(rank + 1) * per_rank]
+        return [mine[m * batch_size:(m + 1) * batch_size] for m in range(grad_accum)]
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'position': self.position}
+
+
+def eval_batches(dataset: SFTDataset, units, n_batches, world_size, rank, batch_size):
+    """Fixed eval batches: the same units at every eval, disjoint across ranks (wrapping around)."""
+    for e in range(n_batches):
+        start = (e * world_size + rank) * batch_size
+        yield dataset.collate([units[(start + j) % len(units)] for j in range(batch_size)])
+
+
+def check_tokenizer_fits(meta: dict, model_vocab: int, ckpt_tokenizer: dict | None = None, where=''):
+    """The data's token ids must all be valid rows of the model's embedding, else training is garbage."""
+    data_vocab = meta.get('vocab_size')
+    specials = meta.get('special_tokens') or meta.get('special_ids') or {}
+    max_special = max((int(v) for v in specials.values()), default=-1) if isinstance(specials, dict) else -1
+    if data_vocab is not None and int(data_vocab) > model_vocab:
+        raise TrainError(f"{where}: tokenizer/model mismatch: the data's tokenizer has {data_vocab} tokens "
+                         f"but the model's vocab_size is {model_vocab}")
+    if max_special >= model_vocab:
+        raise TrainError(f"{where}: tokenizer/model mismatch: special token id {max_special} does not fit "
+                         f"the model's vocab_size {model_vocab}")
+    data_hash = meta.get('tokenizer_hash') or (meta.get('tokenizer') or {}).get('hash') \
+        if isinstance(meta.get('tokenizer'), dict) else meta.get('tokenizer_hash')
+    ckpt_hash = (ckpt_tokenizer or {}).get('hash') or (ckpt_tokenizer or {}).get('tokenizer_hash')
+    if data_hash and ckpt_hash and data_hash != ckpt_hash:
+        raise TrainError(f"{where}: tokenizer mismatch: the data was tokenized with hash {data_hash[:12]}... "
+                         f"but the checkpoint was trained with {ckpt_hash[:12]}...")
+
+
+def tokenizer_meta(meta: dict) -> dict:
+    tok = meta.get('tokenizer')
+    name = tok.get('name') if isinstance(tok, dict) else tok
+    h = tok.get('hash') if isinstance(tok, dict) else meta.get('tokenizer_hash')
+    return {'name': name, 'hash': h, 'vocab_size': meta.get('vocab_size'),
+            'special_tokens': meta.get('special_tokens') or meta.get('special_ids') or {}}
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+
+def get_lr(it, cfg):
+    if not cfg['decay_lr']:
+        return cfg['learning_rate']
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it > cfg['lr_decay_iters']:
+        return cfg['min_lr']
+    span = max(1, cfg['lr_decay_iters'] - cfg['warmup_iters'])
+    ratio = (it - cfg['warmup_iters']) / span
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg['min_lr'] + coeff * (cfg['learning_rate'] - cfg['min_lr'])
+
+
+def set_dropout(model, p: float):
+    """Dropout is a training choice: override whatever the checkpoint/HF config had."""
+    model.config.dropout = p
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        elif isinstance(getattr(m, 'dropout', None), float):
+            m.dropout = p
+
+
+def get_rng_state():
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def link_or_copy(src, dst):
+    """ckpt.pt / ckpt_best.pt as hard links of the step checkpoint: no second multi-GB write."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def guess_peak_flops(device_type):
+    if device_type != 'cuda':
+        return 0.0
+    name = torch.cuda.get_device_name()
+    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40', 181e12),
+                       ('A10', 125e12), ('4090', 165e12), ('3090', 71e12)):
+        if key in name:
+            return flops
+    return 312e12
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def build_model(cfg, device, master):
+    """-> (model, checkpoint dict or None)"""
+    from model_builder import ConfigurableGPT
+    from model_config import ModelArchitectureConfig
+    init = cfg['init_from']
+    ckpt = None
+    if init == 'scratch':
+        arch = ModelArchitectureConfig.from_preset(cfg['model_preset']).to_dict() if cfg['model_preset'] else {}
+        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'vocab_size'):
+            if cfg[k] is not None:
+                arch[k] = cfg[k]
+        arch['block_size'] = cfg['block_size']
+        arch['dropout'] = cfg['dropout']
+        mconf = ModelArchitectureConfig.from_dict(arch)
+        mconf.validate()
+        model = ConfigurableGPT(mconf)
+    elif init.startswith('hf:'):
+        path = init[3:]
+        if not os.path.isdir(path):
+            raise TrainError(f"init_from={init}: directory not found: {path}")
+        model = ConfigurableGPT.from_hf(path)
+    else:
+        path = os.path.join(cfg['out_dir'], 'ckpt.pt') if init == 'resume' else init
+        if not os.path.isfile(path):
+            raise TrainError(f"init_from={init}: checkpoint not found: {path}")
+        model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg['dropout'])
+    set_dropout(model, cfg['dropout'])
+    if cfg['block_size'] > model.config.block_size:
+        raise TrainError(f"block_size={cfg['block_size']} is larger than the model's block_size "
+                         f"{model.config.block_size}")
+    return model.to(device), ckpt
+
+
+def train(cfg: dict) -> dict:
+    """Run the training described by the resolved config; returns the run summary."""
+    # ---- distributed / device setup
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev = cfg['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if ddp:
+        backend = cfg['backend'] or ('nccl' if dev.startswith('cuda') else 'gloo')
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local_rank}'
+            torch.cuda.set_device(dev)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
+    dtype_name = cfg['dtype'] or ('float32' if device_type == 'cpu' else
+                                  'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+    dtype_name = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32'}.get(dtype_name, dtype_name)
+    if dtype_name not in ('float32', 'bfloat16', 'float16'):
+        raise TrainError(f"dtype={cfg['dtype']!r}: expected float32, bfloat16 or float16")
+    ptdtype = getattr(torch, dtype_name)
+    autocast = nullcontext() if device_type == 'cpu' or dtype_name == 'float32' else \
+        torch.autocast(device_type=device_type, dtype=ptdtype)
+    if device_type == 'cpu':
+        # Bit-exact resume on CPU needs deterministic kernels; warn_only keeps rare ops usable.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def print0(*a):
+        if master:
+            print(*a, flush=True)
+
+    def all_reduce(t, op=dist.ReduceOp.SUM):
+        if ddp:
+            dist.all_reduce(t, op=op)
+        return t
+
+    G = world * cfg['gradient_accumulation_steps'] * cfg['batch_size']
+    print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()))
+    print0(f"world_size={world} global batch={G} rows "
+           f"({world} x {cfg['gradient_accumulation_steps']} accum x {cfg['batch_size']} rows)")
+
+    # ---- data (before the model: a bad data dir fails fast)
+    train_split = open_split(cfg['data_dir'], 'train', cfg)
+    val_split = open_split(cfg['data_dir'], 'val', cfg)
+    meta = getattr(train_split, 'meta', {}) or {}
+    specials = meta.get('special_tokens') or meta.get('special_ids') or {}
+    pad_id = int(meta.get('pad_id', specials.get('<|endoftext|>', DEFAULT_PAD_ID)
+                          if isinstance(specials, dict) else DEFAULT_PAD_ID))
+    train_ds = SFTDataset(train_split, cfg['block_size'], cfg['packing'], pad_id, cfg['seed'])
+    val_ds = SFTDataset(val_split, cfg['block_size'], cfg['packing'], pad_id, cfg['seed'], shuffle=False)
+    sampler = GlobalSampler(train_ds)
+    print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg['data_dir']}")
+
+    # ---- model
+    random.seed(cfg['seed'] + rank)
+    np.random.seed(cfg['seed'] + rank)
+    torch.manual_seed(cfg['seed'] + rank)
+    model, ckpt = build_model(cfg, dev, master)
+    check_tokenizer_fits(meta, model.config.vocab_size, (ckpt or {}).get('tokenizer'), where=cfg['data_dir'])
+    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, init_from={cfg['init_from']}")
+
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == 'float16'))
+    iter_num, best_val_loss, resumed_at = 0, float('inf'), None
+    if cfg['init_from'] == 'resume':
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if 'scaler' in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt['scaler'])
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt.get('best_val_loss', float('inf'))
+        resumed_at = iter_num
+        ds = ckpt.get('data_state') or {}
+        sampler.epoch, sampler.position = ds.get('epoch', 0), ds.get('position', 0)
+        rngs = ckpt.get('rng')
+        if isinstance(rngs, list) and len(rngs) == world:
+            set_rng_state(rngs[rank])
+        elif rngs:
+            print0(f"warning: checkpoint has RNG states for {len(rngs)} ranks, this run has {world}: "
+                   f"dropout noise will differ from an uninterrupted run")
+        if ds.get('global_batch') not in (None, G):
+            print0(f"warning: global batch changed from {ds['global_batch']} to {G} rows on resume")
+        print0(f"resumed from iter {iter_num} (epoch {sampler.epoch}, position {sampler.position})")
+    ckpt = None  # free the checkpoint's tensors
+
+    raw_model = model
+    if cfg['compile']:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+    # ---- outputs
+    if master:
+        os.makedirs(cfg['out_dir'], exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
+    run_path = os.path.join(cfg['out_dir'], f'run_{stamp}.json')
+    run_log = {'config': cfg, 'iters': [], 'evals': [], 'summary': {}}
+    wandb_run = None
+    if cfg['wandb_log'] and master:
+        try:
+            import wandb
+            wandb_run = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'], config=cfg)
+        except ImportError:
+            print0("warning: wandb_log=True but wandb is not installed; logging to run_*.json only")
+
+    stop_requested = [False]
+
+    def on_signal(signum, frame):
+        stop_requested[0] = True
+        print(f"[rank {rank}] got signal {signum}: finishing this step, then saving ckpt.pt", flush=True)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    @torch.no_grad()
+    def estimate_loss():
+        model.eval()
+        out = {}
+        for name, ds, units in (('train', train_ds, train_ds.units(0)), ('val', val_ds, val_ds.units(0))):
+            acc = torch.zeros(2, dtype=torch.float64, device=dev)
+            if len(units):
+                for batch in eval_batches(ds, units, cfg['eval_iters'], world, rank, cfg['batch_size']):
+                    batch = {k: v.to(dev) for k, v in batch.items()}
+                    with autocast:
+                        _, loss = model(batch['input_ids'], labels=batch['labels'],
+                                        position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
+                                        reduction='sum')
+                    acc[0] += loss.double()
+                    acc[1] += count_trained_tokens(batch['labels'])
+            all_reduce(acc)
+            out[name] = (acc[0] / acc[1]).item() if acc[1] > 0 else float('nan')
+        model.train()
+        return out
+
+    def save(iter_num, best_val_loss, is_best, step_file):
+        # Every rank's RNG state goes in (gathered: a collective all ranks run), so resume is exact.
+        rng = get_rng_state()
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if not master:
+            return
+        checkpoint = {'model': raw_model.state_dict(), 'model_args': raw_model.config.to_dict(),
+                      'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
+                      'best_val_loss': best_val_loss, 'config': cfg, 'rng': rngs,
+                      'data_state': {**sampler.state_dict(), 'global_batch': G, 'seed': cfg['seed']},
+                      'tokenizer': tokenizer_meta(meta), 'format_version': 1}
+        if scaler.is_enabled():
+            checkpoint['scaler'] = scaler.state_dict()
+        latest = os.path.join(cfg['out_dir'], 'ckpt.pt')
+        from checkpoint import save_checkpoint
+        if step_file:
+            path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:06d}.pt')
+            save_checkpoint(path, checkpoint)
+            link_or_copy(path, latest)
+            if cfg['keep_last_n'] > 0:
+                steps = sorted(f for f in os.listdir(cfg['out_dir'])
+                               if f.startswith('ckpt_') and f[5:11].isdigit() and f.endswith('.pt'))
+                for old in steps[:-cfg['keep_last_n']]:
+                    os.remove(os.path.join(cfg['out_dir'], old))
+        else:
+            save_checkpoint(latest, checkpoint)
+        if is_best:
+            link_or_copy(latest, os.path.join(cfg['out_dir'], 'ckpt_best.pt'))
+        print0(f"saved {'ckpt_%06d.pt + ' % iter_num if step_file else ''}ckpt.pt"
+               f"{' + ckpt_best.pt' if is_best else ''} at iter {iter_num}")
+
+    # ---- the loop
+    flops_per_token = raw_model.config.flops_per_token(cfg['block_size'])
+    peak = cfg['peak_flops'] or guess_peak_flops(device_type)
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    bar = None
+    if master:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg['max_iters'], initial=iter_num, dynamic_ncols=True, desc='sft')
+    A, B = cfg['gradient_accumulation_steps'], cfg['batch_size']
+    nan_streak, skipped = 0, 0
+    loss_acc = torch.zeros((), dtype=torch.float64, device=dev)   # summed on device, read at log steps
+    tok_acc = torch.zeros(2, dtype=torch.float64, device=dev)     # (trained tokens, all tokens)
+    t_log, steps_since_log, last_val, last_loss = time.time(), 0, None, None
+    t_start = time.time()
+    try:
+        while True:
+            at_end = iter_num >= cfg['max_iters']
+            if (iter_num % cfg['eval_interval'] == 0 and iter_num != resumed_at) or at_end or cfg['eval_only']:
+                losses = estimate_loss()
+                last_val = losses['val']
+                print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                run_log['evals'].append({'iter': iter_num, 'train_loss': losses['train'],
+                                         'val_loss': losses['val']})
+                if wandb_run:
+                    wandb_run.log({'iter': iter_num, 'train/eval_loss': losses['train'],
+                                   'val/loss': losses['val']})
+                if cfg['eval_only']:
+                    break
+                if iter_num > 0 and iter_num != resumed_at:
+                    is_best = math.isfinite(losses['val']) and losses['val'] < best_val_loss
+                    if is_best:
+                        best_val_loss = losses['val']
+                    save(iter_num, best_val_loss, is_best, step_file=True)
+                if master:
+                    write_json_atomic(run_path, run_log)
+            if at_end:
+                break
+
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+
+            # Token weighting: count this step's trained targets (all micro-batches, all ranks) first,
+            # so each micro-batch's summed loss can be divided by the same global count.
+            batches = [train_ds.collate(units) for units in sampler.next_step(world, rank, A, B)]
+            counts = torch.tensor([float(sum(int(count_trained_tokens(b['labels'])) for b in batches))],
+                                  dtype=torch.float64, device=dev)
+            all_reduce(counts)
+            # No trained token anywhere: clamp so every micro-batch contributes exactly 0, not NaN.
+            denom = counts[0].clamp(min=1.0).float()
+            for m, batch in enumerate(batches):
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                sync = (not ddp) or m == A - 1
+                with (nullcontext() if sync else model.no_sync()):
+                    with autocast:
+                        _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
+                                            position_ids=batch.get('position_ids'),
+                                            doc_ids=batch.get('doc_ids'), reduction='sum')
+                    # x world: DDP averages gradients over ranks, the global denominator already did.
+                    loss = loss_sum.float() / denom * world
+                    scaler.scale(loss).backward()
+                loss_acc += loss_sum.detach().double()
+                tok_acc[0] += count_trained_tokens(batch['labels'])
+                tok_acc[1] += batch['input_ids'].numel()
+
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), cfg['grad_clip'] if cfg['grad_clip'] > 0 else float('inf'))
+            # One host sync per step: the grad norm is identical on all ranks (grads are all-reduced),
+            # so every rank takes the same skip/stop decision.
+            # The stop flag is agreed on at the step boundary: a signal seen by any rank stops all.
+            stop_flag = all_reduce(torch.tensor([float(stop_requested[0])], device=dev), dist.ReduceOp.MAX)
+            gn = grad_norm.item()
+            stop_now = stop_flag.item() > 0
+            if not math.isfinite(gn) and not scaler.is_enabled():
+                nan_streak += 1
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                print0(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
+                       f"({nan_streak} in a row, max_nan_steps={cfg['max_nan_steps']})")
+                if nan_streak >= cfg['max_nan_steps']:
+                    raise TrainError(f"aborting: {nan_streak} non-finite steps in a row (iter {iter_num}); "
+                                     f"lower learning_rate, check the data, or use bf16/fp32")
+            else:
+                nan_streak = 0
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            steps_since_log += 1
+            if bar:
+                bar.update(1)
+
+            if iter_num % cfg['log_interval'] == 0 or stop_now or iter_num >= cfg['max_iters']:
+                stats = torch.cat([loss_acc.view(1), tok_acc])
+                all_reduce(stats)
+                dt = time.time() - t_log
+                trained, total = stats[1].item(), stats[2].item()
+                last_loss = stats[0].item() / max(trained, 1.0)
+                tps_trained, tps_total = trained / dt, total / dt
+                line = (f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.3e}, grad norm {gn:.3f}, "
+                        f"tok/s {tps_trained:,.0f} trained / {tps_total:,.0f} total")
+                if device_type == 'cuda':
+                    mfu = flops_per_token * tps_total / world / peak if peak else 0.0
+                    line += (f", mfu {100 * mfu:.1f}%, "
+                             f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+                if master:
+                    (bar.write if bar else print)(line)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                run_log['iters'].append({'iter': iter_num, 'loss': last_loss, 'lr': lr, 'grad_norm': gn,
+                                         'tokens': int(total), 'trained_tokens': int(trained),
+                                         'tok_per_s': tps_total, 'time': time.time() - t_start})
+                if wandb_run:
+                    wandb_run.log({'iter': iter_num, 'train/loss': last_loss, 'lr': lr,
+                                   'grad_norm': gn, 'tok_per_s': tps_total})
+                loss_acc.zero_()
+                tok_acc.zero_()
+                t_log, steps_since_log = time.time(), 0
+
+            if stop_now and iter_num < cfg['max_iters']:
+                print0(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
+                save(iter_num, best_val_loss, False, step_file=False)
+                break
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar:
+            bar.close()
+
+    summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
+               'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
+               'truncated_examples': train_ds.truncated, 'world_size': world,
+               'wall_time_s': time.time() - t_start, 'stopped_early': iter_num < cfg['max_iters']}
+    run_log['summary'] = summary
+    if master:
+        write_json_atomic(run_path, run_log)
+        if train_ds.truncated:
+            print0(f"note: {train_ds.truncated} training examples were longer than block_size "
+                   f"{cfg['block_size']} and were truncated")
+    if wandb_run:
+        wandb_run.finish()
+    return summary
+
+
+DEFAULTS = {k: v for k, v in dict(globals()).items()
+            if not k.startswith('_') and k.islower() and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def main(argv=None):
+    from configurator import ConfigError, configure
+    try:
+        cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        train(cfg)
+    except TrainError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
