@@ -1,0 +1,545 @@
+"""ConfigurableGPT: one decoder-only transformer that is GPT-2, Llama, Qwen2 or Qwen3 by config.
+
+Parameter names follow nanoGPT (transformer.wte / .h.N.attn.c_attn / lm_head ...), so nanoGPT
+checkpoints load as they are. q, k and v share one fused c_attn Linear ([q | k | v] rows); the
+SwiGLU MLP fuses gate and up into c_fc ([gate | up] rows). Hugging Face weights are converted at
+the edges (from_hf / to_hf at the bottom of this file); the model itself knows nothing of devices,
+DDP or file formats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from model_config import ModelArchitectureConfig
+
+# Rows of the LM head + cross-entropy computed at once: bounds the (rows, vocab) logits memory.
+LOSS_CHUNK_ROWS = 4096
+
+
+class RMSNorm(nn.Module):
+    """Normalizes in fp32 and scales in the input dtype, exactly like HF Llama/Qwen RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelArchitectureConfig, dim: int) -> nn.Module:
+    if config.norm_type == 'rmsnorm':
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """(B, T) positions -> cos, sin of shape (B, 1, T, head_dim), computed in fp32 like HF."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                             dtype=torch.int64).float() / head_dim))
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    # HF 'rotate_half' convention (halves, not interleaved pairs), so HF weights need no permutation
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `pos` = number of positions already filled."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (batch_size, config.kv_heads, max_len, config.head_size)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArchitectureConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_size
+        self.q_size, self.kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(self.q_size, config.n_embd, bias=config.out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelArchitectureConfig):
+        super().__init__()
+        self.swiglu = config.mlp_type == 'swiglu'
+        self.approximate = config.gelu_approximate
+        hidden = config.ffn_size
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.ffn_bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.ffn_bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelArchitectureConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class ConfigurableGPT(nn.Module):
+    def __init__(self, config: ModelArchitectureConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_encoding == 'learned':
+            modules['wpe'] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                       ln_f=make_norm(config, config.n_embd))
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, 'bias', None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        return self.config.num_params(non_embedding=non_embedding)
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, input_ids, position_ids=None, attn_mask=None, doc_ids=None, cache=None):
+        """Final-norm hidden states (B, T, n_embd)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        past = cache.pos if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device).expand(B, T)
+        x = self.transformer.wte(input_ids)
+        rope = None
+        if self.config.pos_encoding == 'learned':
+            if past + T > self.config.block_size:  # checked on the host: no device sync
+                raise ValueError(f"sequence length {past + T} exceeds block_size "
+                                 f"{self.config.block_size} (learned position embeddings)")
+            x = x + self.transformer.wpe(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids, self.config.head_size, self.config.rope_theta, x.dtype)
+        x = self.transformer.drop(x)
+        mask = self._attention_mask(B, T, past, attn_mask, doc_ids, device)
+        for block in self.transformer.h:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _attention_mask(B, T, past, attn_mask, doc_ids, device):
+        """None (SDPA's is_causal fast path) or a bool (B|1, 1, T, past+T) mask, True = attend."""
+        if attn_mask is None and doc_ids is None and past == 0:
+            return None
+        S = past + T
+        q_pos = torch.arange(past, S, device=device)
+        mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None])[None, None]
+        if attn_mask is not None:
+            mask = mask & attn_mask.to(device=device, dtype=torch.bool)
+        elif doc_ids is not None:
+            mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        if attn_mask is not None or doc_ids is not None:
+            # a query that may attend to nothing (a left-pad slot) gives NaN in SDPA, and the NaN
+            # would leak through the values; letting it see itself keeps everything finite
+            mask = mask | (torch.arange(S, device=device)[None, :] == q_pos[:, None])[None, None]
+        return mask
+
+    def forward(self, input_ids, labels=None, position_ids=None, attn_mask=None, doc_ids=None,
+                reduction='mean', return_logits=None):
+        """-> (logits, loss). See the contract: labels are shifted inside (HF convention), -100 is
+        ignored; with labels, the LM head runs only on trained positions (chunked) and logits are
+        None unless return_logits=True. attn_mask (bool, broadcastable to (B,1,T,T), True = may
+        attend) is combined with the causal mask and takes precedence over doc_ids."""
+        if reduction not in ('mean', 'sum'):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        h = self.hidden_states(input_ids, position_ids, attn_mask, doc_ids)
+        if labels is None:
+            return self.lm_head(h), None
+        logits = self.lm_head(h) if return_logits else None
+        return logits, self._chunked_loss(h, labels, reduction)
+
+    def _chunked_loss(self, h, labels, reduction):
+        targets = labels[:, 1:]
+        keep = targets != -100
+        h_sel = h[:, :-1][keep]            # (N, C): only positions that have a trained target
+        t_sel = targets[keep]
+        n = t_sel.numel()
+        if n == 0:
+            return h.sum() * 0.0           # exactly 0, still part of the graph (DDP needs grads)
+        total = h_sel.new_zeros((), dtype=torch.float32)
+        chunked = n > LOSS_CHUNK_ROWS and torch.is_grad_enabled()
+        for start in range(0, n, LOSS_CHUNK_ROWS):
+            hc, tc = h_sel[start:start + LOSS_CHUNK_ROWS], t_sel[start:start + LOSS_CHUNK_ROWS]
+            if chunked:  # recompute this chunk's logits in backward instead of keeping them all
+                total = total + activation_checkpoint(self._ce_sum, hc, tc, use_reentrant=False)
+            else:
+                total = total + self._ce_sum(hc, tc)
+        return total / n if reduction == 'mean' else total
+
+    def _ce_sum(self, h, t):
+        return F.cross_entropy(self.lm_head(h).float(), t, reduction='sum')
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay matrices and embeddings only; norms and biases (1-D) are left alone
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        extra = {'fused': True} if device_type == 'cuda' else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_ids=(), use_cache=True, generator=None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Sample up to max_new_tokens per prompt; returns the new tokens of each prompt (ending with
+        the stop id when one was hit). Prompts of different lengths are left-padded, with position
+        ids restarting at 0 at each prompt's first real token and pad slots masked out."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
+        device = self.lm_head.weight.device
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        total = T0 + max_new_tokens
+        if self.config.pos_encoding == 'learned' and total > self.config.block_size:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"block_size {self.config.block_size}")
+        stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
+        ids = torch.zeros(B, total, dtype=torch.long, device=device)
+        valid = torch.zeros(B, total, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, T0 - len(p):T0] = torch.tensor(p, device=device)
+            valid[i, T0 - len(p):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        padded = bool((~valid[:, :T0]).any())
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, B, total, device, self.lm_head.weight.dtype)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cur = T0
+        for step in range(max_new_tokens):
+            if use_cache:
+                start = 0 if step == 0 else cur - 1
+            else:
+                start = 0
+            key_mask = valid[:, None, None, :cur] if padded else None
+            h = self.hidden_states(ids[:, start:cur], positions[:, start:cur], attn_mask=key_mask,
+                                   cache=cache)
+            logits = self.lm_head(h[:, -1]).float()
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
+            ids[:, cur] = nxt
+            cur += 1
+            for i, tok in enumerate(nxt.tolist()):
+                if not done[i]:
+                    out[i].append(tok)
+                    if on_token is not None:
+                        on_token(i, tok)
+            if stop.numel():
+                done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+        return out
+
+    # ------------------------------------------------------------------ HF import
+    @classmethod
+    def from_hf(cls, path, dtype=torch.float32) -> 'ConfigurableGPT':
+        """Load a local Hugging Face Qwen3 / Qwen2 / Llama / GPT-2 directory (no network)."""
+        path = Path(path)
+        config_file = path / 'config.json'
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file}: not found (from_hf needs a local Hugging Face "
+                                    f"model directory with config.json)")
+        hf_config = json.loads(config_file.read_text())
+        try:
+            config = ModelArchitectureConfig.from_hf_config(hf_config)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{config_file}: {e}") from e
+        hf_sd = _RecordingDict(_read_hf_weights(path))
+        try:
+            sd = _hf_to_ours(config, hf_config['model_type'], hf_sd)
+        except KeyError as e:
+            raise ValueError(f"{path}: weight {e.args[0]!r} is missing") from e
+        unused = [k for k in hf_sd if k not in hf_sd.used and not _IGNORED_HF_KEY(k, config)]
+        if unused:
+            raise ValueError(f"{path}: weights this architecture does not use (unsupported "
+                             f"variant?): {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+        with torch.device('meta'):
+            model = cls(config)
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+        result = model.load_state_dict(sd, strict=False, assign=True)
+        missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == 'lm_head.weight')]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path}: weights do not match the config: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+        model.tie_weights()
+        return model
+
+
+def sample_next(logits, temperature, top_k, top_p, generator):
+    """(B, V) fp32 logits -> (B,) token ids. temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float('-inf'))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------- HF weight conversion
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    single, index, binary = path / 'model.safetensors', path / 'model.safetensors.index.json', path / 'pytorch_model.bin'
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        weight_map = json.loads(index.read_text())['weight_map']
+        sd = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise FileNotFoundError(f"{path / shard}: shard listed in {index} is missing")
+            sd.update(load_file(path / shard))
+        return sd
+    if binary.is_file():
+        return torch.load(binary, map_location='cpu', weights_only=True, mmap=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                            f"pytorch_model.bin")
+
+
+class _RecordingDict(dict):
+    """Remembers which keys were read, so leftover (unsupported) weights can be reported."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.used = set()
+
+    def __getitem__(self, k):
+        v = super().__getitem__(k)
+        self.used.add(k)
+        return v
+
+
+def _IGNORED_HF_KEY(key: str, config: ModelArchitectureConfig) -> bool:
+    # buffers some exporters write, and a tied lm_head saved anyway
+    return (key.endswith(('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq'))
+            or (config.tie_word_embeddings and key == 'lm_head.weight'))
+
+
+def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf: dict) -> dict:
+    sd = {}
+    if model_type == 'gpt2':
+        def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
+            return hf['transformer.' + k] if 'transformer.' + k in hf else hf[k]
+        sd['transformer.wte.weight'] = get('wte.weight')
+        sd['transformer.wpe.weight'] = get('wpe.weight')
+        for i in range(config.n_layer):
+            p, o = f'h.{i}.', f'transformer.h.{i}.'
+            for name in ('ln_1', 'ln_2'):
+                sd[o + name + '.weight'] = get(p + name + '.weight')
+                sd[o + name + '.bias'] = get(p + name + '.bias')
+            for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):
+                # HF GPT-2 uses Conv1D: weight stored as (in, out)
+                sd[o + name + '.weight'] = get(p + name + '.weight').t().contiguous()
+                sd[o + name + '.bias'] = get(p + name + '.bias')
+        sd['transformer.ln_f.weight'] = get('ln_f.weight')
+        sd['transformer.ln_f.bias'] = get('ln_f.bias')
+        return sd
+    sd['transformer.wte.weight'] = hf['model.embed_tokens.weight']
+    for i in range(config.n_layer):
+        p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
+        sd[o + 'ln_1.weight'] = hf[p + 'input_layernorm.weight']
+        sd[o + 'ln_2.weight'] = hf[p + 'post_attention_layernorm.weight']
+        a = p + 'self_attn.'
+        sd[o + 'attn.c_attn.weight'] = torch.cat([hf[a + f'{n}_proj.weight'] for n in 'qkv'])
+        if config.qkv_bias:
+            sd[o + 'attn.c_attn.bias'] = torch.cat([hf[a + f'{n}_proj.bias'] for n in 'qkv'])
+        sd[o + 'attn.c_proj.weight'] = hf[a + 'o_proj.weight']
+        if config.out_bias:
+            sd[o + 'attn.c_proj.bias'] = hf[a + 'o_proj.bias']
+        if config.qk_norm:
+            sd[o + 'attn.q_norm.weight'] = hf[a + 'q_norm.weight']
+            sd[o + 'attn.k_norm.weight'] = hf[a + 'k_norm.weight']
+        m = p + 'mlp.'
+        sd[o + 'mlp.c_fc.weight'] = torch.cat([hf[m + 'gate_proj.weight'], hf[m + 'up_proj.weight']])
+        sd[o + 'mlp.c_proj.weight'] = hf[m + 'down_proj.weight']
+        if config.ffn_bias:
+            sd[o + 'mlp.c_fc.bias'] = torch.cat([hf[m + 'gate_proj.bias'], hf[m + 'up_proj.bias']])
+            sd[o + 'mlp.c_proj.bias'] = hf[m + 'down_proj.bias']
+    sd['transformer.ln_f.weight'] = hf['model.norm.weight']
+    if not config.tie_word_embeddings:
+        sd['lm_head.weight'] = hf['lm_head.weight']
+    return sd
+
+
+def _ours_to_hf(config: ModelArchitectureConfig, model_type: str, sd: dict) -> dict:
+    hf = {}
+    if model_type == 'gpt2':
+        hf['transformer.wte.weight'] = sd['transformer.wte.weight']
+        hf['transformer.wpe.weight'] = sd['transformer.wpe.weight']
+        for i in range(config.n_layer):
+            o = f'transformer.h.{i}.'
+            for name in ('ln_1', 'ln_2'):
+                hf[o + name + '.weight'] = sd[o + name + '.weight']
+                hf[o + name + '.bias'] = sd[o + name + '.bias']
+            for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):
+                hf[o + name + '.weight'] = sd[o + name + '.weight'].t()
+                hf[o + name + '.bias'] = sd[o + name + '.bias']
+        hf['transformer.ln_f.weight'] = sd['transformer.ln_f.weight']
+        hf['transformer.ln_f.bias'] = sd['transformer.ln_f.bias']
+        return hf
+    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
+    hf['model.embed_tokens.weight'] = sd['transformer.wte.weight']
+    for i in range(config.n_layer):
+        p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
+        hf[p + 'input_layernorm.weight'] = sd[o + 'ln_1.weight']
+        hf[p + 'post_attention_layernorm.weight'] = sd[o + 'ln_2.weight']
+        a = p + 'self_attn.'
+        for n, t in zip('qkv', sd[o + 'attn.c_attn.weight'].split([q, kv, kv])):
+            hf[a + f'{n}_proj.weight'] = t
+        if config.qkv_bias:
+            for n, t in zip('qkv', sd[o + 'attn.c_attn.bias'].split([q, kv, kv])):
+                hf[a + f'{n}_proj.bias'] = t
+        hf[a + 'o_proj.weight'] = sd[o + 'attn.c_proj.weight']
+        if config.out_bias:
+            hf[a + 'o_proj.bias'] = sd[o + 'attn.c_proj.bias']
+        if config.qk_norm:
+            hf[a + 'q_norm.weight'] = sd[o + 'attn.q_norm.weight']
+            hf[a + 'k_norm.weight'] = sd[o + 'attn.k_norm.weight']
+        m = p + 'mlp.'
+        hf[m + 'gate_proj.weight'], hf[m + 'up_proj.weight'] = sd[o + 'mlp.c_fc.weight'].chunk(2)
+        hf[m + 'down_proj.weight'] = sd[o + 'mlp.c_proj.weight']
+        if config.ffn_bias:
+            hf[m + 'gate_proj.bias'], hf[m + 'up_proj.bias'] = sd[o + 'mlp.c_fc.bias'].chunk(2)
+            hf[m + 'down_proj.bias'] = sd[o + 'mlp.c_proj.bias']
+    hf['model.norm.weight'] = sd['transformer.ln_f.weight']
+    if not config.tie_word_embeddings:
+        hf['lm_head.weight'] = sd['lm_head.weight']
+    return hf
+
+
+def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
+    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM loads.
+    The directory appears complete or not at all (written next to it, then renamed)."""
+    from safetensors.torch import save_file
+    config = model.config
+    model_type = config.hf_model_type()
+    hf_config = config.to_hf_config()
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_sd = _ours_to_hf(config, model_type, sd)
+    dtype = dtype or next(iter(hf_sd.values())).dtype
+    hf_sd = {k: v.to(device='cpu', dtype=dtype).contiguous() for k, v in hf_sd.items()}
+    dtype_name = str(dtype).removeprefix('torch.')
+    hf_config['torch_dtype'] = dtype_name
+    hf_config['dtype'] = dtype_name
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp', dir=path.parent))
+    try:
+        (tmp / 'config.json').write_text(json.dumps(hf_config, indent=2) + '\n')
+        save_file(hf_sd, tmp / 'model.safetensors', metadata={'format': 'pt'})
+        if path.exists():
+            # keep whatever else lives there (tokenizer files): replace only what we write
+            for name in ('config.json', 'model.safetensors'):
+                os.replace(tmp / name, path / name)
+            stale = path / 'model.safetensors.index.json'
+            if stale.exists():
+                stale.unlink()
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,250 @@
+"""ConfigurableGPT: HF parity (import and export), loss, masking, generation, optimizer groups."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model_builder
+from model_builder import ConfigurableGPT, to_hf
+from model_config import ModelArchitectureConfig
+
+transformers = pytest.importorskip('transformers')
+
+VOCAB = 97
+
+
+def _hf_models():
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  max_position_embeddings=128)
+    return {
+        'qwen3': ('Qwen3ForCausalLM', Qwen3Config(**common, num_attention_heads=4,
+                                                  num_key_value_heads=2, head_dim=24,
+                                                  tie_word_embeddings=True, rope_theta=1e6)),
+        'llama': ('LlamaForCausalLM', LlamaConfig(**common, num_attention_heads=4,
+                                                  num_key_value_heads=1,
+                                                  tie_word_embeddings=False)),
+        'qwen2': ('Qwen2ForCausalLM', Qwen2Config(**common, num_attention_heads=4,
+                                                  num_key_value_heads=2,
+                                                  tie_word_embeddings=False)),
+        'gpt2': ('GPT2LMHeadModel', GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32,
+                                               n_layer=2, n_head=4)),
+    }
+
+
+def _random_hf_model(kind):
+    arch, config = _hf_models()[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).eval()
+    # random norms and biases too, so a swapped or dropped one cannot go unnoticed
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if 'norm' in name or 'ln' in name
+                        else 0.1 * torch.randn_like(p))
+    return model
+
+
+def _ids(T=11, B=2, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize('kind', ['qwen3', 'llama', 'qwen2', 'gpt2'])
+def test_from_hf_and_to_hf_match_transformers_logits(kind, tmp_path):
+    hf = _random_hf_model(kind)
+    hf.save_pretrained(tmp_path / 'hf')
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits
+    model = ConfigurableGPT.from_hf(tmp_path / 'hf').eval()
+    with torch.no_grad():
+        ours, _ = model(ids)
+    assert (ours - ref).abs().max().item() < 1e-4
+
+    to_hf(model, tmp_path / 'export')
+    cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())
+    assert cfg['architectures'] == [type(hf).__name__] and cfg['torch_dtype'] == 'float32'
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'export').eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        again = back(ids).logits
+    assert (again - ref).abs().max().item() < 1e-4
+
+
+def test_to_hf_does_not_write_tied_lm_head_and_loads_bf16(tmp_path):
+    from safetensors import safe_open
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=VOCAB))
+    to_hf(model, tmp_path / 'out', dtype=torch.bfloat16)
+    with safe_open(tmp_path / 'out' / 'model.safetensors', 'pt') as f:
+        keys = set(f.keys())
+        assert f.get_tensor('model.embed_tokens.weight').dtype == torch.bfloat16
+    assert 'lm_head.weight' not in keys
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temp dir left
+    again = ConfigurableGPT.from_hf(tmp_path / 'out')
+    assert again.lm_head.weight is again.transformer.wte.weight
+
+
+def test_from_hf_reads_sharded_safetensors_and_pytorch_bin(tmp_path):
+    hf = _random_hf_model('llama')
+    hf.save_pretrained(tmp_path / 'sharded', max_shard_size='20KB')
+    assert (tmp_path / 'sharded' / 'model.safetensors.index.json').exists()
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ConfigurableGPT.from_hf(tmp_path / 'sharded')(ids)[0] - ref).abs().max() < 1e-4
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'config.json').write_text((tmp_path / 'sharded' / 'config.json').read_text())
+    torch.save(hf.state_dict(), tmp_path / 'bin' / 'pytorch_model.bin')
+    with torch.no_grad():
+        assert (ConfigurableGPT.from_hf(tmp_path / 'bin')(ids)[0] - ref).abs().max() < 1e-4
+
+
+def test_from_hf_errors_name_the_path_and_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match='config.json'):
+        ConfigurableGPT.from_hf(tmp_path)
+    hf = _random_hf_model('qwen3')
+    hf.save_pretrained(tmp_path / 'm')
+    cfg_file = tmp_path / 'm' / 'config.json'
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, 'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}}))
+    with pytest.raises(ValueError, match=r'config\.json.*rope'):
+        ConfigurableGPT.from_hf(tmp_path / 'm')
+    cfg_file.write_text(json.dumps({**cfg, 'use_sliding_window': True}))
+    with pytest.raises(ValueError, match='sliding'):
+        ConfigurableGPT.from_hf(tmp_path / 'm')
+    cfg_file.write_text(json.dumps(cfg))
+    (tmp_path / 'm' / 'model.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match='model.safetensors'):
+        ConfigurableGPT.from_hf(tmp_path / 'm')
+
+
+# ---------------------------------------------------------------------- loss
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    return ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=VOCAB, **overrides))
+
+
+def test_chunked_loss_equals_full_logits_cross_entropy(monkeypatch):
+    model = _tiny()
+    ids = _ids(T=40, B=3)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[1, 25:] = -100
+    logits, _ = model(ids)
+    ref_sum = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                              ignore_index=-100, reduction='sum')
+    n = (labels[:, 1:] != -100).sum()
+    monkeypatch.setattr(model_builder, 'LOSS_CHUNK_ROWS', 7)  # force several (checkpointed) chunks
+    none, loss = model(ids, labels=labels)
+    assert none is None
+    assert abs(loss.item() - (ref_sum / n).item()) < 1e-5
+    _, loss_sum = model(ids, labels=labels, reduction='sum')
+    assert abs(loss_sum.item() - ref_sum.item()) < 1e-4
+    full, _ = model(ids, labels=labels, return_logits=True)
+    assert torch.allclose(full, logits)
+    # gradients through the checkpointed chunks equal the plain ones
+    loss.backward()
+    g_chunked = model.transformer.wte.weight.grad.clone()
+    model.zero_grad()
+    (ref_sum / n).backward()
+    assert torch.allclose(g_chunked, model.transformer.wte.weight.grad, atol=1e-6)
+
+
+def test_no_trained_token_gives_exact_zero_loss_that_backprops():
+    model = _tiny()
+    ids = _ids()
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]  # the first position is never a target after the shift
+    _, loss = model(ids, labels=labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_packed_documents_give_the_same_logits_as_each_document_alone():
+    for overrides in ({}, {'pos_encoding': 'learned', 'norm_type': 'layernorm', 'mlp_type': 'gelu'}):
+        model = _tiny(**overrides).eval()
+        a, b = _ids(T=7, B=1, seed=2), _ids(T=5, B=1, seed=3)
+        packed = torch.cat([a, b], dim=1)
+        doc_ids = torch.tensor([[0] * 7 + [1] * 5])
+        pos = torch.tensor([list(range(7)) + list(range(5))])
+        with torch.no_grad():
+            both, _ = model(packed, position_ids=pos, doc_ids=doc_ids)
+            la, _ = model(a)
+            lb, _ = model(b)
+        assert (both[:, :7] - la).abs().max() < 1e-5
+        assert (both[:, 7:] - lb).abs().max() < 1e-5
+
+
+def test_gqa_qk_norm_bias_and_dropout_knobs_build_and_train():
+    model = _tiny(dropout=0.1, bias=True, attn_qkv_bias=True, n_kv_head=1)
+    model.train()
+    ids = _ids()
+    _, loss = model(ids, labels=ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------- generation
+def test_greedy_generate_with_cache_equals_without_and_stops_at_stop_id():
+    model = _tiny().eval()
+    prompt = _ids(T=6, B=1)[0].tolist()
+    cached = model.generate([prompt], 12, temperature=0)
+    plain = model.generate([prompt], 12, temperature=0, use_cache=False)
+    assert cached == plain and len(cached[0]) == 12
+    # reference: argmax over full forward passes
+    seq = list(prompt)
+    for _ in range(12):
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert cached[0] == seq[len(prompt):]
+    stop = cached[0][4]
+    first = cached[0].index(stop)
+    streamed = []
+    out = model.generate([prompt], 12, temperature=0, stop_ids=[stop],
+                         on_token=lambda row, tok: streamed.append((row, tok)))
+    assert out[0] == cached[0][:first + 1] and out[0][-1] == stop
+    assert streamed == [(0, t) for t in out[0]]
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time(use_cache):
+    for overrides in ({}, {'pos_encoding': 'learned', 'norm_type': 'layernorm', 'mlp_type': 'gelu'}):
+        model = _tiny(**overrides).eval()
+        prompts = [_ids(T=t, B=1, seed=t)[0].tolist() for t in (3, 9, 5)]
+        batched = model.generate(prompts, 8, temperature=0, use_cache=use_cache)
+        single = [model.generate([p], 8, temperature=0)[0] for p in prompts]
+        assert batched == single
+
+
+def test_sampling_respects_top_k_top_p_and_generator():
+    model = _tiny().eval()
+    prompt = _ids(T=4, B=1)[0].tolist()
+    g = lambda: torch.Generator().manual_seed(5)
+    a = model.generate([prompt], 6, temperature=1.0, top_k=5, generator=g())
+    b = model.generate([prompt], 6, temperature=1.0, top_k=5, generator=g())
+    assert a == b
+    # top_k=1 and a tiny top_p both reduce sampling to greedy
+    greedy = model.generate([prompt], 6, temperature=0)
+    assert model.generate([prompt], 6, temperature=0.7, top_k=1, generator=g()) == greedy
+    assert model.generate([prompt], 6, temperature=0.7, top_p=1e-6, generator=g()) == greedy
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = _tiny(bias=True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = opt.param_groups
+    assert decay['weight_decay'] == 0.1 and no_decay['weight_decay'] == 0.0
+    assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 for p in no_decay['params'])
+    n = sum(p.numel() for g in opt.param_groups for p in g['params'])
+    assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_param_count_matches_config_formula():
+    for preset_overrides in ({}, {'tie_word_embeddings': False, 'bias': True}):
+        model = _tiny(**preset_overrides)
+        assert sum(p.numel() for p in model.parameters()) == model.config.num_params(non_embedding=False)
+    gpt = ConfigurableGPT(ModelArchitectureConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    assert sum(p.numel() for p in gpt.parameters()) == gpt.config.num_params(non_embedding=False)
