@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -113,6 +114,37 @@ def compute_sft_loss(model, input_ids, labels, ignore_index=IGNORE_INDEX):
 def count_trained_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Targets the model is trained on: labels are shifted inside, so position 0 never is one."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullcontext(), scaler=None,
+                     all_reduce=lambda t: t):
+    """
+    Accumulate one optimizer step's gradients over this rank's micro-batches.
+    Token weighting: the step's trained targets are counted first (all micro-batches of this rank,
+    then one all-reduce over ranks), and each micro-batch adds sum(loss) / that count, so every trained
+    token weighs the same whatever the padding, accumulation or GPU count. Returns, on device and
+    without a host sync, (summed loss, trained tokens, all tokens) of this rank.
+    """
+    local = sum(int(count_trained_tokens(b['labels'])) for b in batches)   # CPU tensors: no sync
+    total = all_reduce(torch.tensor([float(local)], dtype=torch.float64, device=dev))
+    # No trained token anywhere: a denominator of 1 keeps every contribution exactly 0, not NaN.
+    denom = total[0].clamp(min=1.0).float()
+    stats = torch.zeros(3, dtype=torch.float64, device=dev)
+    for m, batch in enumerate(batches):
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        # DDP all-reduces gradients only on the last micro-step.
+        with (model.no_sync() if ddp and m < len(batches) - 1 else nullcontext()):
+            with autocast:
+                _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
+                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
+                                    reduction='sum')
+            # x world: DDP averages gradients over ranks, but the global count already normalized.
+            loss = loss_sum.float() / denom * world
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        stats[0] += loss_sum.detach().double()
+        stats[1] += count_trained_tokens(batch['labels'])
+        stats[2] += batch['input_ids'].numel()
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -541,7 +573,8 @@ def train(cfg: dict) -> dict:
         stop_requested[0] = True
         print(f"[rank {rank}] got signal {signum}: finishing this step, then saving ckpt.pt", flush=True)
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
 
     @torch.no_grad()
     def estimate_loss():
@@ -609,9 +642,9 @@ def train(cfg: dict) -> dict:
         bar = tqdm(total=cfg['max_iters'], initial=iter_num, dynamic_ncols=True, desc='sft')
     A, B = cfg['gradient_accumulation_steps'], cfg['batch_size']
     nan_streak, skipped = 0, 0
-    loss_acc = torch.zeros((), dtype=torch.float64, device=dev)   # summed on device, read at log steps
-    tok_acc = torch.zeros(2, dtype=torch.float64, device=dev)     # (trained tokens, all tokens)
-    t_log, steps_since_log, last_val, last_loss = time.time(), 0, None, None
+    # (loss sum, trained tokens, all tokens) summed on device since the last log line: no per-step sync
+    acc = torch.zeros(3, dtype=torch.float64, device=dev)
+    t_log, last_val, last_loss = time.time(), None, None
     t_start = time.time()
     try:
         while True:
@@ -641,28 +674,8 @@ def train(cfg: dict) -> dict:
             for group in optimizer.param_groups:
                 group['lr'] = lr
 
-            # Token weighting: count this step's trained targets (all micro-batches, all ranks) first,
-            # so each micro-batch's summed loss can be divided by the same global count.
             batches = [train_ds.collate(units) for units in sampler.next_step(world, rank, A, B)]
-            counts = torch.tensor([float(sum(int(count_trained_tokens(b['labels'])) for b in batches))],
-                                  dtype=torch.float64, device=dev)
-            all_reduce(counts)
-            # No trained token anywhere: clamp so every micro-batch contributes exactly 0, not NaN.
-            denom = counts[0].clamp(min=1.0).float()
-            for m, batch in enumerate(batches):
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-                sync = (not ddp) or m == A - 1
-                with (nullcontext() if sync else model.no_sync()):
-                    with autocast:
-                        _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
-                                            position_ids=batch.get('position_ids'),
-                                            doc_ids=batch.get('doc_ids'), reduction='sum')
-                    # x world: DDP averages gradients over ranks, the global denominator already did.
-                    loss = loss_sum.float() / denom * world
-                    scaler.scale(loss).backward()
-                loss_acc += loss_sum.detach().double()
-                tok_acc[0] += count_trained_tokens(batch['labels'])
-                tok_acc[1] += batch['input_ids'].numel()
+            acc += forward_backward(model, batches, dev, world, ddp, autocast, scaler, all_reduce)
 
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
@@ -689,13 +702,11 @@ def train(cfg: dict) -> dict:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             iter_num += 1
-            steps_since_log += 1
             if bar:
                 bar.update(1)
 
             if iter_num % cfg['log_interval'] == 0 or stop_now or iter_num >= cfg['max_iters']:
-                stats = torch.cat([loss_acc.view(1), tok_acc])
-                all_reduce(stats)
+                stats = all_reduce(acc.clone())
                 dt = time.time() - t_log
                 trained, total = stats[1].item(), stats[2].item()
                 last_loss = stats[0].item() / max(trained, 1.0)
@@ -715,9 +726,8 @@ def train(cfg: dict) -> dict:
                 if wandb_run:
                     wandb_run.log({'iter': iter_num, 'train/loss': last_loss, 'lr': lr,
                                    'grad_norm': gn, 'tok_per_s': tps_total})
-                loss_acc.zero_()
-                tok_acc.zero_()
-                t_log, steps_since_log = time.time(), 0
+                acc.zero_()
+                t_log = time.time()
 
             if stop_now and iter_num < cfg['max_iters']:
                 print0(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")

@@ -117,3 +117,175 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert lrs[0] < lrs[5] < lrs[9] <= 1e-3
     assert abs(lrs[10] - 1e-3) < 1e-12 and abs(lrs[100] - 1e-4) < 1e-12 and lrs[119] == 1e-4
     assert all(a >= b for a, b in zip(lrs[10:100], lrs[11:101]))
+
+
+# ---------------------------------------------------------------- the loop (tiny model, tiny shards)
+
+IM_START, IM_END, PAD = 151644, 151645, 151643
+META = {'format_version': 1, 'tokenizer': 'qwen3', 'vocab_size': 151669,
+        'special_tokens': {'<|endoftext|>': PAD, '<|im_start|>': IM_START, '<|im_end|>': IM_END}}
+
+
+def toy_conversation(rng):
+    """A learnable task: the assistant repeats the user's tokens, so masked loss can fall fast."""
+    n = int(rng.integers(3, 12))
+    user = rng.integers(100, 140, n).tolist()
+    ids = [IM_START, 872, 198] + user + [IM_END, 198, IM_START, 77091, 198] + user + [IM_END]
+    labels = [-100] * (len(ids) - n - 1) + user + [IM_END]
+    return ids, labels
+
+
+def write_shards(out_dir, n_train=64, n_val=16, seed=0, meta=META):
+    """Shards in prepare_sft's on-disk format (bin/mask/idx + meta.json)."""
+    import json
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('val', n_val)):
+        convs = [toy_conversation(rng) for _ in range(n)]
+        tokens = np.concatenate([np.asarray(i, dtype=np.uint32) for i, _ in convs])
+        mask = np.concatenate([(np.asarray(l) != -100).astype(np.uint8) for _, l in convs])
+        idx = np.cumsum([0] + [len(i) for i, _ in convs]).astype(np.int64)
+        tokens.tofile(out_dir / f'{split}.bin')
+        mask.tofile(out_dir / f'{split}.mask')
+        idx.tofile(out_dir / f'{split}.idx')
+    (out_dir / 'meta.json').write_text(json.dumps({**meta, 'counts': {'train': n_train, 'val': n_val}}))
+    return out_dir
+
+
+def tiny_cfg(tmp_path, **over):
+    cfg = dict(train_sft.DEFAULTS)
+    cfg.update(out_dir=str(tmp_path / 'out'), data_dir=str(tmp_path / 'data'), init_from='scratch',
+               model_preset='tiny', block_size=64, batch_size=4, gradient_accumulation_steps=1,
+               learning_rate=3e-3, min_lr=3e-4, warmup_iters=2, lr_decay_iters=20, max_iters=20,
+               eval_interval=10, eval_iters=2, log_interval=1, dropout=0.0, device='cpu',
+               dtype='float32', compile=False)
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp('shards') / 'data')
+
+
+def params_of(path):
+    return torch.load(path, map_location='cpu', weights_only=False)['model']
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_and_writes_checkpoints_and_run_log(tmp_path, data_dir):
+    import json
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=20, keep_last_n=5)
+    summary = train_sft.train(cfg)
+    out = tmp_path / 'out'
+    names = sorted(p.name for p in out.iterdir())
+    assert {'ckpt_000010.pt', 'ckpt_000020.pt', 'ckpt.pt', 'ckpt_best.pt'} <= set(names)
+    runs = [n for n in names if n.startswith('run_') and n.endswith('.json')]
+    assert len(runs) == 1
+    log = json.loads((out / runs[0]).read_text())
+    assert set(log) == {'config', 'iters', 'evals', 'summary'}
+    assert len(log['iters']) == 20 and {'iter', 'loss', 'lr', 'grad_norm', 'tokens', 'trained_tokens',
+                                         'tok_per_s', 'time'} <= set(log['iters'][0])
+    evals = log['evals']
+    assert [e['iter'] for e in evals] == [0, 10, 20]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.0, evals
+    assert summary['iters'] == 20
+    # the specification's loading snippet rebuilds the model from ckpt.pt
+    from model_builder import ConfigurableGPT
+    from model_config import ModelArchitectureConfig
+    checkpoint = torch.load(out / 'ckpt.pt', weights_only=False)
+    model = ConfigurableGPT(ModelArchitectureConfig.from_dict(checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    assert checkpoint['iter_num'] == 20 and checkpoint['format_version'] == 1
+    assert checkpoint['config']['max_iters'] == 20
+    assert {'epoch', 'position'} <= set(checkpoint['data_state'])
+    loaded, _ = train_sft.load_checkpoint(str(out / 'ckpt.pt'), 'cpu')
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_token_weighting_is_independent_of_the_micro_batch_split(data_dir):
+    from model_builder import ConfigurableGPT
+    from model_config import ModelArchitectureConfig
+    rng = np.random.default_rng(1)
+    examples = [toy_conversation(rng) for _ in range(3)]
+    long_ids = [IM_START] + rng.integers(100, 140, 40).tolist()
+    long_labels = [-100] * 20 + long_ids[20:]
+    examples = [examples[0], (long_ids, long_labels), ([IM_START, 872, 198, 5, 6], [-100] * 5), examples[1]]
+    ds = SFTDataset(ListSplit(examples), block_size=64, pad_id=PAD)
+    torch.manual_seed(0)
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny'))
+
+    def grads(batches):
+        model.zero_grad(set_to_none=True)
+        train_sft.forward_backward(model, batches, 'cpu')
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one = grads([ds.collate([[0], [1], [2], [3]])])          # batch 4 x accum 1
+    four = grads([ds.collate([[i]]) for i in range(4)])       # batch 1 x accum 4
+    # reference: mean over every trained token of the four examples, computed one example at a time
+    model.zero_grad(set_to_none=True)
+    total = sum(int(train_sft.count_trained_tokens(ds.collate([[i]])['labels'])) for i in range(4))
+    for i in range(4):
+        b = ds.collate([[i]])
+        _, s = model(b['input_ids'], labels=b['labels'], reduction='sum')
+        (s / total).backward()
+    ref = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(one) == len(four) == len(ref)
+    for a, b, c in zip(one, four, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    # a micro-batch (or a whole step) with no trained token contributes exactly zero, never NaN
+    empty = grads([ds.collate([[2]])])
+    assert all(torch.all(g == 0) for g in empty)
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, monkeypatch):
+    import os
+    import signal
+    common = dict(data_dir=str(data_dir), max_iters=8, lr_decay_iters=8, eval_interval=4, dropout=0.1,
+                  batch_size=2, gradient_accumulation_steps=2, packing=True)
+    straight = tiny_cfg(tmp_path / 'a', **common)
+    train_sft.train(straight)
+
+    interrupted = tiny_cfg(tmp_path / 'b', **common)
+    real_get_lr = train_sft.get_lr
+
+    def get_lr_then_sigterm(it, cfg):   # the signal arrives during step 3 (0-based): stop after it
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_lr(it, cfg)
+
+    monkeypatch.setattr(train_sft, 'get_lr', get_lr_then_sigterm)
+    summary = train_sft.train(interrupted)
+    monkeypatch.setattr(train_sft, 'get_lr', real_get_lr)
+    assert summary['iters'] == 4 and summary['stopped_early']
+    assert torch.load(tmp_path / 'b' / 'out' / 'ckpt.pt', weights_only=False)['iter_num'] == 4
+    train_sft.train({**interrupted, 'init_from': 'resume'})
+    a = params_of(tmp_path / 'a' / 'out' / 'ckpt.pt')
+    b = params_of(tmp_path / 'b' / 'out' / 'ckpt.pt')
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- clear errors before training
+
+def test_bad_override_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit, match=r"unknown config key 'learning_rat'.*'learning_rate'"):
+        train_sft.main(['--learning_rat=1e-3'])
+    with pytest.raises(SystemExit, match=r"--max_iters=abc: expected int"):
+        train_sft.main(['--max_iters=abc'])
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"data_dir: directory not found: .*nope"):
+        train_sft.main([f'--data_dir={tmp_path / "nope"}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+    assert not (tmp_path / 'out').exists()
+
+
+def test_tokenizer_model_mismatch_is_a_clear_error(tmp_path, data_dir):
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), vocab_size=50304)
+    with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch.*151669.*50304'):
+        train_sft.train(cfg)
+    assert not (tmp_path / 'out').exists()
