@@ -1,0 +1,97 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from checkpoint import save_checkpoint  # noqa: E402
+from model_builder import ConfigurableGPT  # noqa: E402
+from model_config import ModelArchitectureConfig  # noqa: E402
+from tokenizer import encode_prompt, load_tokenizer  # noqa: E402
+import sample_sft  # noqa: E402
+
+
+def tiny_checkpoint(path, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelArchitectureConfig.from_preset('tiny')
+    model = ConfigurableGPT(cfg)
+    tok = load_tokenizer('qwen3')
+    save_checkpoint(path, {'model': model.state_dict(), 'model_args': cfg.to_dict(), 'iter_num': 0,
+                           'config': {'chat_template': 'chatml'}, 'tokenizer': tok.meta()})
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'sample_sft.py'), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.slow
+def test_one_shot_prompt_streams_the_same_greedy_reply_as_generate(ckpt):
+    r = cli(ckpt, '--prompt', 'What is 2 + 2?', '--system', 'Be brief.', '--max_new_tokens', '6')
+    assert r.returncode == 0, r.stderr
+    model, tok, tmpl = sample_sft.load_model(ckpt)
+    prompt = encode_prompt([{'role': 'system', 'content': 'Be brief.'},
+                            {'role': 'user', 'content': 'What is 2 + 2?'}], tok)
+    new = model.generate([prompt], max_new_tokens=6, temperature=0.0,
+                         stop_ids=sample_sft.stop_ids(tok))[0]
+    want = tok.decode([t for t in new if t not in sample_sft.stop_ids(tok)])
+    assert r.stdout == want + '\n'
+
+
+def test_sampling_options_are_seeded_and_no_stream_prints_the_same(ckpt, capsys):
+    args = [ckpt, '--prompt', 'hi', '--temperature', '1.0', '--top_k', '50', '--top_p', '0.9',
+            '--max_new_tokens', '5', '--seed', '3']
+    outs = []
+    for extra in ([], [], ['--no_stream']):
+        sample_sft.main(args + extra)
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2] and outs[0].strip()
+
+
+def test_missing_checkpoint_and_bad_options_are_clear_errors(tmp_path, ckpt):
+    with pytest.raises(SystemExit, match='nope.pt'):
+        sample_sft.main([str(tmp_path / 'nope.pt'), '--prompt', 'x'])
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match='junk.pt'):
+        sample_sft.main([str(tmp_path / 'junk.pt'), '--prompt', 'x'])
+    with pytest.raises(SystemExit, match='top_p'):
+        sample_sft.main([ckpt, '--prompt', 'x', '--top_p', '1.5'])
+
+
+def test_history_that_does_not_fit_drops_oldest_turns_but_keeps_system():
+    tok = load_tokenizer('qwen3')
+    msgs = [{'role': 'system', 'content': 'S'}]
+    for i in range(20):
+        msgs += [{'role': 'user', 'content': f'question {i} ' * 5},
+                 {'role': 'assistant', 'content': f'answer {i}'}]
+    msgs.append({'role': 'user', 'content': 'last'})
+    kept, ids = sample_sft.fit_history(msgs, tok, 'chatml', budget=60)
+    assert len(ids) <= 60 and kept[0]['role'] == 'system' and kept[1]['role'] == 'user'
+    assert kept[-1]['content'] == 'last' and ids == encode_prompt(kept, tok)
+
+
+def test_streamer_waits_for_whole_characters():
+    tok = load_tokenizer('qwen3')
+    ids = tok.encode('héllo 世界 🙂')
+
+    class Out:
+        text = ''
+
+        def write(self, s):
+            Out.text += s
+
+        def flush(self):
+            pass
+    s = sample_sft.Streamer(tok, out=Out())
+    for t in ids + [tok.im_end_id]:
+        s(0, t)
+    assert Out.text == 'héllo 世界 🙂' and '\ufffd' not in Out.text
