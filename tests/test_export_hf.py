@@ -1,0 +1,92 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from checkpoint import save_checkpoint  # noqa: E402
+from model_builder import ConfigurableGPT  # noqa: E402
+from model_config import ModelArchitectureConfig  # noqa: E402
+from tokenizer import encode_conversation, encode_prompt, load_tokenizer  # noqa: E402
+import export_hf  # noqa: E402
+
+CONV = [
+    {'role': 'system', 'content': 'Reply with JSON.'},
+    {'role': 'user', 'content': 'What is 3 + 4?'},
+    {'role': 'assistant', 'content': '{"answer": 7}'},
+    {'role': 'user', 'content': "Now double it, s'il vous plaît — ça va?  Ünïcödé 世界"},
+    {'role': 'assistant', 'content': 'Sure:\n{"answer": 14}\n\nDone.'},
+]
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp('export')
+    torch.manual_seed(0)
+    cfg = ModelArchitectureConfig.from_preset('tiny')
+    model = ConfigurableGPT(cfg)
+    with torch.no_grad():  # non-trivial norms so a mis-mapped weight shows up in the logits
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(d / 'ckpt.pt', {'model': model.state_dict(), 'model_args': cfg.to_dict(),
+                                    'iter_num': 0, 'config': {'chat_template': 'chatml'},
+                                    'tokenizer': load_tokenizer('qwen3').meta()})
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'export_hf.py'), str(d / 'ckpt.pt'),
+                        str(d / 'hf')], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return model.eval(), d / 'hf'
+
+
+@pytest.mark.slow
+def test_transformers_reload_gives_the_same_logits(exported):
+    from transformers import AutoModelForCausalLM
+    model, hf_dir = exported
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    ids, _ = encode_conversation(CONV, load_tokenizer('qwen3'))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ours, _ = model(x)
+        theirs = hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_chat_template_reproduces_training_ids(exported):
+    from transformers import AutoTokenizer
+    _, hf_dir = exported
+    tok = load_tokenizer('qwen3')
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+
+    def apply(msgs, **kw):
+        out = hf_tok.apply_chat_template(msgs, tokenize=True, **kw)
+        return list(out['input_ids'] if hasattr(out, 'keys') else out)
+    assert apply(CONV) == encode_conversation(CONV, tok)[0]
+    assert apply(CONV[:4], add_generation_prompt=True) == encode_prompt(CONV[:4], tok)
+    tools = [{'role': 'user', 'content': 'Weather?'},
+             {'role': 'assistant', 'content': '', 'tool_calls': [
+                 {'type': 'function', 'function': {'name': 'get', 'arguments': {'city': 'Paris'}}}]},
+             {'role': 'tool', 'content': '{"t": 20}'}, {'role': 'tool', 'content': 'ok'},
+             {'role': 'assistant', 'content': 'It is 20.', 'reasoning_content': 'read it'}]
+    assert apply(tools) == encode_conversation(tools, tok)[0]
+
+
+@pytest.mark.slow
+def test_generation_config_stops_at_im_end(exported):
+    _, hf_dir = exported
+    gen = json.loads((hf_dir / 'generation_config.json').read_text())
+    tok = load_tokenizer('qwen3')
+    assert gen['eos_token_id'] == [tok.im_end_id, tok.pad_id] and gen['pad_token_id'] == tok.pad_id
+    names = set(os.listdir(hf_dir))
+    assert {'config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'} <= names
+    assert not [n for n in os.listdir(hf_dir.parent) if 'export' in n]  # no staging left behind
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match='nope.pt'):
+        export_hf.main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
