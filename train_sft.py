@@ -167,8 +167,7 @@ class JsonlSplit:
             ids, labels = encode_conversation(messages, tok, train_on=train_on, chat_template=chat_template)
             self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
         self.lengths = np.array([len(e[0]) for e in self.examples], dtype=np.int64)
-        self.meta = {'tokenizer': tok.name, 'tokenizer_hash': tok.hash, 'vocab_size': tok.vocab_size,
-                     'special_tokens': dict(tok.special_tokens), 'pad_id': tok.pad_id}
+        self.meta = {'tokenizer': tok.meta(), 'chat_template': chat_template, 'train_on': train_on}
 
     def __len__(self):
         return len(self.examples)
@@ -326,31 +325,32 @@ def eval_batches(dataset: SFTDataset, units, n_batches, world_size, rank, batch_
         yield dataset.collate([units[(start + j) % len(units)] for j in range(batch_size)])
 
 
-def check_tokenizer_fits(meta: dict, model_vocab: int, ckpt_tokenizer: dict | None = None, where=''):
-    """The data's token ids must all be valid rows of the model's embedding, else training is garbage."""
-    data_vocab = meta.get('vocab_size')
-    specials = meta.get('special_tokens') or meta.get('special_ids') or {}
-    max_special = max((int(v) for v in specials.values()), default=-1) if isinstance(specials, dict) else -1
+def data_tokenizer(meta: dict) -> dict:
+    """The tokenizer description of a data set (meta.json keeps it under 'tokenizer')."""
+    tok = meta.get('tokenizer')
+    tok = dict(tok) if isinstance(tok, dict) else {'name': tok}
+    for key in ('hash', 'vocab_size', 'special_tokens', 'pad_id'):
+        if tok.get(key) is None and meta.get(key) is not None:
+            tok[key] = meta[key]
+    tok.setdefault('special_tokens', {})
+    return tok
+
+
+def check_tokenizer_fits(tok: dict, model_vocab: int, ckpt_tokenizer: dict | None = None, where=''):
+    """Every token id of the data must be a row of the model's embedding, else training is garbage."""
+    data_vocab = tok.get('vocab_size')
+    max_special = max((int(v) for v in tok['special_tokens'].values()), default=-1)
     if data_vocab is not None and int(data_vocab) > model_vocab:
-        raise TrainError(f"{where}: tokenizer/model mismatch: the data's tokenizer has {data_vocab} tokens "
-                         f"but the model's vocab_size is {model_vocab}")
+        raise TrainError(f"{where}: tokenizer/model mismatch: the data's tokenizer {tok.get('name')!r} has "
+                         f"{data_vocab} tokens but the model's vocab_size is {model_vocab}")
     if max_special >= model_vocab:
         raise TrainError(f"{where}: tokenizer/model mismatch: special token id {max_special} does not fit "
                          f"the model's vocab_size {model_vocab}")
-    data_hash = meta.get('tokenizer_hash') or (meta.get('tokenizer') or {}).get('hash') \
-        if isinstance(meta.get('tokenizer'), dict) else meta.get('tokenizer_hash')
-    ckpt_hash = (ckpt_tokenizer or {}).get('hash') or (ckpt_tokenizer or {}).get('tokenizer_hash')
+    data_hash, ckpt_hash = tok.get('hash'), (ckpt_tokenizer or {}).get('hash')
     if data_hash and ckpt_hash and data_hash != ckpt_hash:
-        raise TrainError(f"{where}: tokenizer mismatch: the data was tokenized with hash {data_hash[:12]}... "
-                         f"but the checkpoint was trained with {ckpt_hash[:12]}...")
-
-
-def tokenizer_meta(meta: dict) -> dict:
-    tok = meta.get('tokenizer')
-    name = tok.get('name') if isinstance(tok, dict) else tok
-    h = tok.get('hash') if isinstance(tok, dict) else meta.get('tokenizer_hash')
-    return {'name': name, 'hash': h, 'vocab_size': meta.get('vocab_size'),
-            'special_tokens': meta.get('special_tokens') or meta.get('special_ids') or {}}
+        raise TrainError(f"{where}: tokenizer mismatch: the data was tokenized with {tok.get('name')!r} "
+                         f"(hash {data_hash[:12]}) but the checkpoint was trained on "
+                         f"{ckpt_tokenizer.get('name')!r} (hash {ckpt_hash[:12]})")
 
 
 # -----------------------------------------------------------------------------
@@ -507,10 +507,8 @@ def train(cfg: dict) -> dict:
     # ---- data (before the model: a bad data dir fails fast)
     train_split = open_split(cfg['data_dir'], 'train', cfg)
     val_split = open_split(cfg['data_dir'], 'val', cfg)
-    meta = getattr(train_split, 'meta', {}) or {}
-    specials = meta.get('special_tokens') or meta.get('special_ids') or {}
-    pad_id = int(meta.get('pad_id', specials.get('<|endoftext|>', DEFAULT_PAD_ID)
-                          if isinstance(specials, dict) else DEFAULT_PAD_ID))
+    tok_info = data_tokenizer(getattr(train_split, 'meta', None) or {})
+    pad_id = int(tok_info.get('pad_id') if tok_info.get('pad_id') is not None else DEFAULT_PAD_ID)
     train_ds = SFTDataset(train_split, cfg['block_size'], cfg['packing'], pad_id, cfg['seed'])
     val_ds = SFTDataset(val_split, cfg['block_size'], cfg['packing'], pad_id, cfg['seed'], shuffle=False)
     sampler = GlobalSampler(train_ds)
@@ -521,7 +519,7 @@ def train(cfg: dict) -> dict:
     np.random.seed(cfg['seed'] + rank)
     torch.manual_seed(cfg['seed'] + rank)
     model, ckpt = build_model(cfg, dev, master)
-    check_tokenizer_fits(meta, model.config.vocab_size, (ckpt or {}).get('tokenizer'), where=cfg['data_dir'])
+    check_tokenizer_fits(tok_info, model.config.vocab_size, (ckpt or {}).get('tokenizer'), where=cfg['data_dir'])
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, init_from={cfg['init_from']}")
 
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
@@ -610,7 +608,7 @@ def train(cfg: dict) -> dict:
                       'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
                       'best_val_loss': best_val_loss, 'config': cfg, 'rng': rngs,
                       'data_state': {**sampler.state_dict(), 'global_batch': G, 'seed': cfg['seed']},
-                      'tokenizer': tokenizer_meta(meta), 'format_version': 1}
+                      'tokenizer': tok_info, 'format_version': 1}
         if scaler.is_enabled():
             checkpoint['scaler'] = scaler.state_dict()
         latest = os.path.join(cfg['out_dir'], 'ckpt.pt')

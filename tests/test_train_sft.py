@@ -122,12 +122,11 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 # ---------------------------------------------------------------- the loop (tiny model, tiny shards)
 
 IM_START, IM_END, PAD = 151644, 151645, 151643
-META = {'format_version': 1, 'tokenizer': 'qwen3', 'vocab_size': 151669,
-        'special_tokens': {'<|endoftext|>': PAD, '<|im_start|>': IM_START, '<|im_end|>': IM_END}}
+WORDS = 'red green blue cat dog sun moon tree fish bird'.split()
 
 
 def toy_conversation(rng):
-    """A learnable task: the assistant repeats the user's tokens, so masked loss can fall fast."""
+    """Token ids of a learnable chat: the assistant repeats the user's tokens."""
     n = int(rng.integers(3, 12))
     user = rng.integers(100, 140, n).tolist()
     ids = [IM_START, 872, 198] + user + [IM_END, 198, IM_START, 77091, 198] + user + [IM_END]
@@ -135,20 +134,20 @@ def toy_conversation(rng):
     return ids, labels
 
 
-def write_shards(out_dir, n_train=64, n_val=16, seed=0, meta=META):
-    """Shards in prepare_sft's on-disk format (bin/mask/idx + meta.json)."""
+def write_shards(out_dir, n=96, seed=0):
+    """A tiny data set through the real pipeline: JSONL -> prepare_sft.py -> shards."""
     import json
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import prepare_sft
     rng = np.random.default_rng(seed)
-    for split, n in (('train', n_train), ('val', n_val)):
-        convs = [toy_conversation(rng) for _ in range(n)]
-        tokens = np.concatenate([np.asarray(i, dtype=np.uint32) for i, _ in convs])
-        mask = np.concatenate([(np.asarray(l) != -100).astype(np.uint8) for _, l in convs])
-        idx = np.cumsum([0] + [len(i) for i, _ in convs]).astype(np.int64)
-        tokens.tofile(out_dir / f'{split}.bin')
-        mask.tofile(out_dir / f'{split}.mask')
-        idx.tofile(out_dir / f'{split}.idx')
-    (out_dir / 'meta.json').write_text(json.dumps({**meta, 'counts': {'train': n_train, 'val': n_val}}))
+    jsonl = out_dir.parent / 'toy.jsonl'
+    with open(jsonl, 'w') as f:
+        for _ in range(n):
+            words = ' '.join(rng.choice(WORDS, int(rng.integers(2, 8))))
+            f.write(json.dumps({'messages': [{'role': 'user', 'content': f'repeat: {words}'},
+                                             {'role': 'assistant', 'content': words}]}) + '\n')
+    prepare_sft.main(['--input', str(jsonl), '--out_dir', str(out_dir), '--val_fraction', '0.2',
+                      '--max_length', '64'])
     return out_dir
 
 
@@ -286,6 +285,6 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 def test_tokenizer_model_mismatch_is_a_clear_error(tmp_path, data_dir):
     cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), vocab_size=50304)
-    with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch.*151669.*50304'):
+    with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch.* has \d+ tokens .* 50304'):
         train_sft.train(cfg)
     assert not (tmp_path / 'out').exists()
