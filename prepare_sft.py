@@ -9,6 +9,11 @@ Input: JSONL or a JSON array; each record, auto-detected (or forced with --forma
   alpaca             {"instruction": "...", "input": "...", "output": "..."}  (+ optional "system")
   prompt_completion  {"prompt": "...", "completion": "..."}  (either side may be a messages list)
   gsm8k              {"question": "...", "answer": "... #### 42"}
+Messages may carry `train: true/false` (assistant turns only; overrides --train_on),
+`reasoning_content`, `tool_calls`; role `tool` holds tool results. A record-level "tools" list of
+schemas (or a JSON string of one) is kept on the first message and rendered as the Qwen3 tools
+system turn; ShareGPT turns may carry axolotl's "weight": 0/1. See tokenizer.py for the exact
+rendering and masking.
 A bad record stops the run with `file:line: what is wrong` (or is skipped and counted with
 --skip_invalid).
 
@@ -90,6 +95,11 @@ def _clean_messages(msgs, where: str = 'messages') -> list[dict]:
         if not isinstance(content, str):
             raise ValueError(f'{at}.content: must be a string, got {type(content).__name__}')
         msg = {'role': role, 'content': content}
+        if m.get('tools'):
+            if k != 0:
+                raise ValueError(f'{at}.tools: tool definitions belong on the first message '
+                                 '(or on the record)')
+            msg['tools'] = _tool_list(m['tools'], f'{at}.tools')
         if 'train' in m:
             if not isinstance(m['train'], bool):
                 raise ValueError(f'{at}.train: must be true or false')
@@ -114,6 +124,23 @@ def _clean_messages(msgs, where: str = 'messages') -> list[dict]:
     return out
 
 
+def _tool_list(tools, where: str) -> list:
+    if isinstance(tools, str):   # several public datasets store the schemas as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{where}: not valid JSON ({e.msg})') from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f'{where}: must be a list of tool schemas (objects)')
+    return tools
+
+
+def _with_tools(rec: dict, msgs: list) -> list:
+    if rec.get('tools') and isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
+        msgs = [dict(msgs[0], tools=_tool_list(rec['tools'], '"tools"'))] + list(msgs[1:])
+    return msgs
+
+
 def _side(value, role: str, key: str) -> list[dict]:
     if isinstance(value, str):
         return [{'role': role, 'content': value}]
@@ -130,7 +157,7 @@ def to_messages(rec, fmt: str = 'auto') -> list[dict]:
     if fmt == 'messages':
         if 'messages' not in rec:
             raise ValueError('missing key "messages"')
-        return _clean_messages(rec['messages'])
+        return _clean_messages(_with_tools(rec, rec['messages']))
     if fmt == 'sharegpt':
         conv = rec.get('conversations')
         if not isinstance(conv, list) or not conv:
@@ -143,10 +170,13 @@ def to_messages(rec, fmt: str = 'auto') -> list[dict]:
             if role is None:
                 raise ValueError(f'conversations[{k}].from: unknown role {turn["from"]!r} '
                                  f'(expected one of {", ".join(SHAREGPT_ROLES)})')
-            msgs.append({'role': role, 'content': turn['value']})
+            msg = {'role': role, 'content': turn['value']}
+            if 'weight' in turn and role == 'assistant':   # axolotl-style per-turn training flag
+                msg['train'] = bool(turn['weight'])
+            msgs.append(msg)
         if isinstance(rec.get('system'), str) and rec['system'] and msgs[0]['role'] != 'system':
             msgs.insert(0, {'role': 'system', 'content': rec['system']})
-        return _clean_messages(msgs, 'conversations')
+        return _clean_messages(_with_tools(rec, msgs), 'conversations')
     if fmt == 'alpaca':
         instruction, output = _need_str(rec, 'instruction'), _need_str(rec, 'output')
         extra = rec.get('input') or ''
@@ -436,6 +466,7 @@ def prepare(args) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     dtype = np.uint32 if tok.vocab_size > 65535 else np.uint16
     tmp = f'.tmp-{os.getpid()}'
+    _remove_stale_tmp(args.out_dir)
     final = {f'{s}.{e}': os.path.join(args.out_dir, f'{s}.{e}') for s in ('train', 'val')
              for e in ('bin', 'mask', 'idx')}
     final['meta.json'] = os.path.join(args.out_dir, 'meta.json')
@@ -505,7 +536,8 @@ def prepare(args) -> dict:
                 'token_dtype': np.dtype(dtype).name, 'chat_template': args.chat_template,
                 'train_on': args.train_on, 'max_length': args.max_length,
                 'truncation': args.truncation, 'val_fraction': args.val_fraction,
-                'inputs': files, 'splits': splits, 'stats': stats}
+                'inputs': files, 'counts': {s: splits[s]['examples'] for s in splits},
+                'splits': splits, 'stats': stats}
         with open(tmp_paths['meta.json'], 'w') as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         _finish(tmp_paths, final)
@@ -526,6 +558,19 @@ def prepare(args) -> dict:
         print(f'--- example {k} ({len(ids)} tokens, trained highlighted) ---')
         print(highlight(tok, ids, mask, colour))
     return meta
+
+
+def _remove_stale_tmp(out_dir: str):
+    # leftovers of a killed run (never read: the reader only opens the final names)
+    for name in os.listdir(out_dir):
+        base, _, pid = name.rpartition('.tmp-')
+        if base and pid.isdigit() and base.split('.')[0] in ('train', 'val', 'meta'):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
 
 
 def _finish(tmp_paths: dict, final: dict):

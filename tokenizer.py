@@ -21,7 +21,12 @@ so the tokens in front of every reply are exactly the generation prompt `<|im_st
 whole rendered string, which merges a reply that starts with "\\n" into the header and turns a
 user-typed "<|im_end|>" into the real control token; we do neither, on purpose.)
 
-Tools follow the Qwen3 template in both renderings: an assistant's `tool_calls` are appended to its
+Tools follow the Qwen3 template in both renderings. Tool definitions (a list of JSON schemas) go
+in `messages[0]['tools']` (prepare_sft puts a record's "tools" there); they become the system turn
+
+    <|im_start|>system\n[{system content}\n\n]# Tools\n\nYou may call one ... <tools>\n{tool json}...</tools> ... </tool_call><|im_end|>\n
+
+(the leading system message, if any, is merged into it). An assistant's `tool_calls` are appended to its
 content as `\\n<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` (no leading "\\n"
 when the content is empty, ARGS = the string as given or compact-ish JSON like transformers'
 `tojson`), and a run of consecutive `tool` messages becomes one user turn:
@@ -298,6 +303,22 @@ def _tool_calls_text(msg: dict, content: str) -> str:
     return ''.join(out)
 
 
+TOOLS_HEAD = ('# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+              'You are provided with function signatures within <tools></tools> XML tags:\n<tools>')
+TOOLS_TAIL = ('\n</tools>\n\nFor each function call, return a json object with function name and '
+              'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
+              '<function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def _tools_block(messages, tok: ChatTokenizer) -> list[int]:
+    """The Qwen3 tools system turn for messages[0]['tools'] (merged with a leading system message)."""
+    first = messages[0]
+    sys_text = first['content'] + '\n\n' if first['role'] == 'system' else ''
+    block = TOOLS_HEAD + ''.join('\n' + json.dumps(t, ensure_ascii=False) for t in first['tools']) + TOOLS_TAIL
+    return ([tok.im_start_id] + tok.encode_cached('system\n') + tok.encode(sys_text)
+            + tok.encode_assistant(block) + [tok.im_end_id] + tok.encode_cached('\n'))
+
+
 def _last_query_index(messages) -> int:
     # Qwen3: the last user turn that is not a wrapped tool response (multi-step tool use)
     for i in range(len(messages) - 1, -1, -1):
@@ -319,8 +340,14 @@ def _render(messages, tok: ChatTokenizer, train_on: str, chat_template: str):
     last_query = _last_query_index(messages) if chat_template == 'qwen3' else -1
     im_start, im_end = [tok.im_start_id], [tok.im_end_id]
     nl = tok.encode_cached('\n')
+    skip_first = False
+    if messages and messages[0].get('tools'):
+        yield _tools_block(messages, tok), False
+        skip_first = messages[0]['role'] == 'system'
     for i, m in enumerate(messages):
         role = m['role']
+        if i == 0 and skip_first:
+            continue
         if role == 'tool':
             first = i == 0 or messages[i - 1]['role'] != 'tool'
             last = i == n - 1 or messages[i + 1]['role'] != 'tool'

@@ -208,6 +208,11 @@ def test_failed_run_leaves_no_shard(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run('--input', path, '--out_dir', out)
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    # what a SIGKILLed run leaves (temp names of a dead pid) is never read and is cleaned up later
+    (out / 'train.bin.tmp-999999999').write_bytes(b'partial')
+    monkeypatch.undo()
+    run('--input', path, '--out_dir', out)
+    assert sorted(os.listdir(out)) == sorted(SHARDS)
 
 
 def test_reader_rejects_corrupt_shards_naming_the_file(tmp_path):
@@ -265,3 +270,25 @@ def test_gsm8k_slice_shards_match_encode_conversation_with_two_processes(tmp_pat
         exp_ids, exp_labels = encode_conversation(msgs, tok)
         assert ids.tolist() == exp_ids and labels.tolist() == exp_labels
     assert cursor == {s: len(r) for s, r in readers.items()}
+
+
+def test_tool_schemas_and_sharegpt_weights_are_kept(tmp_path, tok):
+    tools = [{'type': 'function', 'function': {'name': 'f', 'parameters': {}}}]
+    recs = [{'tools': json.dumps(tools), 'messages': [{'role': 'user', 'content': 'call f'},
+                                                      {'role': 'assistant', 'content': '', 'tool_calls': [
+                                                          {'function': {'name': 'f', 'arguments': {}}}]},
+                                                      {'role': 'tool', 'content': 'done'},
+                                                      {'role': 'assistant', 'content': 'ok'}]},
+            {'tools': tools, 'conversations': [{'from': 'human', 'value': 'a'},
+                                               {'from': 'gpt', 'value': 'b', 'weight': 0},
+                                               {'from': 'human', 'value': 'c'},
+                                               {'from': 'gpt', 'value': 'd', 'weight': 1}]}]
+    path = write_jsonl(tmp_path / 'd.jsonl', recs)
+    first, second = load_records(path)
+    assert first[0]['tools'] == tools and second[0]['tools'] == tools
+    assert [m.get('train') for m in second] == [None, False, None, True]
+    ids, labels = encode_conversation(first, tok)
+    assert '# Tools' in tok.decode(ids) and tok.special_tokens['<tool_call>'] in ids
+    bad = write_jsonl(tmp_path / 'bad.jsonl', [{'tools': '{nope', 'messages': recs[0]['messages']}])
+    with pytest.raises(SystemExit, match=rf'{bad}:1: "tools": not valid JSON'):
+        run('--input', bad, '--out_dir', tmp_path / 'o')

@@ -324,3 +324,26 @@ def test_hf_directory_tokenizer_matches_tiktoken_path(tok, tmp_path):
     # the plain HF path turns user-typed control strings into control tokens: we do not
     assert tok.im_end_id in hf(msgs[1]['content'])['input_ids']
     assert tok.im_end_id not in local.encode(msgs[1]['content'])
+
+
+TOOLS = [{'type': 'function', 'function': {'name': 'get_weather', 'description': 'Weather <b>now</b>',
+                                           'parameters': {'type': 'object',
+                                                          'properties': {'city': {'type': 'string'}}}}},
+         {'type': 'function', 'function': {'name': 'log', 'parameters': {}}}]
+
+
+@pytest.mark.parametrize('with_system', [True, False])
+def test_qwen3_tool_definitions_match_official_template(tok, with_system):
+    msgs = qwen3_conversation()[0 if with_system else 1:]
+    tagged = [dict(msgs[0], tools=TOOLS)] + msgs[1:]
+    for template in ('qwen3', 'chatml'):
+        ids, labels = encode_conversation(tagged, tok, chat_template=template)
+        if template == 'qwen3':
+            expected = render(QWEN3_TEMPLATE, msgs, tools=TOOLS)
+            assert tok.decode(ids) == expected
+            assert ids == tok.enc.encode(expected, allowed_special='all')
+        # the tools turn is a masked system turn and comes first
+        assert tok.decode(ids[:5]).startswith('<|im_start|>system\n')
+        end = ids.index(tok.im_end_id)
+        assert all(l == IGNORE for l in labels[:end + 2])
+        assert ids.count(tok.im_start_id) == len(msgs) - 1 + (not with_system)  # 2 tool msgs share a turn
