@@ -347,3 +347,14 @@ def test_qwen3_tool_definitions_match_official_template(tok, with_system):
         end = ids.index(tok.im_end_id)
         assert all(l == IGNORE for l in labels[:end + 2])
         assert ids.count(tok.im_start_id) == len(msgs) - 1 + (not with_system)  # 2 tool msgs share a turn
+
+
+def test_reply_starting_with_newline_keeps_the_generation_prompt_unlike_string_tokenization(tok):
+    msgs = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': '\nanswer'}]
+    ids, labels = encode_conversation(msgs, tok)
+    prompt = encode_prompt(msgs[:1], tok)
+    assert ids[:len(prompt)] == prompt and prompt[-3:] == [151644, 77091, 198]
+    assert trained_spans(tok, ids, labels) == ['\nanswer<|im_end|>']
+    # tokenizing the rendered string (the HF chat-template path) merges "\n\n" across the boundary
+    whole = tok.enc.encode(render(CHATML_TEMPLATE, msgs), allowed_special='all')
+    assert whole[:len(prompt)] != prompt and 271 in whole
