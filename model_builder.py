@@ -104,10 +104,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        gqa = self.n_kv_head != self.n_head
+        if gqa and mask is not None:
+            # SDPA's enable_gqa is served only by the flash and math kernels on CUDA; flash takes
+            # no mask, so with a mask expand k/v and keep the memory-efficient kernel in play
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)
         return self.resid_dropout(self.c_proj(y))
 
@@ -520,7 +526,9 @@ def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf_sd = _ours_to_hf(config, model_type, sd)
     dtype = dtype or next(iter(hf_sd.values())).dtype
-    hf_sd = {k: v.to(device='cpu', dtype=dtype).contiguous() for k, v in hf_sd.items()}
+    # clone: split/transposed views share storage, which safetensors must not see
+    hf_sd = {k: v.to(device='cpu', dtype=dtype).clone(memory_format=torch.contiguous_format)
+             for k, v in hf_sd.items()}
     dtype_name = str(dtype).removeprefix('torch.')
     hf_config['torch_dtype'] = dtype_name
     hf_config['dtype'] = dtype_name

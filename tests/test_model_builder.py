@@ -29,7 +29,8 @@ def _hf_models():
                                                   num_key_value_heads=2,
                                                   tie_word_embeddings=False)),
         'gpt2': ('GPT2LMHeadModel', GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32,
-                                               n_layer=2, n_head=4)),
+                                               n_layer=2, n_head=4, bos_token_id=0,
+                                               eos_token_id=0)),
     }
 
 
