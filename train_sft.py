@@ -438,19 +438,28 @@ def build_model(cfg, device, master):
                 arch[k] = cfg[k]
         arch['block_size'] = cfg['block_size']
         arch['dropout'] = cfg['dropout']
-        mconf = ModelArchitectureConfig.from_dict(arch)
-        mconf.validate()
+        try:
+            mconf = ModelArchitectureConfig.from_dict(arch)
+            mconf.validate()
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"init_from='scratch': bad model config: {e}") from e
         model = ConfigurableGPT(mconf)
     elif init.startswith('hf:'):
         path = init[3:]
         if not os.path.isdir(path):
             raise TrainError(f"init_from={init}: directory not found: {path}")
-        model = ConfigurableGPT.from_hf(path)
+        try:
+            model = ConfigurableGPT.from_hf(path)
+        except (OSError, ValueError) as e:
+            raise TrainError(f"init_from={init}: {e}") from e
     else:
         path = os.path.join(cfg['out_dir'], 'ckpt.pt') if init == 'resume' else init
         if not os.path.isfile(path):
             raise TrainError(f"init_from={init}: checkpoint not found: {path}")
-        model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg['dropout'])
+        try:
+            model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg['dropout'])
+        except ValueError as e:   # CheckpointError: missing / truncated / foreign file
+            raise TrainError(f"init_from={init}: {e}") from e
     set_dropout(model, cfg['dropout'])
     if cfg['block_size'] > model.config.block_size:
         raise TrainError(f"block_size={cfg['block_size']} is larger than the model's block_size "
@@ -483,10 +492,7 @@ def train(cfg: dict) -> dict:
     ptdtype = getattr(torch, dtype_name)
     autocast = nullcontext() if device_type == 'cpu' or dtype_name == 'float32' else \
         torch.autocast(device_type=device_type, dtype=ptdtype)
-    if device_type == 'cpu':
-        # Bit-exact resume on CPU needs deterministic kernels; warn_only keeps rare ops usable.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
+    if device_type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
