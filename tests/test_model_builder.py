@@ -249,3 +249,18 @@ def test_param_count_matches_config_formula():
         assert sum(p.numel() for p in model.parameters()) == model.config.num_params(non_embedding=False)
     gpt = ConfigurableGPT(ModelArchitectureConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50))
     assert sum(p.numel() for p in gpt.parameters()) == gpt.config.num_params(non_embedding=False)
+
+
+def test_generate_accepts_a_tensor_of_prompts():
+    model = _tiny().eval()
+    prompts = _ids(T=5, B=2)
+    assert model.generate(prompts, 4, temperature=0) == model.generate(prompts.tolist(), 4, temperature=0)
+
+
+def test_to_hf_into_an_existing_directory_keeps_other_files(tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'tokenizer_config.json').write_text('{}')
+    to_hf(_tiny(), out)
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors',
+                                                    'tokenizer_config.json']
