@@ -174,11 +174,12 @@ def params_of(path):
 @pytest.mark.slow
 def test_tiny_model_trains_and_writes_checkpoints_and_run_log(tmp_path, data_dir):
     import json
-    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=12, eval_interval=6, keep_last_n=5)
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=12, eval_interval=6, keep_last_n=1)
     summary = train_sft.train(cfg)
     out = tmp_path / 'out'
     names = sorted(p.name for p in out.iterdir())
-    assert {'ckpt_000006.pt', 'ckpt_000012.pt', 'ckpt.pt', 'ckpt_best.pt'} <= set(names)
+    assert {'ckpt_000012.pt', 'ckpt.pt', 'ckpt_best.pt'} <= set(names)
+    assert 'ckpt_000006.pt' not in names   # keep_last_n=1
     runs = [n for n in names if n.startswith('run_') and n.endswith('.json')]
     assert len(runs) == 1
     log = json.loads((out / runs[0]).read_text())
@@ -288,6 +289,32 @@ def test_tokenizer_model_mismatch_is_a_clear_error(tmp_path, data_dir):
     with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch.* has \d+ tokens .* 50304'):
         train_sft.train(cfg)
     assert not (tmp_path / 'out').exists()
+    # the same check for a Hugging Face start (a GPT-2-sized vocabulary under Qwen-tokenized data)
+    transformers = pytest.importorskip('transformers')
+    hf_cfg = transformers.Qwen3Config(vocab_size=1000, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=16, max_position_embeddings=128)
+    transformers.Qwen3ForCausalLM(hf_cfg).save_pretrained(tmp_path / 'hf')
+    with pytest.raises(SystemExit, match=r'tokenizer/model mismatch.*vocab_size is 1000'):
+        train_sft.main([f'--init_from=hf:{tmp_path / "hf"}', f'--data_dir={data_dir}', '--block_size=64',
+                        f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+    assert not (tmp_path / 'out').exists()
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, data_dir, monkeypatch, capsys):
+    real = train_sft.forward_backward
+
+    def nan_gradients(model, *a, **k):
+        stats = real(model, *a, **k)
+        for p in model.parameters():
+            p.grad.fill_(float('nan'))
+        return stats
+
+    monkeypatch.setattr(train_sft, 'forward_backward', nan_gradients)
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=10, max_nan_steps=2, batch_size=1)
+    with pytest.raises(train_sft.TrainError, match=r'aborting: 2 non-finite steps in a row'):
+        train_sft.train(cfg)
+    assert 'skipping this step' in capsys.readouterr().out
 
 
 def test_compute_sft_loss_matches_transformers(tmp_path):
