@@ -562,6 +562,10 @@ def train(cfg: dict) -> dict:
         os.makedirs(cfg['out_dir'], exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
     run_path = os.path.join(cfg['out_dir'], f'run_{stamp}.json')
+    for n in range(1, 100):   # a quick resume must not overwrite the previous run's log
+        if not os.path.exists(run_path):
+            break
+        run_path = os.path.join(cfg['out_dir'], f'run_{stamp}_{n}.json')
     run_log = {'config': cfg, 'iters': [], 'evals': [], 'summary': {}}
     wandb_run = None
     if cfg['wandb_log'] and master:

@@ -362,3 +362,17 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
     ck = torch.load(tmp_path / 'two' / 'out' / 'ckpt.pt', weights_only=False)
     assert len(ck['rng']) == 2 and ck['data_state']['global_batch'] == 4
+
+
+def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
+    from tokenizer import encode_conversation, load_tokenizer
+
+    import prepare_sft
+    jsonl = data_dir.parent / 'toy.jsonl'
+    split = train_sft.open_split(str(jsonl), 'train')
+    records = prepare_sft.load_records(str(jsonl))
+    assert len(split) == len(records) - len(records) // 20
+    ids, labels = encode_conversation(records[0], load_tokenizer('qwen3'))
+    assert split[0][0].tolist() == ids and split[0][1].tolist() == labels
+    summary = train_sft.train(tiny_cfg(tmp_path, data_dir=str(jsonl), max_iters=2, eval_interval=100))
+    assert summary['iters'] == 2
