@@ -215,14 +215,19 @@ def _json_items(path: str, data: bytes):
             while pos < len(text) and text[pos] in ' \t\r\n':
                 pos += 1
             if pos < len(text) and text[pos] == ']':
+                if text[pos + 1:].strip(' \t\r\n'):
+                    raise DataError(f'{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON '
+                                    "(data after the array's closing ']')")
                 return
-            line = text.count('\n', 0, pos) + 1
+            line, start = text.count('\n', 0, pos) + 1, pos
             try:
                 rec, pos = dec.raw_decode(text, pos)
             except json.JSONDecodeError as e:
                 # a broken array cannot be resynchronised: always fatal
                 raise DataError(f'{path}:{e.lineno}: invalid JSON ({e.msg})') from None
-            yield line, rec
+            except (ValueError, RecursionError) as e:
+                raise DataError(f'{path}:{line}: invalid JSON ({_short(e)})') from None
+            yield line, _no_lone_surrogates(rec, text[start:pos])
             while pos < len(text) and text[pos] in ' \t\r\n':
                 pos += 1
             if pos < len(text) and text[pos] == ',':
@@ -241,9 +246,29 @@ def _json_items(path: str, data: bytes):
             yield line, ValueError(f'invalid UTF-8 ({e.reason} at column {e.start + 1})')
             continue
         try:
-            yield line, json.loads(text)
+            rec = json.loads(text)
         except json.JSONDecodeError as e:
-            yield line, ValueError(f'invalid JSON ({e.msg} at column {e.colno})')
+            rec = ValueError(f'invalid JSON ({e.msg} at column {e.colno})')
+        except (ValueError, RecursionError) as e:   # 5000-digit numbers, 100000-deep nesting
+            rec = ValueError(f'invalid JSON ({_short(e)})')
+        yield line, _no_lone_surrogates(rec, text)
+
+
+def _short(e: Exception) -> str:
+    return f'{type(e).__name__}: {str(e)[:120]}'
+
+
+def _no_lone_surrogates(rec, text: str):
+    """rec, or a ValueError when a string in it holds half of a UTF-16 pair (JSON may escape one as
+    "\\ud800"): it could not be encoded to UTF-8 later (tokenizer, split hash), so it is refused here
+    where the line number is known."""
+    if not isinstance(rec, Exception) and ('\\ud' in text or '\\uD' in text):
+        try:
+            json.dumps(rec, ensure_ascii=False).encode('utf-8')
+        except UnicodeEncodeError:
+            return ValueError('a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), '
+                              'which is not valid Unicode')
+    return rec
 
 
 def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, problems=None):
