@@ -380,7 +380,10 @@ def set_dropout(model, p: float):
 
 
 def get_rng_state():
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    # numpy's state as plain python values keeps the checkpoint loadable with weights_only=True
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'numpy': (name, keys.tolist(), pos, has_gauss, cached),
+             'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -388,7 +391,8 @@ def get_rng_state():
 
 def set_rng_state(state):
     random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
