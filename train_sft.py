@@ -541,7 +541,8 @@ def train(cfg: dict) -> dict:
         if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt.get('best_val_loss', float('inf'))
-        resumed_at = iter_num
+        # Skip the eval at the resume point only if it already ran (not after a signal stop).
+        resumed_at = iter_num if ckpt.get('evaluated', True) else None
         ds = ckpt.get('data_state') or {}
         sampler.epoch, sampler.position = ds.get('epoch', 0), ds.get('position', 0)
         rngs = ckpt.get('rng')
@@ -622,7 +623,7 @@ def train(cfg: dict) -> dict:
                       'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
                       'best_val_loss': best_val_loss, 'config': cfg, 'rng': rngs,
                       'data_state': {**sampler.state_dict(), 'global_batch': G, 'seed': cfg['seed']},
-                      'tokenizer': tok_info, 'format_version': 1}
+                      'tokenizer': tok_info, 'evaluated': step_file, 'format_version': 1}
         if scaler.is_enabled():
             checkpoint['scaler'] = scaler.state_dict()
         latest = os.path.join(cfg['out_dir'], 'ckpt.pt')

@@ -262,6 +262,8 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, monk
     assert summary['iters'] == 4 and summary['stopped_early']
     assert torch.load(tmp_path / 'b' / 'out' / 'ckpt.pt', weights_only=False)['iter_num'] == 4
     train_sft.train({**interrupted, 'init_from': 'resume'})
+    # the eval + step checkpoint due at iter 4 was not lost to the stop
+    assert (tmp_path / 'b' / 'out' / 'ckpt_000004.pt').exists()
     a = params_of(tmp_path / 'a' / 'out' / 'ckpt.pt')
     b = params_of(tmp_path / 'b' / 'out' / 'ckpt.pt')
     assert a.keys() == b.keys()
