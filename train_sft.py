@@ -325,6 +325,17 @@ def eval_batches(dataset: SFTDataset, units, n_batches, world_size, rank, batch_
         yield dataset.collate([units[(start + j) % len(units)] for j in range(batch_size)])
 
 
+def check_token_ids(split, model_vocab: int, where: str):
+    """Scan the tokens once (memory-mapped, fast): an id past the embedding would crash mid-run."""
+    tokens = getattr(split, 'tokens', None)
+    if tokens is None:
+        tokens = np.concatenate([e[0] for e in split.examples]) if len(split) else np.zeros(0, np.int64)
+    if len(tokens) and int(tokens.max()) >= model_vocab:
+        pos = int(np.argmax(tokens >= model_vocab))
+        raise TrainError(f"{where}: token id {int(tokens[pos])} at token {pos} does not fit the model's "
+                         f"vocab_size {model_vocab} (data tokenized with another tokenizer, or a damaged shard)")
+
+
 def data_tokenizer(meta: dict) -> dict:
     """The tokenizer description of a data set (meta.json keeps it under 'tokenizer')."""
     tok = meta.get('tokenizer')
@@ -530,6 +541,9 @@ def train(cfg: dict) -> dict:
     torch.manual_seed(cfg['seed'] + rank)
     model, ckpt = build_model(cfg, dev, master)
     check_tokenizer_fits(tok_info, model.config.vocab_size, (ckpt or {}).get('tokenizer'), where=cfg['data_dir'])
+    for name, split in (('train', train_split), ('val', val_split)):
+        shard = cfg['data_dir'] if cfg['data_dir'].endswith('.jsonl') else os.path.join(cfg['data_dir'], f'{name}.bin')
+        check_token_ids(split, model.config.vocab_size, shard)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, init_from={cfg['init_from']}")
 
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
