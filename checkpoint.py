@@ -97,6 +97,10 @@ def read_checkpoint(path, device='cpu') -> dict:
         what = f"dict with keys {sorted(map(str, ckpt))[:10]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a nanoSFT/nanoGPT checkpoint (needs 'model' and "
                               f"'model_args'; found {what})")
+    # nanoGPT checkpoints carry no version: they are read as version 1
+    if ckpt.get('format_version', FORMAT_VERSION) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format_version {ckpt['format_version']!r}, this nanoSFT "
+                              f"reads version {FORMAT_VERSION}")
     return ckpt
 
 
