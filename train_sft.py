@@ -22,6 +22,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -576,9 +577,14 @@ def train(cfg: dict) -> dict:
     if ddp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 
-    # ---- outputs
+    # ---- outputs: an out_dir we cannot write must fail now, not at the first checkpoint hours later
     if master:
-        os.makedirs(cfg['out_dir'], exist_ok=True)
+        try:
+            os.makedirs(cfg['out_dir'], exist_ok=True)
+            with tempfile.TemporaryFile(dir=cfg['out_dir']):
+                pass
+        except OSError as e:
+            raise TrainError(f"out_dir {cfg['out_dir']}: cannot write there ({e.strerror or e})") from e
     stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
     run_path = os.path.join(cfg['out_dir'], f'run_{stamp}.json')
     for n in range(1, 100):   # a quick resume must not overwrite the previous run's log
@@ -642,19 +648,21 @@ def train(cfg: dict) -> dict:
             checkpoint['scaler'] = scaler.state_dict()
         latest = os.path.join(cfg['out_dir'], 'ckpt.pt')
         from checkpoint import save_checkpoint
-        if step_file:
-            path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:06d}.pt')
+        path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:06d}.pt') if step_file else latest
+        try:
             save_checkpoint(path, checkpoint)
-            link_or_copy(path, latest)
-            if cfg['keep_last_n'] > 0:
-                steps = sorted(f for f in os.listdir(cfg['out_dir'])
-                               if f.startswith('ckpt_') and f[5:11].isdigit() and f.endswith('.pt'))
-                for old in steps[:-cfg['keep_last_n']]:
-                    os.remove(os.path.join(cfg['out_dir'], old))
-        else:
-            save_checkpoint(latest, checkpoint)
-        if is_best:
-            link_or_copy(latest, os.path.join(cfg['out_dir'], 'ckpt_best.pt'))
+            if step_file:
+                link_or_copy(path, latest)
+                if cfg['keep_last_n'] > 0:
+                    steps = sorted(f for f in os.listdir(cfg['out_dir'])
+                                   if f.startswith('ckpt_') and f[5:11].isdigit() and f.endswith('.pt'))
+                    for old in steps[:-cfg['keep_last_n']]:
+                        os.remove(os.path.join(cfg['out_dir'], old))
+            if is_best:
+                link_or_copy(latest, os.path.join(cfg['out_dir'], 'ckpt_best.pt'))
+        except OSError as e:   # disk full, quota, out_dir removed: writes are atomic, nothing is half-done
+            raise TrainError(f"cannot save {path} at iter {iter_num}: {e.strerror or e}; {latest} is "
+                             f"the last complete checkpoint") from e
         print0(f"saved {'ckpt_%06d.pt + ' % iter_num if step_file else ''}ckpt.pt"
                f"{' + ckpt_best.pt' if is_best else ''} at iter {iter_num}")
 
