@@ -34,7 +34,8 @@ def save_checkpoint(path, checkpoint: dict) -> None:
     checkpoint.setdefault('format_version', FORMAT_VERSION)
     if 'model' in checkpoint:
         checkpoint['model'] = clean_state_dict(checkpoint['model'])
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    _remove_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(checkpoint, f)
@@ -53,6 +54,21 @@ def save_checkpoint(path, checkpoint: dict) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files of saves whose process is gone (killed mid-write): they are never read,
+    but each is checkpoint-sized, so a few kills during saves would otherwise fill the disk."""
+    for p in folder.glob('.*.pt.*.*.tmp'):
+        pid = p.name[:-len('.tmp')].rsplit('.', 2)[-2]   # .{name}.{pid}.{random}.tmp
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except OSError:   # alive under another user: not ours to delete
+            pass
 
 
 def clean_state_dict(sd) -> dict:
