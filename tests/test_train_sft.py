@@ -7,6 +7,15 @@ import train_sft
 from train_sft import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_greedy
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # Tiny matmuls on a shared small CPU: intra-op threads spin against each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class ListSplit:
     """In-memory stand-in for prepare_sft.ShardDataset."""
 
