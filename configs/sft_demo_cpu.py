@@ -12,14 +12,14 @@ gradient_accumulation_steps = 1
 
 learning_rate = 3e-3
 min_lr = 3e-4
-max_iters = 300
+max_iters = 200
 warmup_iters = 20
-lr_decay_iters = 300
+lr_decay_iters = 200
 weight_decay = 0.01
 grad_clip = 1.0
 dropout = 0.0
 
-eval_interval = 100
+eval_interval = 50
 eval_iters = 8
 log_interval = 10
 keep_last_n = 2
