@@ -765,6 +765,24 @@ def test_ranks_stay_in_lockstep_on_uneven_data_and_only_rank0_writes(world, tmp_
     assert names[:4] == ['ckpt.pt', 'ckpt_000005.pt', 'ckpt_000010.pt', 'ckpt_best.pt'] and len(names) == 5
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(world, tmp_path):
+    """What SLURM / spot preemption does: SIGTERM to the launcher. torchrun forwards it to the workers
+    (and SIGKILLs them 30 s later); they agree to stop after the current step and rank 0 saves."""
+    out, events = tmp_path / 'out', tmp_path / 'ev'
+    proc = spawn(cfg_for(world['data'], out, max_iters=500, eval_interval=1000, backend='gloo'), events,
+                 torchrun=True)
+    wait_for(proc, events, lambda ev: sum(e[0] == 'iter' for e in ev) >= 3, timeout=120)
+    os.kill(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)   # torchrun itself exits 1 (it re-raises the signal)
+    assert '[rank 0] got signal 15' in log and '[rank 1] got signal 15' in log, log[-3000:]
+    _, ck = load_checkpoint(out / 'ckpt.pt')
+    assert f"saved ckpt.pt at iter {ck['iter_num']}" in log and 0 < ck['iter_num'] < 500
+    assert len(ck['rng']) == 2
+    started = [[int(e[1]) for e in read_events(events, r) if e[0] == 'iter'] for r in (0, 1)]
+    assert started[0] == started[1] and ck['iter_num'] == max(started[0]) + 1
+
+
 # ---------------------------------------------------------------- 7. disk
 
 def test_out_dir_that_cannot_be_created_is_a_clear_error_before_training(world, tmp_path, monkeypatch):
