@@ -209,6 +209,27 @@ def pack_greedy(order, lengths, block_size) -> list[list[int]]:
     return rows
 
 
+class Singletons:
+    """The padding-mode order as units [[i], [j], ...] without a python list per example."""
+
+    def __init__(self, order: np.ndarray):
+        self.order = order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [[int(j)] for j in self.order[i]]
+        return [int(self.order[i])]
+
+    def __iter__(self):
+        return ([int(j)] for j in self.order)
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+
 class SFTDataset:
     """
     Examples of one split turned into training rows. A unit is what fills one row of a micro-batch:
@@ -236,7 +257,7 @@ class SFTDataset:
         n = len(self.data)
         order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                  else np.arange(n))
-        units = pack_greedy(order, self.lengths, self.block_size) if self.packing else [[int(i)] for i in order]
+        units = pack_greedy(order, self.lengths, self.block_size) if self.packing else Singletons(order)
         self._cache = (epoch, units)
         return units
 
