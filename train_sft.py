@@ -816,8 +816,13 @@ DEFAULTS = {k: v for k, v in dict(globals()).items()
 
 def main(argv=None):
     from configurator import ConfigError, configure
+    argv = sys.argv[1:] if argv is None else argv
+    if '-h' in argv or '--help' in argv:
+        print("usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...]\nkeys and defaults:\n"
+              + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+        return
     try:
-        cfg = configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
+        cfg = configure(DEFAULTS, argv)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
     try:

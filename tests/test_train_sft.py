@@ -289,6 +289,12 @@ def test_bad_override_is_a_clear_error(capsys):
         train_sft.main(['--max_iters=abc'])
 
 
+def test_help_lists_every_key(capsys):
+    train_sft.main(['--help'])
+    out = capsys.readouterr().out
+    assert all(f'--{k}=' in out for k in train_sft.DEFAULTS)
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"data_dir: directory not found: .*nope"):
         train_sft.main([f'--data_dir={tmp_path / "nope"}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
