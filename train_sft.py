@@ -462,7 +462,7 @@ def guess_peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # The run
 
-def build_model(cfg, device, master):
+def build_model(cfg, device):
     """-> (model, checkpoint dict or None)"""
     from model_builder import ConfigurableGPT
     from model_config import ModelArchitectureConfig
@@ -561,7 +561,7 @@ def train(cfg: dict) -> dict:
     random.seed(cfg['seed'] + rank)
     np.random.seed(cfg['seed'] + rank)
     torch.manual_seed(cfg['seed'] + rank)
-    model, ckpt = build_model(cfg, dev, master)
+    model, ckpt = build_model(cfg, dev)
     check_tokenizer_fits(tok_info, model.config.vocab_size, (ckpt or {}).get('tokenizer'), where=cfg['data_dir'])
     for name, split in (('train', train_split), ('val', val_split)):
         shard = cfg['data_dir'] if cfg['data_dir'].endswith('.jsonl') else os.path.join(cfg['data_dir'], f'{name}.bin')
