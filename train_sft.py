@@ -731,7 +731,7 @@ def train(cfg: dict) -> dict:
                 group['lr'] = lr
 
             batches = [train_ds.collate(units) for units in sampler.next_step(world, rank, A, B)]
-            acc += forward_backward(model, batches, dev, world, ddp, autocast, scaler, all_reduce)
+            step_stats = forward_backward(model, batches, dev, world, ddp, autocast, scaler, all_reduce)
 
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
@@ -739,14 +739,18 @@ def train(cfg: dict) -> dict:
                 raw_model.parameters(), cfg['grad_clip'] if cfg['grad_clip'] > 0 else float('inf'))
             # One host sync per step: the grad norm is identical on all ranks (grads are all-reduced),
             # so every rank takes the same skip/stop decision.
-            # The stop flag is agreed on at the step boundary: a signal seen by any rank stops all.
-            stop_flag = all_reduce(torch.tensor([float(stop_requested[0])], device=dev), dist.ReduceOp.MAX)
+            # Flags agreed on at the step boundary (MAX over ranks): a signal seen by any rank stops all;
+            # a non-finite loss on any rank makes the step a NaN step. Under fp16 a non-finite grad norm
+            # with a finite loss is an overflow: the scaler skips that step and lowers its scale.
+            flags = all_reduce(torch.stack([torch.tensor(float(stop_requested[0]), device=dev),
+                                            (~torch.isfinite(step_stats[0])).float()]), dist.ReduceOp.MAX)
             gn = grad_norm.item()
-            stop_now = stop_flag.item() > 0
-            if not math.isfinite(gn) and not scaler.is_enabled():
+            stop_now, bad_loss = (f > 0 for f in flags.tolist())
+            if not math.isfinite(gn) and (bad_loss or not scaler.is_enabled()):
                 nan_streak += 1
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
+                scaler.update()   # fp16: closes this step's unscale_ (a no-op without a scaler)
                 print0(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
                        f"({nan_streak} in a row, max_nan_steps={cfg['max_nan_steps']})")
                 if nan_streak >= cfg['max_nan_steps']:
@@ -757,6 +761,7 @@ def train(cfg: dict) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                acc += step_stats   # a skipped NaN step stays out of the logged loss
             iter_num += 1
             if bar:
                 bar.update(1)
