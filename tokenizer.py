@@ -314,9 +314,13 @@ def _tools_block(messages, tok: ChatTokenizer) -> list[int]:
     """The Qwen3 tools system turn for messages[0]['tools'] (merged with a leading system message)."""
     first = messages[0]
     sys_text = first['content'] + '\n\n' if first['role'] == 'system' else ''
-    block = TOOLS_HEAD + ''.join('\n' + json.dumps(t, ensure_ascii=False) for t in first['tools']) + TOOLS_TAIL
+    # The schemas are data (a description may say "<tool_call>"): plain text, like user text; only the
+    # markup around them matches the added tokens. Cut right after each "\n": the pre-tokenizer keeps
+    # a "\n" with the piece before it, so the ids are those of the whole string.
+    schemas = [tok.encode(json.dumps(t, ensure_ascii=False) + '\n') for t in first['tools']]
     return ([tok.im_start_id] + tok.encode_cached('system\n') + tok.encode(sys_text)
-            + tok.encode_assistant(block) + [tok.im_end_id] + tok.encode_cached('\n'))
+            + tok.encode_assistant(TOOLS_HEAD + '\n') + [i for ids in schemas for i in ids]
+            + tok.encode_assistant(TOOLS_TAIL[1:]) + [tok.im_end_id] + tok.encode_cached('\n'))
 
 
 def _last_query_index(messages) -> int:
