@@ -19,7 +19,10 @@ Contenders
             sequential sampling, padding to longest, gradient checkpointing off (same compute).
 Ablations (--ablations): nanosft_full_logits (the unoptimized path: full (tokens x vocab) logits,
 then cross-entropy), nanosft_padded (no packing: the peers' exact batches, padding to longest),
-nanosft_fused_adamw (torch.optim.AdamW(fused=True) instead of configure_optimizers' default on CPU).
+nanosft_fused_adamw (torch.optim.AdamW(fused=True) instead of configure_optimizers' default on CPU),
+nanosft_proposed (fused AdamW + model_builder.LOSS_CHUNK_ROWS = 256: smaller, recomputed chunks),
+nanosft_fused_ce (model._chunked_loss replaced by fused_linear_cross_entropy below: chunks of 256
+rows whose gradients are computed in the forward, so no chunk is recomputed; proposed for model_builder).
 
 trained tokens = tokens whose label is trained; total tokens = all positions computed incl. padding.
 Peak memory: peak RSS of the contender's process on CPU (ru_maxrss), max_memory_allocated on CUDA.
@@ -38,8 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
 CONTENDERS = ('nanosft', 'hf', 'trl')
-ABLATIONS = ('nanosft_full_logits', 'nanosft_padded', 'nanosft_fused_adamw')
+ABLATIONS = ('nanosft_full_logits', 'nanosft_padded', 'nanosft_fused_adamw', 'nanosft_proposed',
+             'nanosft_fused_ce')
 LR, BETAS, WD, GRAD_CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
+PROPOSED_CHUNK_ROWS = 256
 
 
 def parse_args(argv=None):
@@ -107,6 +112,39 @@ def _trained(labels_rows) -> int:
     return sum(sum(1 for x in row[1:] if x != -100) for row in labels_rows)
 
 
+def fused_linear_cross_entropy(h, weight, targets, chunk_rows=256):
+    """sum_i CE(h_i @ weight.T, t_i) for (N, C) h, (V, C) weight: the (chunk_rows, V) logits of one
+    chunk at a time, with dL/dh and dL/dW computed in the forward (as Liger's fused linear CE does),
+    so memory is one chunk's logits and nothing is recomputed in backward."""
+    import torch
+
+    class _FusedLinearCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, weight, targets):
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros_like(weight)
+            loss = h.new_zeros((), dtype=torch.float32)
+            for s in range(0, h.shape[0], chunk_rows):
+                hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+                logits = (hc @ weight.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                p = logits.sub_(lse[:, None]).exp_()          # softmax, in place
+                p[torch.arange(len(tc), device=p.device), tc] -= 1.0
+                p = p.to(h.dtype)
+                grad_h[s:s + chunk_rows] = p @ weight
+                grad_w.addmm_(p.t(), hc)
+            ctx.save_for_backward(grad_h, grad_w)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            return grad_h * grad_out, grad_w * grad_out, None
+
+    return _FusedLinearCE.apply(h, weight, targets)
+
+
 def _result(name, device, times, trained, total, extra=None):
     import torch
     t = sum(times)
@@ -119,6 +157,9 @@ def _result(name, device, times, trained, total, extra=None):
         res['peak_cuda_bytes'] = torch.cuda.max_memory_allocated()
     res.update(extra or {})
     res.pop('_real_tokens', None)
+    if res.get('cpu_times'):  # process CPU seconds (all threads): steadier than wall time when shared
+        res['cpu_s'] = sum(res['cpu_times']) / len(res['cpu_times'])
+        res['trained_tok_cpu_s'] = trained / sum(res['cpu_times'])
     return res
 
 
@@ -154,7 +195,20 @@ def child_nanosft(args, name):
     model = ConfigurableGPT.from_hf(args.model_dir).to(device)
     model.train()
     opt = model.configure_optimizers(WD, LR, BETAS, device.type)
-    if name == 'nanosft_fused_adamw':  # what fused=True (CUDA-only in configure_optimizers) buys on CPU
+    if name == 'nanosft_proposed':  # smaller LM-head chunks (recomputed in backward): less peak memory
+        import model_builder
+        model_builder.LOSS_CHUNK_ROWS = PROPOSED_CHUNK_ROWS
+    if name == 'nanosft_fused_ce':
+        def fused_ce_loss(h, labels, reduction):
+            targets = labels[:, 1:]
+            keep = targets != -100
+            n = int(keep.sum())
+            if n == 0:
+                return h.sum() * 0.0
+            total = fused_linear_cross_entropy(h[:, :-1][keep], model.lm_head.weight, targets[keep])
+            return total / n if reduction == 'mean' else total
+        model._chunked_loss = fused_ce_loss
+    if name in ('nanosft_fused_adamw', 'nanosft_proposed'):  # fused=True is CUDA-only in configure_optimizers
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']} for g in opt.param_groups]
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
 
@@ -166,26 +220,27 @@ def child_nanosft(args, name):
 
     step_model = full_logits_model if full_logits else model
     rss_before = common.rss_bytes()
-    times, trained, total, real, losses = [], 0, 0, 0, []
+    times, cpu, trained, total, real, losses = [], [], 0, 0, 0, []
     for step in range(n_steps):
         step_units = units[step * rows_per_step:(step + 1) * rows_per_step]
         batch = ds.collate(step_units)
         _sync(torch, device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = forward_backward(step_model, [batch], device)
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(torch, device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(stats[0] / stats[1].clamp(min=1)))
         if step >= args.warmup:
             times.append(dt)
+            cpu.append(dc)
             trained += int(stats[1])
             total += batch['input_ids'].numel()
             real += sum(min(len(seqs[i][0]), ds.block_size) for u in step_units for i in u)
     return _result(name, device, times, trained, total, {
-        '_real_tokens': real, 'rss_before_train_bytes': rss_before, 'first_loss': losses[0],
+        '_real_tokens': real, 'cpu_times': cpu, 'rss_before_train_bytes': rss_before, 'first_loss': losses[0],
         'losses': losses, 'rows_per_step': rows_per_step, 'row_len': ds.block_size if packed else None,
         'trained_per_example': [_trained([lab]) for _, lab in seqs[:args.batch_size * n_steps]]})
 
@@ -204,7 +259,7 @@ def child_hf(args, name):
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': WD},
                              {'params': no_decay, 'weight_decay': 0.0}], lr=LR, betas=BETAS)
     rss_before = common.rss_bytes()
-    times, trained, total, real, losses = [], 0, 0, 0, []
+    times, cpu, trained, total, real, losses = [], [], 0, 0, 0, []
     for step in range(args.warmup + args.steps):
         chunk = seqs[step * args.batch_size:(step + 1) * args.batch_size]
         pid, plab, pmask = _pad_batch(chunk, tok.pad_token_id)
@@ -212,22 +267,23 @@ def child_hf(args, name):
         labels = torch.tensor(plab, device=device)
         mask = torch.tensor(pmask, device=device)
         _sync(torch, device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(torch, device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(loss.detach()))
         if step >= args.warmup:
             times.append(dt)
+            cpu.append(dc)
             trained += _trained(plab)
             total += ids.numel()
             real += int(mask.sum())
     return _result(name, device, times, trained, total, {
-        '_real_tokens': real, 'rss_before_train_bytes': rss_before, 'first_loss': losses[0],
+        '_real_tokens': real, 'cpu_times': cpu, 'rss_before_train_bytes': rss_before, 'first_loss': losses[0],
         'losses': losses, 'trained_per_example': [_trained([lab]) for _, lab in seqs]})
 
 
@@ -265,15 +321,16 @@ def child_trl(args, name):
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.t0, self.times = None, []
+            self.t0, self.c0, self.times, self.cpu = None, None, [], []
 
         def on_step_begin(self, a, state, control, **kw):
             _sync(torch, device)
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             _sync(torch, device)
             self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
 
     timer = Timer()
     trainer = Counting(model=model, args=cfg, train_dataset=ds, processing_class=tok,
@@ -287,7 +344,8 @@ def child_trl(args, name):
     losses = [h['loss'] for h in trainer.state.log_history if 'loss' in h]
     return _result(name, trainer.args.device, timer.times[w:], sum(b[2] for b in batches),
                    sum(b[0] for b in batches), {
-                       '_real_tokens': sum(b[1] for b in batches), 'rss_before_train_bytes': rss_before,
+                       '_real_tokens': sum(b[1] for b in batches), 'cpu_times': timer.cpu[w:],
+                       'rss_before_train_bytes': rss_before,
                        'trl_train_loss': out.training_loss, 'losses': losses,
                        'trained_per_example': per_example})
 
@@ -350,7 +408,8 @@ def print_table(results, base='nanosft'):
     ref = next((r for r in results if r['contender'] == base and 'error' not in r), None)
     mem_key = 'peak_cuda_bytes' if results and 'peak_cuda_bytes' in results[0] else 'peak_rss_bytes'
     head = (f"{'contender':<22}{'step s':>8}{'trained tok/s':>15}{'total tok/s':>13}{'padding':>9}"
-            f"{'peak mem':>12}{'train mem':>11}{'speed vs':>10}{'mem vs':>8}")
+            f"{'peak mem':>12}{'train mem':>11}{'speed vs':>10}{'mem vs':>8}{'cpu s':>8}"
+            f"{'trained tok/cpu-s':>19}{'cpu speed vs':>14}")
     lines = [head, '-' * len(head)]
     for r in results:
         if 'error' in r:
@@ -358,15 +417,20 @@ def print_table(results, base='nanosft'):
             continue
         train_mem = r[mem_key] - r.get('rss_before_train_bytes', 0) if mem_key == 'peak_rss_bytes' \
             else r[mem_key]
-        sp = mm = ''
+        sp = mm = cs = ''
         if ref is not None:
             sp = f"{ref['trained_tok_s'] / r['trained_tok_s']:.2f}x"
             mm = f"{ref[mem_key] / r[mem_key]:.2f}x"
+            if 'trained_tok_cpu_s' in ref and 'trained_tok_cpu_s' in r:
+                cs = f"{ref['trained_tok_cpu_s'] / r['trained_tok_cpu_s']:.2f}x"
         lines.append(f"{r['contender']:<22}{r['step_s']:>8.2f}{r['trained_tok_s']:>15,.0f}"
                      f"{r['total_tok_s']:>13,.0f}{r['padding_share']:>9.1%}{fmt_bytes(r[mem_key]):>12}"
-                     f"{fmt_bytes(train_mem):>11}{sp:>10}{mm:>8}")
+                     f"{fmt_bytes(train_mem):>11}{sp:>10}{mm:>8}{r.get('cpu_s', 0):>8.2f}"
+                     f"{r.get('trained_tok_cpu_s', 0):>19,.0f}{cs:>14}")
     lines.append(f"speed vs = nanosft trained tok/s / contender's; mem vs = nanosft peak / contender's "
-                 f"(goal: speed >= 1.5x, mem <= 0.6x). train mem = peak RSS - RSS before the first step.")
+                 f"(goal: speed >= 1.5x, mem <= 0.6x). train mem = peak RSS - RSS before the first step.\n"
+                 f"cpu s = process CPU seconds per step (all threads); cpu speed vs = the same ratio per "
+                 f"CPU-second, which neighbours on a shared machine disturb far less than wall time.")
     print('\n'.join(lines))
     return lines
 
