@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch (small, fast to install). On a GPU machine: make TORCH_SPEC='torch' ...
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev install-bench demo test test-fast test-all bench clean
+.PHONY: install install-dev install-bench demo test test-fast test-all bench bench-prepare bench-train clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test-fast: $(VENV)/.installed-dev
 
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# Benchmarks: this project and its peers (transformers, TRL) in the same run; see benchmarks/RESULTS.md.
+bench: bench-prepare bench-train
+
+bench-prepare: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_prepare.py
+
+bench-train: install-bench
+	$(PY) benchmarks/bench_train.py --ablations
 
 clean:
 	rm -rf $(VENV) .pytest_cache out-demo data/demo
