@@ -87,8 +87,8 @@ compile = False
 peak_flops = 0.0             # per GPU, for MFU; 0 -> guess from the device name
 # -----------------------------------------------------------------------------
 
-IGNORE_INDEX = -100
-DEFAULT_PAD_ID = 151643      # <|endoftext|>
+from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, DataError, GlobalSampler, JsonlSplit,  # noqa: F401
+                      SFTDataset, check_token_ids, eval_batches, open_split, pack_greedy)
 
 
 class TrainError(RuntimeError):
@@ -146,216 +146,6 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
         stats[1] += count_trained_tokens(batch['labels'])
         stats[2] += batch['input_ids'].numel()
     return stats
-
-
-# -----------------------------------------------------------------------------
-# Data
-
-class JsonlSplit:
-    """A .jsonl chat file tokenized once in memory; same (input_ids, labels) as the binary shards."""
-
-    def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='chatml'):
-        from prepare_sft import load_records
-        from tokenizer import encode_conversation, load_tokenizer
-        tok = load_tokenizer(tokenizer_name)
-        records = list(load_records(path))
-        # Deterministic split without a val file: every 20th conversation is validation.
-        if len(records) >= 20:
-            keep = (lambda i: i % 20 == 19) if split == 'val' else (lambda i: i % 20 != 19)
-            records = [r for i, r in enumerate(records) if keep(i)]
-        self.examples = []
-        for messages in records:
-            ids, labels = encode_conversation(messages, tok, train_on=train_on, chat_template=chat_template)
-            self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
-        self.lengths = np.array([len(e[0]) for e in self.examples], dtype=np.int64)
-        self.meta = {'tokenizer': tok.meta(), 'chat_template': chat_template, 'train_on': train_on}
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
-
-
-def open_split(path, split, cfg=None):
-    cfg = cfg or {}
-    if str(path).endswith('.jsonl'):
-        if not os.path.isfile(path):
-            raise TrainError(f"data_dir: file not found: {path}")
-        return JsonlSplit(path, split, cfg.get('tokenizer', 'qwen3'), cfg.get('train_on', 'all'),
-                          cfg.get('chat_template', 'chatml'))
-    if not os.path.isdir(path):
-        raise TrainError(f"data_dir: directory not found: {path} (build it with prepare_sft.py "
-                         f"--out_dir {path}, or point data_dir at a .jsonl file)")
-    from prepare_sft import ShardDataset
-    try:
-        return ShardDataset(path, split)
-    except (OSError, ValueError) as e:
-        raise TrainError(f"data_dir {path}: cannot read the {split} split: {e}") from e
-
-
-def pack_greedy(order, lengths, block_size) -> list[list[int]]:
-    """Next-fit packing of examples (in the given order) into rows of block_size tokens."""
-    rows, row, used = [], [], 0
-    for i in order:
-        n = min(int(lengths[i]), block_size)
-        if row and used + n > block_size:
-            rows.append(row)
-            row, used = [], 0
-        row.append(int(i))
-        used += n
-    if row:
-        rows.append(row)
-    return rows
-
-
-class Singletons:
-    """The padding-mode order as units [[i], [j], ...] without a python list per example."""
-
-    def __init__(self, order: np.ndarray):
-        self.order = order
-
-    def __len__(self):
-        return len(self.order)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [[int(j)] for j in self.order[i]]
-        return [int(self.order[i])]
-
-    def __iter__(self):
-        return ([int(j)] for j in self.order)
-
-    def __eq__(self, other):
-        return list(self) == list(other)
-
-
-class SFTDataset:
-    """
-    Examples of one split turned into training rows. A unit is what fills one row of a micro-batch:
-    one example (padding) or a packed list of examples (packing). `units(epoch)` is a seeded
-    permutation of the split (packed after shuffling), the global order the sampler walks through.
-    """
-
-    def __init__(self, data, block_size, packing=False, pad_id=DEFAULT_PAD_ID, seed=1337, shuffle=True):
-        self.data, self.block_size, self.packing = data, block_size, packing
-        self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
-        self.lengths = np.asarray(getattr(data, 'lengths', None) if getattr(data, 'lengths', None) is not None
-                                  else [len(data[i][0]) for i in range(len(data))], dtype=np.int64)
-        self.truncated = 0          # examples cut to block_size when batched (reported, never silent)
-        self._cache = (None, None)
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[i]
-
-    def units(self, epoch: int) -> list[list[int]]:
-        if self._cache[0] == epoch:
-            return self._cache[1]
-        n = len(self.data)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        units = pack_greedy(order, self.lengths, self.block_size) if self.packing else Singletons(order)
-        self._cache = (epoch, units)
-        return units
-
-    def collate(self, units: list[list[int]]) -> dict[str, torch.Tensor]:
-        return self._collate_packed(units) if self.packing else self._collate_padded(units)
-
-    def _example(self, i):
-        ids, labels = self.data[i]
-        ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-        if len(ids) > self.block_size:
-            self.truncated += 1
-            ids, labels = ids[:self.block_size], labels[:self.block_size]
-        return ids, labels
-
-    def _collate_padded(self, units):
-        examples = [self._example(u[0]) for u in units]
-        T = max(1, max(len(e[0]) for e in examples))
-        x = np.full((len(units), T), self.pad_id, dtype=np.int64)
-        y = np.full((len(units), T), IGNORE_INDEX, dtype=np.int64)
-        for r, (ids, labels) in enumerate(examples):
-            # Right padding + causal attention: real tokens never see the pads, so no mask is needed.
-            x[r, :len(ids)], y[r, :len(ids)] = ids, labels
-        return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y)}
-
-    def _collate_packed(self, units):
-        B, T = len(units), self.block_size
-        x = np.full((B, T), self.pad_id, dtype=np.int64)
-        y = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        pos = np.zeros((B, T), dtype=np.int64)
-        doc = np.zeros((B, T), dtype=np.int64)
-        for r, unit in enumerate(units):
-            t = 0
-            for d, i in enumerate(unit):
-                ids, labels = self._example(i)
-                n = len(ids)
-                x[r, t:t + n], y[r, t:t + n] = ids, labels
-                y[r, t] = IGNORE_INDEX   # a document's first token is never a target of the one before
-                pos[r, t:t + n] = np.arange(n)
-                doc[r, t:t + n] = d
-                t += n
-            if t < T:  # the pad tail is a document of its own, so no real token attends to it
-                doc[r, t:] = len(unit)
-                pos[r, t:] = np.arange(T - t)
-        return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y),
-                'position_ids': torch.from_numpy(pos), 'doc_ids': torch.from_numpy(doc)}
-
-
-class GlobalSampler:
-    """
-    World-size-invariant order. Optimizer step k takes the next G = world_size * grad_accum *
-    batch_size units of the global per-epoch order (crossing into the next epoch when one runs out);
-    rank r, micro-step m take a fixed slice of those G. So the set of examples in a step does not
-    depend on how G is split. The cursor (epoch, position) is all that resume needs.
-    """
-
-    def __init__(self, dataset: SFTDataset, epoch=0, position=0):
-        if len(dataset) == 0:
-            raise TrainError("the training split has no examples")
-        self.dataset, self.epoch, self.position = dataset, epoch, position
-
-    def take(self, n: int) -> list[list[int]]:
-        out = []
-        while len(out) < n:
-            units = self.dataset.units(self.epoch)
-            k = min(n - len(out), len(units) - self.position)
-            out.extend(units[self.position:self.position + k])
-            self.position += k
-            if self.position >= len(units):
-                self.epoch, self.position = self.epoch + 1, 0
-        return out
-
-    def next_step(self, world_size, rank, grad_accum, batch_size) -> list[list[list[int]]]:
-        """The micro-batches (lists of units) of this rank for the next optimizer step."""
-        per_rank = grad_accum * batch_size
-        step = self.take(world_size * per_rank)
-        mine = step[rank * per_rank:(rank + 1) * per_rank]
-        return [mine[m * batch_size:(m + 1) * batch_size] for m in range(grad_accum)]
-
-    def state_dict(self):
-        return {'epoch': self.epoch, 'position': self.position}
-
-
-def eval_batches(dataset: SFTDataset, units, n_batches, world_size, rank, batch_size):
-    """Fixed eval batches: the same units at every eval, disjoint across ranks (wrapping around)."""
-    for e in range(n_batches):
-        start = (e * world_size + rank) * batch_size
-        yield dataset.collate([units[(start + j) % len(units)] for j in range(batch_size)])
-
-
-def check_token_ids(split, model_vocab: int, where: str):
-    """Scan the tokens once (memory-mapped, fast): an id past the embedding would crash mid-run."""
-    tokens = getattr(split, 'tokens', None)
-    if tokens is None:
-        tokens = np.concatenate([e[0] for e in split.examples]) if len(split) else np.zeros(0, np.int64)
-    if len(tokens) and int(tokens.max()) >= model_vocab:
-        pos = int(np.argmax(tokens >= model_vocab))
-        raise TrainError(f"{where}: token id {int(tokens[pos])} at token {pos} does not fit the model's "
-                         f"vocab_size {model_vocab} (data tokenized with another tokenizer, or a damaged shard)")
 
 
 def data_tokenizer(meta: dict) -> dict:
@@ -832,7 +622,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     try:
         train(cfg)
-    except TrainError as e:
+    except (TrainError, DataError) as e:
         raise SystemExit(f"error: {e}")
     finally:
         if dist.is_initialized():

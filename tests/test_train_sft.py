@@ -1,10 +1,10 @@
-"""Tests for train_sft.py: data order, batching, loss normalization, the loop, resume, DDP."""
+"""Tests for train_sft.py: loss normalization, the loop, resume, DDP (data: test_sft_data.py)."""
 import numpy as np
 import pytest
 import torch
 
 import train_sft
-from train_sft import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_greedy
+from train_sft import SFTDataset
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -29,95 +29,6 @@ class ListSplit:
 
     def __getitem__(self, i):
         return self.examples[i]
-
-
-def synthetic(n=37, seed=0, max_len=20):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        L = int(rng.integers(2, max_len))
-        ids = rng.integers(0, 1000, L)
-        labels = np.where(np.arange(L) >= L // 2, ids, IGNORE_INDEX)
-        out.append((ids, labels))
-    return ListSplit(out)
-
-
-# ---------------------------------------------------------------- data order
-
-@pytest.mark.parametrize('packing', [False, True])
-def test_step_examples_do_not_depend_on_how_the_global_batch_is_split(packing):
-    ds = SFTDataset(synthetic(), block_size=24, packing=packing, seed=3)
-    splits = [(1, 1, 8), (1, 8, 1), (2, 2, 2), (4, 1, 2), (8, 1, 1)]   # world, accum, batch: G = 8
-    per_split = []
-    for world, accum, bs in splits:
-        samplers = [GlobalSampler(ds) for _ in range(world)]
-        steps = []
-        for _ in range(12):   # crosses several epochs
-            seen = []
-            for r in range(world):
-                for micro in samplers[r].next_step(world, r, accum, bs):
-                    assert len(micro) == bs
-                    seen += [tuple(u) for u in micro]
-            steps.append(sorted(seen))
-        per_split.append(steps)
-    assert all(s == per_split[0] for s in per_split)
-
-
-def test_each_epoch_is_a_seeded_permutation_and_ranks_are_disjoint():
-    ds = SFTDataset(synthetic(n=16), block_size=64, seed=5)
-    assert sorted(u[0] for u in ds.units(0)) == list(range(16))
-    assert ds.units(0) != ds.units(1)
-    assert SFTDataset(synthetic(n=16), block_size=64, seed=5).units(1) == ds.units(1)
-    s0, s1 = GlobalSampler(ds), GlobalSampler(ds)
-    a = [u[0] for m in s0.next_step(2, 0, 2, 2) for u in m]
-    b = [u[0] for m in s1.next_step(2, 1, 2, 2) for u in m]
-    assert not set(a) & set(b)
-
-
-def test_sampler_cursor_restores_the_stream():
-    ds = SFTDataset(synthetic(n=10), block_size=64, seed=1)
-    s = GlobalSampler(ds)
-    for _ in range(3):
-        s.take(4)
-    state = s.state_dict()
-    assert state == {'epoch': 1, 'position': 2}
-    rest = [s.take(4) for _ in range(5)]
-    t = GlobalSampler(ds, **state)
-    assert [t.take(4) for _ in range(5)] == rest
-
-
-# ---------------------------------------------------------------- batching
-
-def test_padding_pads_to_longest_and_truncates_to_block_size():
-    split = ListSplit([([1, 2, 3], [-100, 2, 3]), ([4, 5, 6, 7, 8, 9, 10], [-100] * 3 + [7, 8, 9, 10])])
-    ds = SFTDataset(split, block_size=5, pad_id=151643)
-    b = ds.collate([[0]])
-    assert b['input_ids'].tolist() == [[1, 2, 3]]
-    b = ds.collate([[0], [1]])
-    assert b['input_ids'].tolist() == [[1, 2, 3, 151643, 151643], [4, 5, 6, 7, 8]]
-    assert b['labels'].tolist() == [[-100, 2, 3, -100, -100], [-100, -100, -100, 7, 8]]
-    assert ds.truncated == 1
-
-
-def test_packing_restarts_positions_and_separates_documents():
-    split = ListSplit([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9, 10, 11], [6] * 6)])
-    ds = SFTDataset(split, block_size=6, packing=True, pad_id=0, shuffle=False)
-    rows = ds.units(0)
-    assert rows == [[0, 1], [2]] == pack_greedy([0, 1, 2], split.lengths, 6)
-    b = ds.collate(rows)
-    assert b['input_ids'].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]]
-    # first token of every document is never a target (no cross-document prediction); pad is ignored
-    assert b['labels'].tolist() == [[-100, 2, 3, -100, 5, -100], [-100, 6, 6, 6, 6, 6]]
-    assert b['position_ids'].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
-    assert b['doc_ids'].tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
-
-
-def test_packing_truncates_an_example_longer_than_block_size():
-    split = ListSplit([(list(range(10)), list(range(10))), ([1, 2], [1, 2])])
-    ds = SFTDataset(split, block_size=4, packing=True, shuffle=False)
-    assert ds.units(0) == [[0], [1]]
-    assert ds.collate([[0]])['input_ids'].tolist() == [[0, 1, 2, 3]]
-    assert ds.truncated == 1
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
