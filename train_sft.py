@@ -1,6 +1,6 @@
 """
 Supervised fine-tuning, nanoGPT style: the globals below are the config, overwritten by a config file
-and `--key=value` overrides (configurator.py). One process or torchrun DDP:
+and `--key=value` overrides (configurator.py). One process, or torchrun with DDP or FSDP (`--parallel=fsdp`):
 
     python train_sft.py configs/sft_demo_cpu.py
     torchrun --standalone --nproc_per_node=8 train_sft.py configs/sft_qwen3_1.8b.py
@@ -81,6 +81,7 @@ lr_decay_iters = 3000
 min_lr = 2e-6
 # system
 backend = ''                 # '' -> nccl on CUDA, gloo on CPU
+parallel = 'ddp'             # under torchrun: 'ddp' (replicated model) | 'fsdp' (FSDP2: params, grads, optimizer state sharded)
 device = ''                  # '' -> cuda if available else cpu
 dtype = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU
 compile = False
@@ -118,7 +119,7 @@ def count_trained_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullcontext(), scaler=None,
-                     all_reduce=lambda t: t):
+                     all_reduce=lambda t: t, fsdp=False):
     """
     Accumulate one optimizer step's gradients over this rank's micro-batches.
     Token weighting: the step's trained targets are counted first (all micro-batches of this rank,
@@ -133,13 +134,15 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
     for m, batch in enumerate(batches):
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        # DDP all-reduces gradients only on the last micro-step.
-        with (model.no_sync() if ddp and m < len(batches) - 1 else nullcontext()):
+        # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step.
+        if fsdp:
+            model.set_requires_gradient_sync(m == len(batches) - 1)
+        with (model.no_sync() if ddp and not fsdp and m < len(batches) - 1 else nullcontext()):
             with autocast:
                 _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
                                     position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
                                     reduction='sum')
-            # x world: DDP averages gradients over ranks, but the global count already normalized.
+            # x world: DDP and FSDP average gradients over ranks, but the global count already normalized.
             loss = loss_sum.float() / denom * world
             (scaler.scale(loss) if scaler is not None else loss).backward()
         stats[0] += loss_sum.detach().double()
@@ -310,12 +313,17 @@ def train(cfg: dict) -> dict:
     else:
         rank, world = 0, 1
     master = rank == 0
+    if cfg['parallel'] not in ('ddp', 'fsdp'):
+        raise TrainError(f"parallel={cfg['parallel']!r}: expected 'ddp' or 'fsdp'")
+    fsdp = ddp and cfg['parallel'] == 'fsdp'   # one process: nothing to shard, plain training
     device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
     dtype_name = cfg['dtype'] or ('float32' if device_type == 'cpu' else
                                   'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
     dtype_name = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32'}.get(dtype_name, dtype_name)
     if dtype_name not in ('float32', 'bfloat16', 'float16'):
         raise TrainError(f"dtype={cfg['dtype']!r}: expected float32, bfloat16 or float16")
+    if fsdp and dtype_name == 'float16':
+        raise TrainError("parallel='fsdp' trains in float32 or bfloat16 (float16 needs a sharded grad scaler)")
     ptdtype = getattr(torch, dtype_name)
     autocast = nullcontext() if device_type == 'cpu' or dtype_name == 'float32' else \
         torch.autocast(device_type=device_type, dtype=ptdtype)
@@ -358,12 +366,29 @@ def train(cfg: dict) -> dict:
         check_token_ids(split, model.config.vocab_size, shard)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, init_from={cfg['init_from']}")
 
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
+            if device_type == 'cuda' and dtype_name != 'float32' else MixedPrecisionPolicy()
+        # DDP broadcasts rank 0's weights at wrap time, FSDP does not: ranks seeded differently would
+        # each keep a shard of their own random init.
+        for v in model.state_dict().values():
+            dist.broadcast(v, src=0)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                            (cfg['beta1'], cfg['beta2']), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == 'float16'))
     iter_num, best_val_loss, resumed_at = 0, float('inf'), None
     if cfg['init_from'] == 'resume':
-        optimizer.load_state_dict(ckpt['optimizer'])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            # Every rank read the file: each keeps its own shard of the full optimizer state.
+            set_optimizer_state_dict(model, optimizer, ckpt['optimizer'],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(ckpt['optimizer'])
         if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt.get('best_val_loss', float('inf'))
@@ -385,7 +410,7 @@ def train(cfg: dict) -> dict:
     raw_model = model
     if cfg['compile']:
         model = torch.compile(model)
-    if ddp:
+    if ddp and not fsdp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 
     # ---- outputs: an out_dir we cannot write must fail now, not at the first checkpoint hours later
@@ -448,10 +473,19 @@ def train(cfg: dict) -> dict:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        if fsdp:
+            # Gathering the full state is a collective: every rank runs it, rank 0 gets the tensors.
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(raw_model, options=opts)
+            optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=opts)
         if not master:
             return
-        checkpoint = {'model': raw_model.state_dict(), 'model_args': raw_model.config.to_dict(),
-                      'optimizer': optimizer.state_dict(), 'iter_num': iter_num,
+        if not fsdp:
+            model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
+        checkpoint = {'model': model_sd, 'model_args': raw_model.config.to_dict(),
+                      'optimizer': optim_sd, 'iter_num': iter_num,
                       'best_val_loss': best_val_loss, 'config': cfg, 'rng': rngs,
                       'data_state': {**sampler.state_dict(), 'global_batch': G, 'seed': cfg['seed']},
                       'tokenizer': tok_info, 'evaluated': step_file, 'format_version': 1}
@@ -506,7 +540,9 @@ def train(cfg: dict) -> dict:
                                    'val/loss': losses['val']})
                 if cfg['eval_only']:
                     break
-                if iter_num > 0 and iter_num != resumed_at:
+                # Iteration 0 is saved only by a 0-step run: the starting model as a checkpoint (an HF
+                # import, or the demo's untrained base model to compare against).
+                if (iter_num > 0 or at_end) and iter_num != resumed_at:
                     is_best = math.isfinite(losses['val']) and losses['val'] < best_val_loss
                     if is_best:
                         best_val_loss = losses['val']
@@ -521,12 +557,14 @@ def train(cfg: dict) -> dict:
                 group['lr'] = lr
 
             batches = [train_ds.collate(units) for units in sampler.next_step(world, rank, A, B)]
-            step_stats = forward_backward(model, batches, dev, world, ddp, autocast, scaler, all_reduce)
+            step_stats = forward_backward(model, batches, dev, world, ddp, autocast, scaler, all_reduce, fsdp)
 
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 raw_model.parameters(), cfg['grad_clip'] if cfg['grad_clip'] > 0 else float('inf'))
+            if hasattr(grad_norm, 'full_tensor'):   # FSDP: a DTensor reduced over the shards; the global norm
+                grad_norm = grad_norm.full_tensor()
             # One host sync per step: the grad norm is identical on all ranks (grads are all-reduced),
             # so every rank takes the same skip/stop decision.
             # Flags agreed on at the step boundary (MAX over ranks): a signal seen by any rank stops all;

@@ -305,3 +305,66 @@ def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
     assert split[0][0].tolist() == ids and split[0][1].tolist() == labels
     summary = train_sft.train(tiny_cfg(tmp_path, data_dir=str(jsonl), max_iters=2, eval_interval=100))
     assert summary['iters'] == 2
+
+
+def torchrun2(cfg):
+    import os
+    import subprocess
+    import sys
+    args = [f'--{k}={v}' for k, v in cfg.items() if v != train_sft.DEFAULTS[k]]
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(root, 'train_sft.py'), *args],
+                          cwd=root, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+FSDP_COMMON = dict(max_iters=4, lr_decay_iters=4, eval_interval=100, eval_iters=1, batch_size=1,
+                   packing=False, log_interval=1, learning_rate=3e-4, min_lr=3e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_saves_a_plain_checkpoint(tmp_path, data_dir):
+    from checkpoint import load_checkpoint
+    from model_builder import ConfigurableGPT
+    from model_config import ModelArchitectureConfig
+    # 2 ranks x 2 micro-steps (gradient sync only on the last) vs 1 process x 4 micro-steps: the same
+    # global batch, so the same parameters (DDP is checked against the same reference above).
+    fsdp = tiny_cfg(tmp_path / 'fsdp', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2,
+                    **FSDP_COMMON)
+    one = tiny_cfg(tmp_path / 'one', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON)
+    torchrun2(fsdp)
+    train_sft.train(one)
+    path = tmp_path / 'fsdp' / 'out' / 'ckpt.pt'
+    a, b = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt'), params_of(path)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert b[k].device.type == 'cpu' and type(b[k]) is torch.Tensor
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+    model, ck = load_checkpoint(path)
+    assert ck['iter_num'] == 4 and len(ck['rng']) == 2
+    # The specification's loading snippet.
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    spec = ConfigurableGPT(ModelArchitectureConfig.from_dict(ckpt['model_args']))
+    spec.load_state_dict(ckpt['model'])
+    x = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(model(x)[0], spec(x)[0])
+
+
+@pytest.mark.slow
+def test_fsdp_resume_matches_uninterrupted_fsdp_run(tmp_path, data_dir):
+    full = tiny_cfg(tmp_path / 'full', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2,
+                    **FSDP_COMMON)
+    torchrun2(full)
+    part = dict(full, out_dir=str(tmp_path / 'part' / 'out'), max_iters=2)
+    torchrun2(part)
+    torchrun2(dict(part, init_from='resume', max_iters=4))
+    a, b = params_of(tmp_path / 'full' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'part' / 'out' / 'ckpt.pt')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
+    oa = torch.load(tmp_path / 'full' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
+    ob = torch.load(tmp_path / 'part' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
+    for k in oa['state']:
+        torch.testing.assert_close(oa['state'][k]['exp_avg'], ob['state'][k]['exp_avg'], atol=1e-6, rtol=1e-6)
