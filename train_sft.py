@@ -89,7 +89,7 @@ peak_flops = 0.0             # per GPU, for MFU; 0 -> guess from the device name
 # -----------------------------------------------------------------------------
 
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, DataError, GlobalSampler, JsonlSplit,  # noqa: F401
-                      SFTDataset, check_token_ids, eval_batches, open_split, pack_greedy)
+                      SFTDataset, check_token_ids, eval_batches, open_split, pack_best_fit)
 
 
 class TrainError(RuntimeError):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sft_data import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_greedy
+from sft_data import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_best_fit
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -102,7 +102,7 @@ def test_packing_restarts_positions_and_separates_documents():
     split = ListSplit([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9, 10, 11], [6] * 6)])
     ds = SFTDataset(split, block_size=6, packing=True, pad_id=0, shuffle=False)
     rows = ds.units(0)
-    assert rows == [[0, 1], [2]] == pack_greedy([0, 1, 2], split.lengths, 6)
+    assert rows == [[0, 1], [2]] == pack_best_fit([0, 1, 2], split.lengths, 6)
     b = ds.collate(rows)
     assert b['input_ids'].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]]
     # first token of every document is never a target (no cross-document prediction); pad is ignored
@@ -117,3 +117,33 @@ def test_packing_truncates_an_example_longer_than_block_size():
     assert ds.units(0) == [[0], [1]]
     assert ds.collate([[0]])['input_ids'].tolist() == [[0, 1, 2, 3]]
     assert ds.truncated == 1
+
+
+def test_best_fit_fills_the_row_with_least_room_that_fits():
+    # next-fit would close row 0 at the 6 and leave its 3 free slots unused
+    assert pack_best_fit([0, 1, 2, 3], np.array([5, 6, 3, 4]), 8) == [[0, 2], [1], [3]]
+    # every example is placed exactly once, in no row over block_size (a too-long one counts as block_size)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    rows = pack_best_fit(rng.permutation(500), lengths, 256)
+    assert sorted(i for r in rows for i in r) == list(range(500))
+    assert all(sum(min(int(lengths[i]), 256) for i in r) <= 256 for r in rows)
+
+
+def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024():
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
+    if not os.path.exists(path):
+        pytest.skip('GSM8K not available (../shared/data/gsm8k)')
+    from tokenizer import encode_conversation, load_tokenizer
+    tok = load_tokenizer('qwen3')
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    lengths = np.array([len(encode_conversation([{'role': 'user', 'content': r['question']},
+                                                 {'role': 'assistant', 'content': r['answer']}], tok)[0])
+                        for r in records])
+    order = np.random.default_rng(1337).permutation(len(lengths))
+    rows = pack_best_fit(order, lengths, 1024)
+    padding = 1 - lengths.sum() / (len(rows) * 1024)
+    assert padding < 0.05, f"padding share {padding:.2%}"
