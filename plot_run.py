@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 
 def load_run(path: str) -> dict:
     try:
@@ -67,7 +69,9 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
         if lrs:
             ax_lr.plot(*zip(*lrs), color=color, lw=1.2)
         if k == 0:
-            tokens_at = {r['iter']: r['tokens'] for r in its if r.get('tokens') is not None}
+            # train_sft logs the tokens of each log interval: their running sum is the tokens seen.
+            seen = np.cumsum([r['tokens'] for r in its if r.get('tokens') is not None])
+            tokens_at = dict(zip((r['iter'] for r in its if r.get('tokens') is not None), seen.tolist()))
     ax_loss.set_ylabel('loss (mean over trained tokens)')
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
@@ -77,7 +81,6 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
     ax_lr.ticklabel_format(axis='y', style='sci', scilimits=(-3, 3))
     if len(tokens_at) >= 2:
         # Tokens grow ~linearly with iterations; interpolate so the top axis labels tokens seen.
-        import numpy as np
         xi = np.array(sorted(tokens_at), dtype=float)
         ti = np.array([tokens_at[i] for i in sorted(tokens_at)], dtype=float)
         sec = ax_loss.secondary_xaxis('top', functions=(lambda v: np.interp(v, xi, ti),

@@ -13,7 +13,7 @@ import plot_run  # noqa: E402
 
 def fake_run(path, n=30, lr=1e-3):
     iters = [{'iter': i, 'loss': 5.0 / (1 + i), 'lr': lr * min(1, (i + 1) / 5), 'grad_norm': 1.0,
-              'tokens': 512 * (i + 1), 'trained_tokens': 100 * (i + 1), 'tok_per_s': 1e3,
+              'tokens': 512, 'trained_tokens': 100, 'tok_per_s': 1e3,
               'time': 0.1 * i} for i in range(n)]
     evals = [{'iter': i, 'train_loss': 5.0 / (1 + i), 'val_loss': 5.5 / (1 + i)} for i in (0, 10, 20)]
     path.write_text(json.dumps({'config': {}, 'iters': iters, 'evals': evals, 'summary': {}}))
