@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 
 from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
 from model_builder import ConfigurableGPT

@@ -2,7 +2,6 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 
 import prepare_sft

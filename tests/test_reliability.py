@@ -36,16 +36,6 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONUNBU
 STATS = {}   # counts for the final report, printed by the last test
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: two intra-op threads spin against each other and make
-    # a step ~20x slower than one thread does.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy_jsonl(path, n=61, seed=0):
     """Chats of very uneven length (2..30 words): packing rows and ranks get different token counts."""
     rng = np.random.default_rng(seed)

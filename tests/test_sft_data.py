@@ -1,18 +1,8 @@
 """Tests for sft_data.py: data order, sampler cursor, padding and packing."""
 import numpy as np
 import pytest
-import torch
 
 from sft_data import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_best_fit
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # Tiny matmuls on a shared small CPU: intra-op threads spin against each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class ListSplit:

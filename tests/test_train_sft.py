@@ -4,31 +4,8 @@ import pytest
 import torch
 
 import train_sft
+from test_sft_data import ListSplit  # the in-memory split the data tests use
 from train_sft import SFTDataset
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # Tiny matmuls on a shared small CPU: intra-op threads spin against each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class ListSplit:
-    """In-memory stand-in for prepare_sft.ShardDataset."""
-
-    def __init__(self, examples):
-        self.examples = [(np.asarray(i, dtype=np.int64), np.asarray(l, dtype=np.int64)) for i, l in examples]
-        self.lengths = np.array([len(e[0]) for e in self.examples], dtype=np.int64)
-        self.meta = {}
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
