@@ -19,12 +19,80 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from model_config import ModelArchitectureConfig
 
-# Rows of the LM head + cross-entropy computed at once: bounds the (rows, vocab) logits memory.
-LOSS_CHUNK_ROWS = 4096
+# Logits elements (rows x vocab) the LM head + cross-entropy materialize at once in training:
+# 2**25 fp32 = 128 MiB, i.e. 220 rows at Qwen's 151,936 vocab, everything at once for a tiny vocab.
+LOSS_CHUNK_ELEMENTS = 2 ** 25
+
+
+# ---------------------------------------------------------------------- loss
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i) without the (N, vocab) logits: chunk by chunk, and when gradients
+    are needed they are computed right there in the forward (softmax - onehot is the logits' grad),
+    so a chunk's logits live for one chunk and nothing is recomputed in backward (as Liger's fused
+    linear cross-entropy does). Under autocast the matmuls run in the autocast dtype and the softmax
+    in fp32, like F.linear + F.cross_entropy(logits.float()) would."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled):
+        # needs_input_grad ignores no_grad(), so the caller says whether grads can be wanted
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            hc_all, w = h.to(dtype), weight.to(dtype)
+            grad_h = torch.empty_like(h) if want_h else None
+            # fp32 accumulation over chunks even for bf16 weights (FSDP's param_dtype)
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+            fp = torch.promote_types(dtype, torch.float32)   # softmax and loss at >= fp32
+            loss = torch.zeros((), dtype=fp, device=h.device)
+            for s in range(0, h.shape[0], chunk_rows):
+                hc, tc = hc_all[s:s + chunk_rows], targets[s:s + chunk_rows]
+                logits = (hc @ w.t()).to(fp)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+                if not (want_h or want_w):
+                    continue
+                p = logits.sub_(lse[:, None]).exp_()                  # softmax, in place
+                p[torch.arange(len(tc), device=p.device), tc] -= 1.0  # d(CE sum)/d(logits)
+                p = p.to(dtype)
+                if want_h:
+                    grad_h[s:s + chunk_rows] = p @ w
+                if want_w:
+                    if grad_w.dtype == dtype:
+                        grad_w.addmm_(p.t(), hc)
+                    else:
+                        grad_w += (p.t() @ hc).to(grad_w.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.used, ctx.weight_dtype = False, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:  # the saved gradients are scaled in place below
+            raise RuntimeError("linear_cross_entropy supports one backward per forward "
+                               "(no retain_graph=True double backward)")
+        ctx.used = True
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None):
+    """Summed cross-entropy of the logits h @ weight.T (h: (N, C), weight: (vocab, C)) against
+    targets (N,) (all valid: filter out ignored positions first), equal to
+    F.cross_entropy(F.linear(h, weight).float(), targets, reduction='sum') while holding at most
+    LOSS_CHUNK_ELEMENTS logits at a time. One backward per forward."""
+    if chunk_rows is None:
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled())
 
 
 class RMSNorm(nn.Module):
@@ -250,18 +318,8 @@ class ConfigurableGPT(nn.Module):
         n = t_sel.numel()
         if n == 0:
             return h.sum() * 0.0           # exactly 0, still part of the graph (DDP needs grads)
-        total = h_sel.new_zeros((), dtype=torch.float32)
-        chunked = n > LOSS_CHUNK_ROWS and torch.is_grad_enabled()
-        for start in range(0, n, LOSS_CHUNK_ROWS):
-            hc, tc = h_sel[start:start + LOSS_CHUNK_ROWS], t_sel[start:start + LOSS_CHUNK_ROWS]
-            if chunked:  # recompute this chunk's logits in backward instead of keeping them all
-                total = total + activation_checkpoint(self._ce_sum, hc, tc, use_reentrant=False)
-            else:
-                total = total + self._ce_sum(hc, tc)
+        total = linear_cross_entropy(h_sel, self.lm_head.weight, t_sel)
         return total / n if reduction == 'mean' else total
-
-    def _ce_sum(self, h, t):
-        return F.cross_entropy(self.lm_head(h).float(), t, reduction='sum')
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

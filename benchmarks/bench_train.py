@@ -20,9 +20,8 @@ Contenders
 Ablations (--ablations): nanosft_full_logits (the unoptimized path: full (tokens x vocab) logits,
 then cross-entropy), nanosft_padded (no packing: the peers' exact batches, padding to longest),
 nanosft_fused_adamw (torch.optim.AdamW(fused=True) instead of configure_optimizers' default on CPU),
-nanosft_proposed (fused AdamW + model_builder.LOSS_CHUNK_ROWS = 256: smaller, recomputed chunks),
-nanosft_fused_ce (model._chunked_loss replaced by fused_linear_cross_entropy below: chunks of 256
-rows whose gradients are computed in the forward, so no chunk is recomputed; proposed for model_builder).
+nanosft_recompute_ce (the LM head + cross-entropy in checkpointed chunks of 4096 rows, recomputed
+in backward: what model_builder did before linear_cross_entropy computed the gradients in its forward).
 
 trained tokens = tokens whose label is trained; total tokens = all positions computed incl. padding.
 Peak memory: peak RSS of the contender's process on CPU (ru_maxrss), max_memory_allocated on CUDA.
@@ -41,10 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
 CONTENDERS = ('nanosft', 'hf', 'trl')
-ABLATIONS = ('nanosft_full_logits', 'nanosft_padded', 'nanosft_fused_adamw', 'nanosft_proposed',
-             'nanosft_fused_ce')
+ABLATIONS = ('nanosft_full_logits', 'nanosft_padded', 'nanosft_fused_adamw', 'nanosft_recompute_ce')
 LR, BETAS, WD, GRAD_CLIP = 1e-4, (0.9, 0.95), 0.1, 1.0
-PROPOSED_CHUNK_ROWS = 256
+RECOMPUTE_CHUNK_ROWS = 4096
 
 
 def parse_args(argv=None):
@@ -112,37 +110,28 @@ def _trained(labels_rows) -> int:
     return sum(sum(1 for x in row[1:] if x != -100) for row in labels_rows)
 
 
-def fused_linear_cross_entropy(h, weight, targets, chunk_rows=256):
-    """sum_i CE(h_i @ weight.T, t_i) for (N, C) h, (V, C) weight: the (chunk_rows, V) logits of one
-    chunk at a time, with dL/dh and dL/dW computed in the forward (as Liger's fused linear CE does),
-    so memory is one chunk's logits and nothing is recomputed in backward."""
+def recompute_ce_loss(model):
+    """The previous loss path: trained positions only, in chunks whose logits are recomputed in
+    backward by activation checkpointing (one extra LM-head matmul, all logits of a chunk kept twice)."""
     import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
 
-    class _FusedLinearCE(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h, weight, targets):
-            grad_h = torch.empty_like(h)
-            grad_w = torch.zeros_like(weight)
-            loss = h.new_zeros((), dtype=torch.float32)
-            for s in range(0, h.shape[0], chunk_rows):
-                hc, tc = h[s:s + chunk_rows], targets[s:s + chunk_rows]
-                logits = (hc @ weight.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-                p = logits.sub_(lse[:, None]).exp_()          # softmax, in place
-                p[torch.arange(len(tc), device=p.device), tc] -= 1.0
-                p = p.to(h.dtype)
-                grad_h[s:s + chunk_rows] = p @ weight
-                grad_w.addmm_(p.t(), hc)
-            ctx.save_for_backward(grad_h, grad_w)
-            return loss
+    def ce_sum(h, t):
+        return F.cross_entropy(model.lm_head(h).float(), t, reduction='sum')
 
-        @staticmethod
-        def backward(ctx, grad_out):
-            grad_h, grad_w = ctx.saved_tensors
-            return grad_h * grad_out, grad_w * grad_out, None
-
-    return _FusedLinearCE.apply(h, weight, targets)
+    def loss(h, labels, reduction):
+        targets = labels[:, 1:]
+        keep = targets != -100
+        h_sel, t_sel = h[:, :-1][keep], targets[keep]
+        if t_sel.numel() == 0:
+            return h.sum() * 0.0
+        total = h_sel.new_zeros((), dtype=torch.float32)
+        for s in range(0, t_sel.numel(), RECOMPUTE_CHUNK_ROWS):
+            total = total + checkpoint(ce_sum, h_sel[s:s + RECOMPUTE_CHUNK_ROWS],
+                                       t_sel[s:s + RECOMPUTE_CHUNK_ROWS], use_reentrant=False)
+        return total / t_sel.numel() if reduction == 'mean' else total
+    return loss
 
 
 def _result(name, device, times, trained, total, extra=None):
@@ -195,20 +184,9 @@ def child_nanosft(args, name):
     model = ConfigurableGPT.from_hf(args.model_dir).to(device)
     model.train()
     opt = model.configure_optimizers(WD, LR, BETAS, device.type)
-    if name == 'nanosft_proposed':  # smaller LM-head chunks (recomputed in backward): less peak memory
-        import model_builder
-        model_builder.LOSS_CHUNK_ROWS = PROPOSED_CHUNK_ROWS
-    if name == 'nanosft_fused_ce':
-        def fused_ce_loss(h, labels, reduction):
-            targets = labels[:, 1:]
-            keep = targets != -100
-            n = int(keep.sum())
-            if n == 0:
-                return h.sum() * 0.0
-            total = fused_linear_cross_entropy(h[:, :-1][keep], model.lm_head.weight, targets[keep])
-            return total / n if reduction == 'mean' else total
-        model._chunked_loss = fused_ce_loss
-    if name in ('nanosft_fused_adamw', 'nanosft_proposed'):  # fused=True is CUDA-only in configure_optimizers
+    if name == 'nanosft_recompute_ce':
+        model._chunked_loss = recompute_ce_loss(model)
+    if name == 'nanosft_fused_adamw':  # fused=True is CUDA-only in configure_optimizers
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']} for g in opt.param_groups]
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
 

@@ -126,30 +126,102 @@ def _tiny(**overrides):
     return ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=VOCAB, **overrides))
 
 
-def test_chunked_loss_equals_full_logits_cross_entropy(monkeypatch):
-    model = _tiny()
+def _full_logits_loss(model, ids, labels, reduction):
+    """The unoptimized reference: every position's logits, then F.cross_entropy with ignore_index."""
+    logits, _ = model(ids)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                            labels[:, 1:].reshape(-1), ignore_index=-100, reduction='sum')
+    return total / (labels[:, 1:] != -100).sum() if reduction == 'mean' else total
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('tie', [True, False])
+@pytest.mark.parametrize('reduction', ['mean', 'sum'])
+@pytest.mark.parametrize('chunk_rows', [1, 7, 64, 10_000])
+def test_fused_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch, tie, reduction,
+                                                                  chunk_rows):
+    model = _tiny(tie_word_embeddings=tie)
     ids = _ids(T=40, B=3)
     labels = ids.clone()
     labels[:, :10] = -100
     labels[1, 25:] = -100
-    logits, _ = model(ids)
-    ref_sum = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                              ignore_index=-100, reduction='sum')
-    n = (labels[:, 1:] != -100).sum()
-    monkeypatch.setattr(model_builder, 'LOSS_CHUNK_ROWS', 7)  # force several (checkpointed) chunks
-    none, loss = model(ids, labels=labels)
+    ref = _full_logits_loss(model, ids, labels, reduction)
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(model_builder, 'LOSS_CHUNK_ELEMENTS', chunk_rows * VOCAB)
+    none, loss = model(ids, labels=labels, reduction=reduction)
     assert none is None
-    assert abs(loss.item() - (ref_sum / n).item()) < 1e-5
-    _, loss_sum = model(ids, labels=labels, reduction='sum')
-    assert abs(loss_sum.item() - ref_sum.item()) < 1e-4
-    full, _ = model(ids, labels=labels, return_logits=True)
-    assert torch.allclose(full, logits)
-    # gradients through the checkpointed chunks equal the plain ones
     loss.backward()
-    g_chunked = model.transformer.wte.weight.grad.clone()
-    model.zero_grad()
-    (ref_sum / n).backward()
-    assert torch.allclose(g_chunked, model.transformer.wte.weight.grad, atol=1e-6)
+    grads = _grads(model)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), name
+    if tie:  # the head's gradient reaches the shared embedding matrix
+        assert 'transformer.wte.weight' in grads and 'lm_head.weight' not in grads
+
+
+def test_linear_cross_entropy_equals_linear_then_cross_entropy_in_float64():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    ref = F.cross_entropy(F.linear(h, w), t, reduction='sum')
+    gh, gw = torch.autograd.grad(ref * 0.5, (h, w))
+    for rows in (1, 5, 37, 100):
+        loss = model_builder.linear_cross_entropy(h, w, t, chunk_rows=rows)
+        assert loss.dtype == torch.float64
+        fh, fw = torch.autograd.grad(loss * 0.5, (h, w))  # the upstream gradient scales both
+        assert abs(loss.item() - ref.item()) < 1e-9
+        assert torch.allclose(fh, gh, atol=1e-12) and torch.allclose(fw, gw, atol=1e-12)
+
+
+def test_return_logits_gives_the_full_logits_next_to_the_fused_loss():
+    model = _tiny()
+    ids = _ids(T=12, B=2)
+    logits, _ = model(ids)
+    full, loss = model(ids, labels=ids, return_logits=True)
+    assert torch.equal(full, logits)
+    assert abs(loss.item() - _full_logits_loss(model, ids, ids, 'mean').item()) < 1e-5
+
+
+def test_loss_under_no_grad_computes_no_gradients():
+    model = _tiny()
+    ids = _ids(T=12, B=2)
+    with torch.no_grad():
+        _, loss = model(ids, labels=ids)
+    assert not loss.requires_grad
+    assert abs(loss.item() - _full_logits_loss(model, ids, ids, 'mean').item()) < 1e-5
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fused_loss_under_bf16_autocast_matches_autocast_linear_then_float_cross_entropy():
+    torch.manual_seed(0)
+    h = torch.randn(29, 32, requires_grad=True)
+    w = (torch.randn(60, 32) * 0.2).requires_grad_()
+    t = torch.randint(0, 60, (29,))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t, reduction='sum')
+        loss = model_builder.linear_cross_entropy(h, w, t, chunk_rows=8)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    fh, fw = torch.autograd.grad(loss, (h, w))
+    assert fh.dtype == h.dtype and fw.dtype == w.dtype  # fp32 master grads, as autograd gives
+    assert abs(loss.item() - ref.item()) < 1e-3 * abs(ref.item())
+    assert (fh - gh).abs().max() < 2e-2 * gh.abs().max()
+    assert (fw - gw).abs().max() < 2e-2 * gw.abs().max()
+
+
+def test_a_second_backward_through_the_fused_loss_is_refused():
+    model = _tiny()
+    ids = _ids(T=12, B=2)
+    _, loss = model(ids, labels=ids)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='one backward per forward'):
+        loss.backward()
 
 
 def test_no_trained_token_gives_exact_zero_loss_that_backprops():
