@@ -1,7 +1,7 @@
 # nanoSFT: `make demo` and `make test` do all the set-up on a fresh machine.
 PYTHON ?= python3
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
+PY     ?= $(VENV)/bin/python
 # The CPU build of torch (small, fast to install). On a GPU machine: make TORCH_SPEC='torch' ...
 TORCH_SPEC ?= torch==2.13.0
 
@@ -26,23 +26,33 @@ install-bench: $(VENV)/.installed-dev requirements-bench.txt
 
 # The whole user flow on CPU: data -> shards -> base model -> fine-tune -> evaluate -> plot.
 # One intra-op thread: the demo model is tiny, and thread hand-off costs more than its matmuls.
-DEMO_ENV := OMP_NUM_THREADS=1
+# tests/test_demo_pipeline.py runs this very recipe in miniature through the DEMO_* knobs.
+DEMO_ENV        := OMP_NUM_THREADS=1
+DEMO_DATA       ?= data/demo
+DEMO_OUT        ?= out-demo
+DEMO_DATA_ARGS  ?=
+DEMO_TRAIN_ARGS ?=
+DEMO_PROMPT     ?= What is 3 + 4?
 demo: $(VENV)/.installed-dev
-	$(PY) data/make_demo_data.py --out_dir data/demo
-	$(PY) prepare_sft.py --input data/demo/train.jsonl --out_dir data/demo/sft --max_length 256 --show 2
+	rm -rf $(DEMO_OUT)  # a fresh run: no stale checkpoints or run logs from a previous demo
+	$(PY) data/make_demo_data.py --out_dir $(DEMO_DATA) $(DEMO_DATA_ARGS)
+	$(PY) prepare_sft.py --input $(DEMO_DATA)/train.jsonl --tokenizer $(DEMO_DATA)/tokenizer \
+		--out_dir $(DEMO_DATA)/sft --max_length 256 --show 2
 	@echo; echo "== the base model (random init, 0 steps) =="
-	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --max_iters=0 --out_dir=out-demo/base
-	$(DEMO_ENV) $(PY) sample_sft.py out-demo/base/ckpt.pt --temperature 0 --max_new_tokens 16 --prompt "What is 3 + 4?"
+	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --data_dir=$(DEMO_DATA)/sft $(DEMO_TRAIN_ARGS) \
+		--max_iters=0 --out_dir=$(DEMO_OUT)/base
+	$(DEMO_ENV) $(PY) sample_sft.py $(DEMO_OUT)/base/ckpt.pt --temperature 0 --max_new_tokens 16 --prompt "$(DEMO_PROMPT)"
 	@echo; echo "== supervised fine-tuning =="
-	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py
-	$(DEMO_ENV) $(PY) sample_sft.py out-demo/ckpt.pt --temperature 0 --max_new_tokens 16 --prompt "What is 3 + 4?"
+	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --data_dir=$(DEMO_DATA)/sft $(DEMO_TRAIN_ARGS) \
+		--out_dir=$(DEMO_OUT)
+	$(DEMO_ENV) $(PY) sample_sft.py $(DEMO_OUT)/ckpt.pt --temperature 0 --max_new_tokens 16 --prompt "$(DEMO_PROMPT)"
 	@echo; echo "== held-out evaluation: base vs fine-tuned =="
-	$(DEMO_ENV) $(PY) eval_sft.py data/demo/test.jsonl out-demo/base/ckpt.pt out-demo/ckpt.pt \
-		--labels base sft --max_new_tokens 32 --batch_size 32 --show 3 --out out-demo/eval.json
-	$(PY) plot_run.py out-demo/run_*.json --out out-demo/loss.png
-	@echo; echo "demo outputs: data/demo/ (conversations + shards), out-demo/ckpt.pt (fine-tuned),"
-	@echo "  out-demo/eval.json (the table above), out-demo/loss.png (loss and LR curves)."
-	@echo "  chat with it: $(PY) sample_sft.py out-demo/ckpt.pt"
+	$(DEMO_ENV) $(PY) eval_sft.py $(DEMO_DATA)/test.jsonl $(DEMO_OUT)/base/ckpt.pt $(DEMO_OUT)/ckpt.pt \
+		--labels base sft --max_new_tokens 32 --batch_size 32 --show 3 --out $(DEMO_OUT)/eval.json
+	$(PY) plot_run.py $(DEMO_OUT)/run_*.json --out $(DEMO_OUT)/loss.png
+	@echo; echo "demo outputs: $(DEMO_DATA)/ (conversations, tokenizer, shards), $(DEMO_OUT)/ckpt.pt (fine-tuned),"
+	@echo "  $(DEMO_OUT)/eval.json (the table above), $(DEMO_OUT)/loss.png (loss and LR curves)."
+	@echo "  chat with it: $(PY) sample_sft.py $(DEMO_OUT)/ckpt.pt"
 
 # The whole suite, slow tests included, stays under 10 minutes on a 2-core CPU.
 test: $(VENV)/.installed-dev

@@ -64,6 +64,8 @@ n_layer = None
 n_head = None
 n_kv_head = None
 n_embd = None
+head_dim = None
+intermediate_size = None
 vocab_size = None
 dropout = 0.0                # overrides the checkpoint's / HF model's dropout
 # optimizer
@@ -263,7 +265,8 @@ def build_model(cfg, device):
     ckpt = None
     if init == 'scratch':
         arch = ModelArchitectureConfig.from_preset(cfg['model_preset']).to_dict() if cfg['model_preset'] else {}
-        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'vocab_size'):
+        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size',
+                  'vocab_size'):
             if cfg[k] is not None:
                 arch[k] = cfg[k]
         arch['block_size'] = cfg['block_size']

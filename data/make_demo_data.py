@@ -7,6 +7,13 @@ Writes `train.jsonl` and `test.jsonl` in `messages` format. Every record also ca
 match. Replies are short and formulaic on purpose: the demo model is tiny and trains for a few
 minutes on a CPU, so the point is to show it learning the chat format, the tasks and when to stop,
 not world knowledge. Nothing is downloaded; the same seed always gives the same files.
+
+It also writes `tokenizer/`, a small byte-level BPE tokenizer (Hugging Face format, Qwen's
+pre-tokenizer and ChatML special tokens, --vocab_size tokens at most) learned from the training
+text. Why: with Qwen's 151,936-token vocabulary the embedding and LM head are 97% of a tiny
+model and dominate its CPU time (~1.5 s per step on 2 cores); with a few hundred tokens the same
+demo trains ~20x faster. Pass `--tokenizer data/demo/tokenizer` to prepare_sft.py to use it;
+every other step is the same as with the Qwen tokenizer.
 """
 from __future__ import annotations
 
@@ -140,6 +147,82 @@ def prompt_key(ex: dict) -> str:
     return json.dumps(ex['messages'][:-1], sort_keys=True)
 
 
+SPECIALS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
+
+
+def build_tokenizer(records: list[dict], vocab_size: int):
+    """Byte-level BPE learned from the conversations' text, deterministically (merges picked by
+    count, ties by the pair itself). Byte-level: any text the user types still encodes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tokenizer import QWEN_PATTERN
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior='isolated', invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    words: dict[tuple[str, ...], int] = {}
+    # role headers are encoded on their own (tokenizer.encode_conversation), so learn them too
+    texts = [t for r in records for m in r['messages'] for t in (m['role'] + '\n', m['content'])]
+    for text in texts:
+        for piece, _ in pre.pre_tokenize_str(text):
+            w = tuple(piece)
+            words[w] = words.get(w, 0) + 1
+    alphabet = sorted(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = []
+    n_merges = vocab_size - len(alphabet) - len(SPECIALS)
+    if n_merges < 0:
+        raise SystemExit(f'make_demo_data: --vocab_size must be >= {len(alphabet) + len(SPECIALS)}')
+    while len(merges) < n_merges:
+        pairs: dict[tuple[str, str], int] = {}
+        for w, c in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[a, b] = pairs.get((a, b), 0) + c
+        if not pairs:
+            break
+        (a, b), count = max(pairs.items(), key=lambda kv: (kv[1], [-ord(ch) for ch in kv[0][0] + '\0' + kv[0][1]]))
+        if count < 2:
+            break
+        merges.append((a, b))
+        vocab[a + b] = len(vocab)
+        new_words = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new_words[tuple(out)] = new_words.get(tuple(out), 0) + c
+        words = new_words
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token='<|im_end|>',
+                                  pad_token='<|endoftext|>', unk_token=None)
+
+
+def write_tokenizer(path: str, records: list[dict], vocab_size: int) -> int:
+    import shutil
+    import tempfile
+    tok = build_tokenizer(records, vocab_size)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix='.tokenizer.tmp', dir=parent)
+    try:
+        tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(tok)
+
+
 def write_jsonl(path: str, records: list[dict]) -> None:
     tmp = f'{path}.tmp.{os.getpid()}'
     with open(tmp, 'w', encoding='utf-8') as f:
@@ -154,6 +237,9 @@ def main(argv=None) -> None:
     p.add_argument('--seed', type=int, default=1337)
     p.add_argument('--n_train', type=int, default=4000)
     p.add_argument('--n_test', type=int, default=300)
+    p.add_argument('--vocab_size', type=int, default=384,
+                   help='max tokens of the small demo tokenizer written to OUT_DIR/tokenizer')
+    p.add_argument('--no_tokenizer', action='store_true', help='write the conversations only')
     args = p.parse_args(argv)
     if args.n_train < 0 or args.n_test < 0:
         raise SystemExit('make_demo_data: --n_train and --n_test must be >= 0')
@@ -164,6 +250,10 @@ def main(argv=None) -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     write_jsonl(os.path.join(args.out_dir, 'train.jsonl'), train)
     write_jsonl(os.path.join(args.out_dir, 'test.jsonl'), test)
+    if not args.no_tokenizer:
+        n = write_tokenizer(os.path.join(args.out_dir, 'tokenizer'), train, args.vocab_size)
+        print(f'wrote {args.out_dir}/tokenizer ({n} tokens; use it with prepare_sft.py '
+              f'--tokenizer {args.out_dir}/tokenizer)', file=sys.stderr)
     counts = {}
     for ex in train:
         counts[ex['task']] = counts.get(ex['task'], 0) + 1

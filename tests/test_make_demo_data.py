@@ -62,3 +62,42 @@ def test_answers_are_correct():
         if ex['task'] == 'add' and ex['messages'][0]['role'] == 'user':
             nums = [int(t) for t in q.replace('?', ' ').replace('.', ' ').split() if t.isdigit()]
             assert ex['reference'] == str(sum(nums))
+
+
+# ---------------------------------------------------------------------- the demo tokenizer
+def test_demo_tokenizer_is_deterministic_and_encodes_any_text_losslessly(tmp_path):
+    from tokenizer import load_tokenizer
+    run(tmp_path / 'a', '--n_train', '300', '--n_test', '10', '--vocab_size', '300')
+    run(tmp_path / 'b', '--n_train', '300', '--n_test', '10', '--vocab_size', '300')
+    blob = lambda d: (d / 'tokenizer' / 'tokenizer.json').read_bytes()
+    assert blob(tmp_path / 'a') == blob(tmp_path / 'b')
+    tok = load_tokenizer(str(tmp_path / 'a' / 'tokenizer'))
+    assert tok.vocab_size == 300
+    assert [tok.special_tokens[t] for t in mdd.SPECIALS] == [297, 298, 299]
+    # byte-level: text never seen in training (accents, CJK, emoji) still round-trips exactly
+    for text in ('What is 12 + 30?', 'Ünïcödé 漢字 🙂 <|im_end|> as text', ' \n\t x'):
+        ids = tok.encode(text)
+        assert all(0 <= i < 297 for i in ids) and tok.decode(ids) == text
+
+
+def test_demo_tokenizer_renders_chatml_with_its_own_special_ids(tmp_path):
+    from tokenizer import encode_conversation, load_tokenizer
+    run(tmp_path, '--n_train', '300', '--n_test', '10')
+    tok = load_tokenizer(str(tmp_path / 'tokenizer'))
+    ids, labels = encode_conversation([{'role': 'user', 'content': 'What is 3 + 4?'},
+                                       {'role': 'assistant', 'content': '7'}], tok)
+    im_start, im_end = tok.special_tokens['<|im_start|>'], tok.special_tokens['<|im_end|>']
+    assert ids.count(im_start) == 2 and ids.count(im_end) == 2
+    trained = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(trained) == '7<|im_end|>'
+    # merges learned from the data: its phrases take fewer tokens than bytes
+    text = 'Sort these numbers from small to large: 3 1 2'
+    assert len(tok.encode(text)) < 0.75 * len(text.encode())
+
+
+def test_too_small_tokenizer_vocab_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'data', 'make_demo_data.py'),
+                           '--out_dir', str(tmp_path), '--n_train', '10', '--vocab_size', '100'],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and '--vocab_size must be >= 259' in proc.stderr
+    assert not (tmp_path / 'tokenizer').exists()

@@ -345,3 +345,16 @@ def test_fsdp_resume_matches_uninterrupted_fsdp_run(tmp_path, data_dir):
     ob = torch.load(tmp_path / 'part' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
     for k in oa['state']:
         torch.testing.assert_close(oa['state'][k]['exp_avg'], ob['state'][k]['exp_avg'], atol=1e-6, rtol=1e-6)
+
+
+def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_path):
+    cfg = tiny_cfg(tmp_path, vocab_size=384, n_layer=3, n_embd=96, n_head=6, n_kv_head=2,
+                   head_dim=16, intermediate_size=80)
+    model, ckpt = train_sft.build_model(cfg, 'cpu')
+    c = model.config
+    assert ckpt is None
+    assert (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim,
+            c.intermediate_size, c.block_size) == (384, 3, 96, 6, 2, 16, 80, 64)
+    assert c.qk_norm and c.tie_word_embeddings  # the rest still comes from the 'tiny' preset
+    with pytest.raises(train_sft.TrainError, match='bad model config'):
+        train_sft.build_model(tiny_cfg(tmp_path, n_embd=96, n_head=5), 'cpu')
