@@ -63,3 +63,28 @@ def test_fine_tuning_in_the_demo_beats_the_base_model_on_held_out_loss(demo):
     assert base['n'] == sft['n'] == 24
     # 40 steps from a random init (val loss ~ln 384 = 5.95) on a 400-conversation set
     assert sft['val_loss'] < base['val_loss'] - 1.5
+
+
+@pytest.mark.slow
+def test_demo_checkpoint_exports_with_its_own_tokenizer_and_chat_template(demo):
+    """The demo's tokenizer is a local HF directory (not Qwen's): export must ship it with a chat
+    template that renders our training tokens, and transformers must give our logits."""
+    import torch
+    import transformers
+
+    import export_hf
+    from checkpoint import load_checkpoint
+    from tokenizer import encode_conversation, load_tokenizer
+    tmp, _ = demo
+    out = export_hf.export(str(tmp / 'out/ckpt.pt'), str(tmp / 'hf'))
+    conv = [{'role': 'system', 'content': 'Answer with a word.'},
+            {'role': 'user', 'content': 'What is 3 + 4?'}, {'role': 'assistant', 'content': 'seven'},
+            {'role': 'user', 'content': 'And double that?'}, {'role': 'assistant', 'content': 'fourteen'}]
+    ours, _ = encode_conversation(conv, load_tokenizer(str(tmp / 'data/tokenizer')))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert list(hf_tok.apply_chat_template(conv, tokenize=True, return_dict=False)) == ours
+    model, _ = load_checkpoint(str(tmp / 'out/ckpt.pt'), device='cpu')
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.tensor([ours])
+    with torch.no_grad():
+        assert (model.eval()(ids)[0] - hf(ids).logits).abs().max() < 1e-4
