@@ -257,6 +257,17 @@ def guess_peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # The run
 
+def optimizer_state_by_name(sd: dict, optimizer, model) -> dict:
+    """An optimizer state dict keyed by parameter position (optimizer.state_dict(), older
+    checkpoints) -> keyed by parameter name, the form torch.distributed.checkpoint uses."""
+    if all(isinstance(p, str) for g in sd['param_groups'] for p in g['params']):
+        return sd
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g['params']]
+    return {'state': {names[i]: s for i, s in sd['state'].items()},
+            'param_groups': [dict(g, params=[names[i] for i in g['params']]) for g in sd['param_groups']]}
+
+
 def build_model(cfg, device):
     """-> (model, checkpoint dict or None)"""
     from model_builder import ConfigurableGPT
@@ -385,13 +396,11 @@ def train(cfg: dict) -> dict:
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == 'float16'))
     iter_num, best_val_loss, resumed_at = 0, float('inf'), None
     if cfg['init_from'] == 'resume':
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            # Every rank read the file: each keeps its own shard of the full optimizer state.
-            set_optimizer_state_dict(model, optimizer, ckpt['optimizer'],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(ckpt['optimizer'])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        # Keyed by parameter name, so one process, DDP and FSDP resume each other's checkpoints;
+        # under FSDP every rank read the whole file and keeps its own shard of it.
+        set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(ckpt['optimizer'], optimizer, model),
+                                 options=StateDictOptions(full_state_dict=fsdp))
         if 'scaler' in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt['scaler'])
         iter_num, best_val_loss = ckpt['iter_num'], ckpt.get('best_val_loss', float('inf'))
@@ -476,17 +485,18 @@ def train(cfg: dict) -> dict:
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
+        # The optimizer state is keyed by parameter name either way (see the resume above).
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
         if fsdp:
             # Gathering the full state is a collective: every rank runs it, rank 0 gets the tensors.
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_sd = get_model_state_dict(raw_model, options=opts)
             optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=opts)
         if not master:
             return
         if not fsdp:
-            model_sd, optim_sd = raw_model.state_dict(), optimizer.state_dict()
+            model_sd, optim_sd = raw_model.state_dict(), get_optimizer_state_dict(raw_model, optimizer)
         checkpoint = {'model': model_sd, 'model_args': raw_model.config.to_dict(),
                       'optimizer': optim_sd, 'iter_num': iter_num,
                       'best_val_loss': best_val_loss, 'config': cfg, 'rng': rngs,

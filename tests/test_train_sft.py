@@ -347,6 +347,45 @@ def test_fsdp_resume_matches_uninterrupted_fsdp_run(tmp_path, data_dir):
         torch.testing.assert_close(oa['state'][k]['exp_avg'], ob['state'][k]['exp_avg'], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_checkpoints_resume_across_one_process_and_fsdp(tmp_path, data_dir):
+    """The optimizer state is saved by parameter name, so an FSDP checkpoint resumes in one process
+    (or under DDP) and the other way round, both ending where an uninterrupted process does."""
+    half = dict(FSDP_COMMON, max_iters=2)
+    ref = tiny_cfg(tmp_path / 'ref', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON)
+    train_sft.train(ref)
+    # the same global batch (4 rows) throughout: 2 ranks x 2 micro-steps or 1 process x 4
+    a = tiny_cfg(tmp_path / 'a', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2, **half)
+    torchrun2(a)
+    train_sft.train(dict(a, init_from='resume', max_iters=4, parallel='ddp', gradient_accumulation_steps=4))
+    b = tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), gradient_accumulation_steps=4, **half)
+    train_sft.train(b)
+    torchrun2(dict(b, init_from='resume', max_iters=4, parallel='fsdp', gradient_accumulation_steps=2))
+    ckpts = {n: torch.load(tmp_path / n / 'out' / 'ckpt.pt', weights_only=False) for n in ('ref', 'a', 'b')}
+    for n in ('a', 'b'):
+        assert ckpts[n]['iter_num'] == 4
+        for k, v in ckpts['ref']['model'].items():
+            torch.testing.assert_close(ckpts[n]['model'][k], v, atol=1e-5, rtol=1e-5, msg=f'{n}: {k}')
+        ref_state, state = ckpts['ref']['optimizer']['state'], ckpts[n]['optimizer']['state']
+        assert sorted(state) == sorted(ref_state) and set(state) <= set(ckpts['ref']['model'])
+        for k in ref_state:
+            torch.testing.assert_close(state[k]['exp_avg_sq'], ref_state[k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
+
+
+def test_optimizer_state_of_older_checkpoints_keyed_by_position_is_read_by_name(tmp_path):
+    model, _ = train_sft.build_model(tiny_cfg(tmp_path), 'cpu')
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    _, loss = model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+    loss.backward()
+    opt.step()
+    by_name = train_sft.optimizer_state_by_name(opt.state_dict(), opt, model)
+    names = dict(model.named_parameters())
+    assert sorted(by_name['state']) == sorted(names)
+    for name, s in by_name['state'].items():
+        assert torch.equal(s['exp_avg'], opt.state[names[name]]['exp_avg'])
+    assert train_sft.optimizer_state_by_name(by_name, opt, model) is by_name
+
+
 def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_path):
     cfg = tiny_cfg(tmp_path, vocab_size=384, n_layer=3, n_embd=96, n_head=6, n_kv_head=2,
                    head_dim=16, intermediate_size=80)
