@@ -46,6 +46,35 @@ def import_pyplot():
     return plt
 
 
+def tokens_seen(run: dict) -> dict[int, int]:
+    """iteration -> tokens seen since the run started. train_sft logs the tokens of each log
+    interval, so this is their running sum, from 0 one interval before the first log line."""
+    logged = [(r['iter'], r['tokens']) for r in run['iters'] if r.get('tokens') is not None]
+    if len(logged) < 2:
+        return {}
+    start = max(0, logged[0][0] - (logged[1][0] - logged[0][0]))
+    seen = np.cumsum([0] + [t for _, t in logged]).tolist()
+    return dict(zip([start] + [i for i, _ in logged], seen))
+
+
+def _interp(v, xp, fp):
+    """np.interp, but extended linearly past both ends (the axes' margins lie outside the data,
+    and clamping there would stack tick labels on the last value)."""
+    v = np.asarray(v, dtype=float)
+    y = np.interp(v, xp, fp)
+    lo, hi = v < xp[0], v > xp[-1]
+    y[lo] = fp[0] + (v[lo] - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
+    y[hi] = fp[-1] + (v[hi] - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    return y
+
+
+def _human(v: float) -> str:
+    for unit, scale in (('B', 1e9), ('M', 1e6), ('k', 1e3)):
+        if abs(v) >= scale:
+            return f'{v / scale:g}{unit}'
+    return f'{v:g}'
+
+
 def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
     runs = [(p, load_run(p)) for p in paths]
     plt = import_pyplot()
@@ -69,9 +98,7 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
         if lrs:
             ax_lr.plot(*zip(*lrs), color=color, lw=1.2)
         if k == 0:
-            # train_sft logs the tokens of each log interval: their running sum is the tokens seen.
-            seen = np.cumsum([r['tokens'] for r in its if r.get('tokens') is not None])
-            tokens_at = dict(zip((r['iter'] for r in its if r.get('tokens') is not None), seen.tolist()))
+            tokens_at = tokens_seen(run)
     ax_loss.set_ylabel('loss (mean over trained tokens)')
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
@@ -83,9 +110,10 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
         # Tokens grow ~linearly with iterations; interpolate so the top axis labels tokens seen.
         xi = np.array(sorted(tokens_at), dtype=float)
         ti = np.array([tokens_at[i] for i in sorted(tokens_at)], dtype=float)
-        sec = ax_loss.secondary_xaxis('top', functions=(lambda v: np.interp(v, xi, ti),
-                                                        lambda v: np.interp(v, ti, xi)))
+        sec = ax_loss.secondary_xaxis('top', functions=(lambda v: _interp(v, xi, ti),
+                                                        lambda v: _interp(v, ti, xi)))
         sec.set_xlabel('tokens seen' + (' (first run)' if len(runs) > 1 else ''))
+        sec.xaxis.set_major_formatter(lambda v, _: _human(v))
     fig.suptitle(title or 'nanoSFT: ' + ', '.join(os.path.basename(p) for p, _ in runs), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -53,3 +53,19 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, '__import__', no_mpl)
     with pytest.raises(SystemExit, match='pip install matplotlib'):
         plot_run.import_pyplot()
+
+
+def test_tokens_axis_counts_from_zero_at_the_runs_start():
+    logged = lambda its: {'iters': [{'iter': i, 'loss': 1.0, 'tokens': 100 * i} for i in its]}
+    # logs every 10 steps of a fresh run: 0 tokens at iteration 0, then the running sum
+    assert plot_run.tokens_seen(logged([10, 20, 30])) == {0: 0, 10: 1000, 20: 3000, 30: 6000}
+    # a run resumed at 200 counts from there
+    assert plot_run.tokens_seen(logged([210, 220])) == {200: 0, 210: 21000, 220: 43000}
+    assert plot_run.tokens_seen(logged([10])) == {}
+
+
+def test_axis_mapping_extends_linearly_past_the_data():
+    import numpy as np
+    xp, fp = np.array([0.0, 10.0, 20.0]), np.array([0.0, 100.0, 300.0])
+    assert plot_run._interp([-5, 5, 25], xp, fp).tolist() == [-50.0, 50.0, 400.0]
+    assert plot_run._human(1_500_000) == '1.5M' and plot_run._human(250_000) == '250k'
