@@ -2,7 +2,7 @@
 #   make demo   (or, after make_demo_data.py and prepare_sft.py --tokenizer data/demo/tokenizer:
 #                python train_sft.py configs/sft_demo_cpu.py)
 # The data uses the demo's own 384-token tokenizer (data/make_demo_data.py writes it): with Qwen's
-# 151,936-token vocabulary the embedding and LM head would be 97% of this model and most of its time.
+# 151,936-token vocabulary the embedding and LM head would be 98% of this model and most of its time.
 out_dir = 'out-demo'
 data_dir = 'data/demo/sft'        # built by the demo (prepare_sft.py --out_dir data/demo/sft)
 init_from = 'scratch'
@@ -13,7 +13,7 @@ n_embd = 128
 n_head = 8
 n_kv_head = 4
 head_dim = 16
-intermediate_size = 128           # 0.44M parameters in all
+intermediate_size = 128           # 0.44M parameters in all (embedding included)
 
 block_size = 256
 packing = True

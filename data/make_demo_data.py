@@ -10,10 +10,9 @@ not world knowledge. Nothing is downloaded; the same seed always gives the same 
 
 It also writes `tokenizer/`, a small byte-level BPE tokenizer (Hugging Face format, Qwen's
 pre-tokenizer and ChatML special tokens, --vocab_size tokens at most) learned from the training
-text. Why: with Qwen's 151,936-token vocabulary the embedding and LM head are 97% of a tiny
-model and dominate its CPU time (~1.5 s per step on 2 cores); with a few hundred tokens the same
-demo trains ~20x faster. Pass `--tokenizer data/demo/tokenizer` to prepare_sft.py to use it;
-every other step is the same as with the Qwen tokenizer.
+text. Why: with Qwen's 151,936-token vocabulary the embedding and LM head would be 98% of the
+demo's 4-layer model and most of its CPU time. `make demo` passes `--tokenizer data/demo/tokenizer`
+to prepare_sft.py; every other step is the same as with the Qwen tokenizer.
 """
 from __future__ import annotations
 
