@@ -482,95 +482,74 @@ def _IGNORED_HF_KEY(key: str, config: ModelArchitectureConfig) -> bool:
             or (config.tie_word_embeddings and key == 'lm_head.weight'))
 
 
-def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf: dict) -> dict:
-    sd = {}
+def _weight_map(config: ModelArchitectureConfig, model_type: str):
+    """(our name, its Hugging Face names, how) for every weight; how is 'copy', 't' (GPT-2's Conv1D
+    stores (in, out)) or the row sizes our fused tensor splits into ([q | k | v], [gate | up]).
+    One table serves the import and the export."""
     if model_type == 'gpt2':
-        def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
-            return hf['transformer.' + k] if 'transformer.' + k in hf else hf[k]
-        sd['transformer.wte.weight'] = get('wte.weight')
-        sd['transformer.wpe.weight'] = get('wpe.weight')
+        yield 'transformer.wte.weight', ['transformer.wte.weight'], 'copy'
+        yield 'transformer.wpe.weight', ['transformer.wpe.weight'], 'copy'
         for i in range(config.n_layer):
-            p, o = f'h.{i}.', f'transformer.h.{i}.'
-            for name in ('ln_1', 'ln_2'):
-                sd[o + name + '.weight'] = get(p + name + '.weight')
-                sd[o + name + '.bias'] = get(p + name + '.bias')
+            o = f'transformer.h.{i}.'
+            for name in ('ln_1.weight', 'ln_1.bias', 'ln_2.weight', 'ln_2.bias',
+                         'attn.c_attn.bias', 'attn.c_proj.bias', 'mlp.c_fc.bias', 'mlp.c_proj.bias'):
+                yield o + name, [o + name], 'copy'
             for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):
-                # HF GPT-2 uses Conv1D: weight stored as (in, out)
-                sd[o + name + '.weight'] = get(p + name + '.weight').t().contiguous()
-                sd[o + name + '.bias'] = get(p + name + '.bias')
-        sd['transformer.ln_f.weight'] = get('ln_f.weight')
-        sd['transformer.ln_f.bias'] = get('ln_f.bias')
-        return sd
-    sd['transformer.wte.weight'] = hf['model.embed_tokens.weight']
+                yield o + name + '.weight', [o + name + '.weight'], 't'
+        yield 'transformer.ln_f.weight', ['transformer.ln_f.weight'], 'copy'
+        yield 'transformer.ln_f.bias', ['transformer.ln_f.bias'], 'copy'
+        return
+    q, kv, ffn = config.n_head * config.head_size, config.kv_heads * config.head_size, config.ffn_size
+    yield 'transformer.wte.weight', ['model.embed_tokens.weight'], 'copy'
     for i in range(config.n_layer):
         p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
-        sd[o + 'ln_1.weight'] = hf[p + 'input_layernorm.weight']
-        sd[o + 'ln_2.weight'] = hf[p + 'post_attention_layernorm.weight']
-        a = p + 'self_attn.'
-        sd[o + 'attn.c_attn.weight'] = torch.cat([hf[a + f'{n}_proj.weight'] for n in 'qkv'])
+        a, m = p + 'self_attn.', p + 'mlp.'
+        yield o + 'ln_1.weight', [p + 'input_layernorm.weight'], 'copy'
+        yield o + 'ln_2.weight', [p + 'post_attention_layernorm.weight'], 'copy'
+        yield o + 'attn.c_attn.weight', [a + f'{n}_proj.weight' for n in 'qkv'], [q, kv, kv]
         if config.qkv_bias:
-            sd[o + 'attn.c_attn.bias'] = torch.cat([hf[a + f'{n}_proj.bias'] for n in 'qkv'])
-        sd[o + 'attn.c_proj.weight'] = hf[a + 'o_proj.weight']
+            yield o + 'attn.c_attn.bias', [a + f'{n}_proj.bias' for n in 'qkv'], [q, kv, kv]
+        yield o + 'attn.c_proj.weight', [a + 'o_proj.weight'], 'copy'
         if config.out_bias:
-            sd[o + 'attn.c_proj.bias'] = hf[a + 'o_proj.bias']
+            yield o + 'attn.c_proj.bias', [a + 'o_proj.bias'], 'copy'
         if config.qk_norm:
-            sd[o + 'attn.q_norm.weight'] = hf[a + 'q_norm.weight']
-            sd[o + 'attn.k_norm.weight'] = hf[a + 'k_norm.weight']
-        m = p + 'mlp.'
-        sd[o + 'mlp.c_fc.weight'] = torch.cat([hf[m + 'gate_proj.weight'], hf[m + 'up_proj.weight']])
-        sd[o + 'mlp.c_proj.weight'] = hf[m + 'down_proj.weight']
+            yield o + 'attn.q_norm.weight', [a + 'q_norm.weight'], 'copy'
+            yield o + 'attn.k_norm.weight', [a + 'k_norm.weight'], 'copy'
+        yield o + 'mlp.c_fc.weight', [m + 'gate_proj.weight', m + 'up_proj.weight'], [ffn, ffn]
+        yield o + 'mlp.c_proj.weight', [m + 'down_proj.weight'], 'copy'
         if config.ffn_bias:
-            sd[o + 'mlp.c_fc.bias'] = torch.cat([hf[m + 'gate_proj.bias'], hf[m + 'up_proj.bias']])
-            sd[o + 'mlp.c_proj.bias'] = hf[m + 'down_proj.bias']
-    sd['transformer.ln_f.weight'] = hf['model.norm.weight']
+            yield o + 'mlp.c_fc.bias', [m + 'gate_proj.bias', m + 'up_proj.bias'], [ffn, ffn]
+            yield o + 'mlp.c_proj.bias', [m + 'down_proj.bias'], 'copy'
+    yield 'transformer.ln_f.weight', ['model.norm.weight'], 'copy'
     if not config.tie_word_embeddings:
-        sd['lm_head.weight'] = hf['lm_head.weight']
+        yield 'lm_head.weight', ['lm_head.weight'], 'copy'
+
+
+def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf: dict) -> dict:
+    def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
+        if model_type == 'gpt2' and k not in hf:
+            return hf[k.removeprefix('transformer.')]
+        return hf[k]
+    sd = {}
+    for ours, names, how in _weight_map(config, model_type):
+        if how == 'copy':
+            sd[ours] = get(names[0])
+        elif how == 't':
+            sd[ours] = get(names[0]).t().contiguous()
+        else:
+            sd[ours] = torch.cat([get(n) for n in names])
     return sd
 
 
 def _ours_to_hf(config: ModelArchitectureConfig, model_type: str, sd: dict) -> dict:
     hf = {}
-    if model_type == 'gpt2':
-        hf['transformer.wte.weight'] = sd['transformer.wte.weight']
-        hf['transformer.wpe.weight'] = sd['transformer.wpe.weight']
-        for i in range(config.n_layer):
-            o = f'transformer.h.{i}.'
-            for name in ('ln_1', 'ln_2'):
-                hf[o + name + '.weight'] = sd[o + name + '.weight']
-                hf[o + name + '.bias'] = sd[o + name + '.bias']
-            for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):
-                hf[o + name + '.weight'] = sd[o + name + '.weight'].t()
-                hf[o + name + '.bias'] = sd[o + name + '.bias']
-        hf['transformer.ln_f.weight'] = sd['transformer.ln_f.weight']
-        hf['transformer.ln_f.bias'] = sd['transformer.ln_f.bias']
-        return hf
-    q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
-    hf['model.embed_tokens.weight'] = sd['transformer.wte.weight']
-    for i in range(config.n_layer):
-        p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
-        hf[p + 'input_layernorm.weight'] = sd[o + 'ln_1.weight']
-        hf[p + 'post_attention_layernorm.weight'] = sd[o + 'ln_2.weight']
-        a = p + 'self_attn.'
-        for n, t in zip('qkv', sd[o + 'attn.c_attn.weight'].split([q, kv, kv])):
-            hf[a + f'{n}_proj.weight'] = t
-        if config.qkv_bias:
-            for n, t in zip('qkv', sd[o + 'attn.c_attn.bias'].split([q, kv, kv])):
-                hf[a + f'{n}_proj.bias'] = t
-        hf[a + 'o_proj.weight'] = sd[o + 'attn.c_proj.weight']
-        if config.out_bias:
-            hf[a + 'o_proj.bias'] = sd[o + 'attn.c_proj.bias']
-        if config.qk_norm:
-            hf[a + 'q_norm.weight'] = sd[o + 'attn.q_norm.weight']
-            hf[a + 'k_norm.weight'] = sd[o + 'attn.k_norm.weight']
-        m = p + 'mlp.'
-        hf[m + 'gate_proj.weight'], hf[m + 'up_proj.weight'] = sd[o + 'mlp.c_fc.weight'].chunk(2)
-        hf[m + 'down_proj.weight'] = sd[o + 'mlp.c_proj.weight']
-        if config.ffn_bias:
-            hf[m + 'gate_proj.bias'], hf[m + 'up_proj.bias'] = sd[o + 'mlp.c_fc.bias'].chunk(2)
-            hf[m + 'down_proj.bias'] = sd[o + 'mlp.c_proj.bias']
-    hf['model.norm.weight'] = sd['transformer.ln_f.weight']
-    if not config.tie_word_embeddings:
-        hf['lm_head.weight'] = sd['lm_head.weight']
+    for ours, names, how in _weight_map(config, model_type):
+        if how == 'copy':
+            hf[names[0]] = sd[ours]
+        elif how == 't':
+            hf[names[0]] = sd[ours].t()
+        else:
+            hf.update(zip(names, sd[ours].split(how)))
     return hf
 
 
