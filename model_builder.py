@@ -310,6 +310,9 @@ class ConfigurableGPT(nn.Module):
         logits = self.lm_head(h) if return_logits else None
         return logits, self._chunked_loss(h, labels, reduction)
 
+    # Eager under torch.compile: the trained-position count changes every batch, and compiling
+    # per count would recompile until the cache limit; the chunks are big matmuls anyway.
+    @torch.compiler.disable
     def _chunked_loss(self, h, labels, reduction):
         targets = labels[:, 1:]
         keep = targets != -100

@@ -224,6 +224,24 @@ def test_a_second_backward_through_the_fused_loss_is_refused():
         loss.backward()
 
 
+def test_compiled_model_does_not_recompile_when_the_trained_token_count_changes():
+    """The loss runs eager (torch.compiler.disable): compiling it per trained-token count would
+    recompile on every new batch until dynamo's cache limit."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = _tiny()
+    compiled = torch.compile(model, backend='aot_eager')  # no C compiler needed
+    ids = _ids(T=24, B=2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n_masked in (3, 11, 17, 20):
+            labels = ids.clone()
+            labels[:, :n_masked] = -100
+            _, loss = compiled(ids, labels=labels)
+            loss.backward()
+            assert abs(loss.item() - _full_logits_loss(model, ids, labels, 'mean').item()) < 1e-5
+    torch._dynamo.reset()
+
+
 def test_no_trained_token_gives_exact_zero_loss_that_backprops():
     model = _tiny()
     ids = _ids()
