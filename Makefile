@@ -5,7 +5,7 @@ PY     ?= $(VENV)/bin/python
 # The CPU build of torch (small, fast to install). On a GPU machine: make TORCH_SPEC='torch' ...
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev install-bench demo test test-fast test-all bench bench-prepare bench-train clean
+.PHONY: install install-dev install-bench demo test test-fast test-gpu test-all bench bench-prepare bench-train clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ test: $(VENV)/.installed-dev
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m "not slow"
+
+# On a CUDA machine (install a CUDA torch first, e.g. make TORCH_SPEC=torch test-gpu): the GPU-only tests.
+test-gpu: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m gpu
 
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

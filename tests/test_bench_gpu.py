@@ -42,3 +42,17 @@ def test_cpu_smoke_run_reports_throughput_and_flop_accounting(tmp_path, capsys):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='GSM8K not found'):
         bench_gpu.main(['--device', 'cpu', '--data', str(tmp_path / 'nope.jsonl')])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_cuda_run_with_compile_reports_mfu_against_the_gpu_peak(tmp_path):
+    out = tmp_path / 'gpu.json'
+    rc = bench_gpu.main(['--presets', 'tiny', '--block_size', '128', '--batch_sizes', '1,2',
+                         '--warmup', '2', '--steps', '2', '--data', _tiny_data(tmp_path, n=40),
+                         '--json', str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0, res['results']
+    for r in res['results']:
+        assert r['compile'] and r['dtype'] == 'bfloat16' and r['device'].startswith('cuda')
+        assert r['tok_s'] > 0 and 0 < r['mfu'] < 1 and r['peak_mem_bytes'] > 0

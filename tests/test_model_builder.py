@@ -242,6 +242,26 @@ def test_compiled_model_does_not_recompile_when_the_trained_token_count_changes(
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
+def test_fused_loss_on_cuda_under_bf16_autocast_matches_the_full_logits_path():
+    model = _tiny().cuda()
+    ids = _ids(T=64, B=4).cuda()
+    labels = ids.clone()
+    labels[:, :20] = -100
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        ref = _full_logits_loss(model, ids, labels, 'mean')
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        _, loss = model(ids, labels=labels)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
+    for name, g in _grads(model).items():
+        assert g.dtype == torch.float32
+        assert (g - ref_grads[name]).abs().max() <= 5e-2 * ref_grads[name].abs().max(), name
+
+
 def test_no_trained_token_gives_exact_zero_loss_that_backprops():
     model = _tiny()
     ids = _ids()

@@ -386,6 +386,20 @@ def test_optimizer_state_of_older_checkpoints_keyed_by_position_is_read_by_name(
     assert train_sft.optimizer_state_by_name(by_name, opt, model) is by_name
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_bf16_compiled_cuda_run_follows_the_fp32_cpu_run(tmp_path, data_dir):
+    """The GPU path (bf16 autocast, torch.compile, fused AdamW) trains like fp32 eager on CPU."""
+    common = dict(data_dir=str(data_dir), max_iters=20, eval_interval=20, eval_iters=2)
+    cpu = train_sft.train(tiny_cfg(tmp_path / 'cpu', **common))
+    gpu = train_sft.train(tiny_cfg(tmp_path / 'gpu', device='cuda', dtype='bfloat16', compile=True,
+                                   **common))
+    assert gpu['iters'] == 20 and gpu['skipped_steps'] == 0
+    assert gpu['last_val_loss'] == pytest.approx(cpu['last_val_loss'], rel=0.05)
+    base = train_sft.train(tiny_cfg(tmp_path / 'base', **dict(common, max_iters=0)))
+    assert gpu['last_val_loss'] < 0.8 * base['last_val_loss']  # and it learned
+
+
 def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_path):
     cfg = tiny_cfg(tmp_path, vocab_size=384, n_layer=3, n_embd=96, n_head=6, n_kv_head=2,
                    head_dim=16, intermediate_size=80)
