@@ -58,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if not (want_h or want_w):
                     continue
                 p = logits.sub_(lse[:, None]).exp_()                  # softmax, in place
-                p[torch.arange(len(tc), device=p.device), tc] -= 1.0  # d(CE sum)/d(logits)
+                p.scatter_add_(1, tc[:, None], p.new_full((len(tc), 1), -1.0))  # d(CE sum)/d(logits)
                 p = p.to(dtype)
                 if want_h:
                     grad_h[s:s + chunk_rows] = p @ w
@@ -93,6 +93,14 @@ def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None):
     if chunk_rows is None:
         chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled())
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the (B*T) positions of the positions whose next label is trained (the
+    targets are labels shifted by one: position b*T+t predicts labels[b, t+1])."""
+    has_target = torch.zeros_like(labels, dtype=torch.bool)
+    has_target[:, :-1] = labels[:, 1:] != -100
+    return has_target.flatten().nonzero().squeeze(1)
 
 
 class RMSNorm(nn.Module):
@@ -297,30 +305,34 @@ class ConfigurableGPT(nn.Module):
         return mask
 
     def forward(self, input_ids, labels=None, position_ids=None, attn_mask=None, doc_ids=None,
-                reduction='mean', return_logits=None):
+                reduction='mean', return_logits=None, trained_index=None):
         """-> (logits, loss). See the contract: labels are shifted inside (HF convention), -100 is
         ignored; with labels, the LM head runs only on trained positions (chunked) and logits are
         None unless return_logits=True. attn_mask (bool, broadcastable to (B,1,T,T), True = may
-        attend) is combined with the causal mask and takes precedence over doc_ids."""
+        attend) is combined with the causal mask and takes precedence over doc_ids.
+        trained_index (optional): trained_positions(labels), made where the labels were made.
+        Made on the host, its length is known without a device sync; otherwise the model finds the
+        trained positions itself, which costs one host sync per call on a GPU."""
         if reduction not in ('mean', 'sum'):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         h = self.hidden_states(input_ids, position_ids, attn_mask, doc_ids)
         if labels is None:
             return self.lm_head(h), None
         logits = self.lm_head(h) if return_logits else None
-        return logits, self._chunked_loss(h, labels, reduction)
+        return logits, self._chunked_loss(h, labels, reduction, trained_index)
 
     # Eager under torch.compile: the trained-position count changes every batch, and compiling
     # per count would recompile until the cache limit; the chunks are big matmuls anyway.
     @torch.compiler.disable
-    def _chunked_loss(self, h, labels, reduction):
-        targets = labels[:, 1:]
-        keep = targets != -100
-        h_sel = h[:, :-1][keep]            # (N, C): only positions that have a trained target
-        t_sel = targets[keep]
-        n = t_sel.numel()
+    def _chunked_loss(self, h, labels, reduction, trained_index=None):
+        if trained_index is None:
+            trained_index = trained_positions(labels)
+        n = trained_index.numel()
         if n == 0:
             return h.sum() * 0.0           # exactly 0, still part of the graph (DDP needs grads)
+        # (N, C): only the positions whose next token is trained; their targets are one further on
+        h_sel = h.reshape(-1, h.size(-1)).index_select(0, trained_index)
+        t_sel = labels.reshape(-1).index_select(0, trained_index + 1)
         total = linear_cross_entropy(h_sel, self.lm_head.weight, t_sel)
         return total / n if reduction == 'mean' else total
 

@@ -92,6 +92,7 @@ peak_flops = 0.0             # per GPU, for MFU; 0 -> guess from the device name
 
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, DataError, GlobalSampler, JsonlSplit,  # noqa: F401
                       SFTDataset, check_token_ids, eval_batches, open_split, pack_best_fit)
+from model_builder import trained_positions  # noqa: E402
 
 
 class TrainError(RuntimeError):
@@ -130,11 +131,13 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     without a host sync, (summed loss, trained tokens, all tokens) of this rank.
     """
     local = sum(int(count_trained_tokens(b['labels'])) for b in batches)   # CPU tensors: no sync
-    total = all_reduce(torch.tensor([float(local)], dtype=torch.float64, device=dev))
+    total = all_reduce(torch.tensor([float(local)], dtype=torch.float64).to(dev, non_blocking=True))
     # No trained token anywhere: a denominator of 1 keeps every contribution exactly 0, not NaN.
     denom = total[0].clamp(min=1.0).float()
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
     for m, batch in enumerate(batches):
+        # the trained positions found here, on the host: on the device it would cost a sync
+        batch = dict(batch, trained_index=trained_positions(batch['labels']))
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step.
         if fsdp:
@@ -143,7 +146,7 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
             with autocast:
                 _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
                                     position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
-                                    reduction='sum')
+                                    reduction='sum', trained_index=batch['trained_index'])
             # x world: DDP and FSDP average gradients over ranks, but the global count already normalized.
             loss = loss_sum.float() / denom * world
             (scaler.scale(loss) if scaler is not None else loss).backward()

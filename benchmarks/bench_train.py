@@ -120,7 +120,7 @@ def recompute_ce_loss(model):
     def ce_sum(h, t):
         return F.cross_entropy(model.lm_head(h).float(), t, reduction='sum')
 
-    def loss(h, labels, reduction):
+    def loss(h, labels, reduction, trained_index=None):
         targets = labels[:, 1:]
         keep = targets != -100
         h_sel, t_sel = h[:, :-1][keep], targets[keep]
@@ -190,7 +190,8 @@ def child_nanosft(args, name):
         groups = [{'params': g['params'], 'weight_decay': g['weight_decay']} for g in opt.param_groups]
         opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
 
-    def full_logits_model(input_ids, labels, position_ids=None, doc_ids=None, reduction='sum'):
+    def full_logits_model(input_ids, labels, position_ids=None, doc_ids=None, reduction='sum',
+                          trained_index=None):
         """The unoptimized path: (B, T, V) logits for every position, then cross-entropy."""
         logits, _ = model(input_ids, position_ids=position_ids, doc_ids=doc_ids)
         return logits, F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -165,6 +165,51 @@ def test_fused_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch, t
         assert 'transformer.wte.weight' in grads and 'lm_head.weight' not in grads
 
 
+def test_trained_positions_made_on_the_host_give_the_same_loss_and_gradients():
+    model = _tiny()
+    ids = _ids(T=30, B=3)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    labels[2, 12:] = -100
+    labels[0, -1] = -100
+    index = model_builder.trained_positions(labels)
+    # position b*T+t is kept when labels[b, t+1] is trained: never the last position of a row
+    T = labels.size(1)
+    assert index.tolist() == [b * T + t for b in range(3) for t in range(T - 1) if labels[b, t + 1] != -100]
+    _, ref = model(ids, labels=labels)
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _, loss = model(ids, labels=labels, trained_index=index)
+    loss.backward()
+    assert loss.item() == ref.item()
+    assert all(torch.equal(g, ref_grads[n]) for n, g in _grads(model).items())
+    _, zero = model(ids, labels=torch.full_like(ids, -100),
+                    trained_index=model_builder.trained_positions(torch.full_like(ids, -100)))
+    assert zero.item() == 0.0
+
+
+@pytest.mark.gpu
+def test_loss_forward_on_cuda_with_host_made_trained_positions_makes_no_host_sync():
+    """With trained_index made on the host (train_sft.forward_backward does), the forward, the
+    fused loss and its in-forward gradients never wait for the GPU."""
+    model = _tiny().cuda()
+    ids = _ids(T=32, B=2)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    index = model_builder.trained_positions(labels)   # on the host
+    ids, labels = ids.cuda(), labels.cuda()
+    model(ids, labels=labels)[1].backward()           # warm-up: allocator, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        _, loss = model(ids, labels=labels, trained_index=index.to('cuda', non_blocking=True))
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_linear_cross_entropy_equals_linear_then_cross_entropy_in_float64():
     torch.manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
