@@ -130,15 +130,15 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     token weighs the same whatever the padding, accumulation or GPU count. Returns, on device and
     without a host sync, (summed loss, trained tokens, all tokens) of this rank.
     """
-    local = sum(int(count_trained_tokens(b['labels'])) for b in batches)   # CPU tensors: no sync
+    # The trained positions are found here, on the CPU batches: on the device it would cost a sync.
+    indices = [trained_positions(b['labels']) for b in batches]
+    local = sum(len(i) for i in indices)
     total = all_reduce(torch.tensor([float(local)], dtype=torch.float64).to(dev, non_blocking=True))
     # No trained token anywhere: a denominator of 1 keeps every contribution exactly 0, not NaN.
     denom = total[0].clamp(min=1.0).float()
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
-    for m, batch in enumerate(batches):
-        # the trained positions found here, on the host: on the device it would cost a sync
-        batch = dict(batch, trained_index=trained_positions(batch['labels']))
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    for m, (batch, index) in enumerate(zip(batches, indices)):
+        batch = {k: v.to(dev, non_blocking=True) for k, v in dict(batch, trained_index=index).items()}
         # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step.
         if fsdp:
             model.set_requires_gradient_sync(m == len(batches) - 1)
@@ -151,7 +151,7 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
             loss = loss_sum.float() / denom * world
             (scaler.scale(loss) if scaler is not None else loss).backward()
         stats[0] += loss_sum.detach().double()
-        stats[1] += count_trained_tokens(batch['labels'])
+        stats[1] += len(index)
         stats[2] += batch['input_ids'].numel()
     return stats
 
