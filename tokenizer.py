@@ -78,7 +78,6 @@ QWEN3_SPECIALS = (
 # Added tokens that Hugging Face matches inside text (special=False in Qwen3's tokenizer.json).
 QWEN3_TEXT_TOKENS = ('<tool_call>', '</tool_call>', '<tool_response>', '</tool_response>',
                      '<think>', '</think>')
-ROLES = ('system', 'user', 'assistant', 'tool')
 CHAT_TEMPLATES = ('chatml', 'qwen3')
 
 
