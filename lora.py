@@ -1,0 +1,607 @@
+"""LoRA, DoRA and QLoRA for ConfigurableGPT: adapters around nn.Linear in plain PyTorch, the frozen
+base in 4-bit NF4 through torchao, an exact merge, and PEFT adapter directories out and in.
+
+`apply_lora(model, LoRAConfig(...))` swaps the targeted projections' nn.Linear for LoRALinear in
+place and freezes everything else; the model class itself has no LoRA branch. LoRALinear keeps
+nn.Linear's `weight` / `bias`, so a full state dict of the base still loads into it.
+
+One adapter per Hugging Face projection. ConfigurableGPT fuses q|k|v into `attn.c_attn` and
+gate|up into `mlp.c_fc`; an adapter belongs to a row slice of such a fused weight (q_proj: A r x in,
+B out_q x r), exactly as PEFT holds it on the separate HF module, so adapter directories move
+between the two unchanged. The slices come from the HF weight-name table (`_weight_map`), the one
+place our names meet Hugging Face's. Forward of a LoRALinear whose slices i are targeted:
+
+    y = x W^T + b + s * concat_i( (drop(x) A_i^T) B_i^T )        s = alpha / r  (rsLoRA: alpha / sqrt r)
+
+with the A_i stacked into one matmul (x, the big operand, is read once) and a small matmul per B_i.
+DoRA (Liu et al. 2024, as PEFT computes it) rescales each row: W'_i = m_i * V_i / ||V_i||_row with
+V_i = W_i + s B_i A_i and the norm a constant in backward (the paper's section 4.3, PEFT too).
+
+QLoRA (Dettmers et al. 2023): every frozen projection weight becomes a torchao NF4Tensor (4-bit
+NormalFloat in blocks of 64, block scales double-quantized to int8); F.linear on it dequantizes on
+the fly and saves only the 4-bit tensor for backward. The merge folds the adapters into the
+*dequantized* NF4 base, the base the adapter was trained on, never the original weights (whose
+quantization error the adapter never saw: peft #2321, transformers #31293).
+
+'embed_tokens' / 'lm_head' as targets train that matrix in full (PEFT's `modules_to_save`); with
+tied embeddings both names are the one shared matrix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_builder import ConfigurableGPT, _weight_map
+
+PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+NF4_BLOCK = 64             # torchao's (and bitsandbytes') NF4 block: one absmax scale per 64 weights
+NF4_SCALER_BLOCK = 256     # scales double-quantized in groups of 256 blocks
+PEFT_PREFIX = 'base_model.model.'
+
+
+class LoRAError(ValueError):
+    """A LoRA configuration, adapter file or base that does not fit: the message says what and where."""
+
+
+# ---------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0                   # on the adapter input only
+    # Hugging Face projection names (q_proj ... down_proj; GPT-2: c_attn, c_proj, c_fc), 'all' = every
+    # attention and MLP projection; 'embed_tokens' / 'lm_head' train that matrix in full.
+    targets: tuple[str, ...] = ('all',)
+    rslora: bool = False                   # scale alpha / sqrt(rank) instead of alpha / rank
+    dora: bool = False                     # weight-decomposed LoRA: a trained magnitude per output row
+    quantize: bool = False                 # QLoRA: frozen projection weights in NF4
+    quantize_embeddings: bool = False      # QLoRA: the frozen embedding / LM head in NF4 too
+
+    def __post_init__(self):
+        targets = self.targets
+        if isinstance(targets, str):
+            targets = targets.split(',')
+        targets = tuple(dict.fromkeys(t.strip() for t in targets if t and t.strip()))
+        object.__setattr__(self, 'targets', targets)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise LoRAError(f"lora rank must be an integer >= 1, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise LoRAError(f"lora alpha must be > 0, got {self.alpha!r}")
+        object.__setattr__(self, 'alpha', float(self.alpha))
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise LoRAError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if not targets:
+            raise LoRAError("lora targets is empty: name projections (q_proj, ...) or 'all'")
+        if self.quantize_embeddings and not self.quantize:
+            raise LoRAError("quantize_embeddings needs quantize=True (QLoRA)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d['targets'] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> 'LoRAConfig':
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise LoRAError(f"unknown LoRA config key(s) {unknown}; valid: {', '.join(valid)}")
+        return cls(**{k: tuple(v) if k == 'targets' else v for k, v in d.items()})
+
+
+def check_qlora_device(cfg: LoRAConfig, dtype: torch.dtype, device_type: str) -> None:
+    """QLoRA dequantizes every weight in the compute dtype: float16 on a CPU has no fast kernels
+    (and nanoSFT trains CPUs without autocast), so it is refused before anything is loaded."""
+    if cfg.quantize and device_type == 'cpu' and dtype == torch.float16:
+        raise LoRAError("QLoRA with dtype float16 on CPU is not supported (no fast float16 CPU "
+                        "kernels): use dtype float32 or bfloat16")
+
+
+# ---------------------------------------------------------------------- where the projections are
+@dataclass(frozen=True)
+class Slice:
+    target: str      # the HF projection name: 'q_proj'
+    hf_name: str     # the HF module it is, PEFT's name for it: 'model.layers.3.self_attn.q_proj'
+    start: int       # its rows in our (possibly fused) weight
+    size: int
+
+
+def _layout_model_type(config) -> str:
+    try:
+        return config.hf_model_type()
+    except ValueError:   # no HF twin: name the projections as the closest family does
+        return 'llama' if config.mlp_type == 'swiglu' else 'gpt2'
+
+
+def projection_layout(model: ConfigurableGPT) -> dict[str, list[Slice]]:
+    """Our Linear module path -> its HF projections in row order, from the HF weight-name table."""
+    config = model.config
+    layout = {}
+    for ours, names, how in _weight_map(config, _layout_model_type(config)):
+        path = ours.removesuffix('.weight')
+        if not ours.endswith('.weight') or path == 'lm_head' or not path.startswith('transformer.h.'):
+            continue
+        if not isinstance(model.get_submodule(path), (nn.Linear, LoRALinear)):
+            continue
+        sizes = how if isinstance(how, list) else [model.get_submodule(path).weight.shape[0]]
+        hf = [n.removesuffix('.weight') for n in names]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        layout[path] = [Slice(h.rsplit('.', 1)[-1], h, s, n) for h, s, n in zip(hf, starts, sizes)]
+    return layout
+
+
+def full_module_names(model: ConfigurableGPT) -> dict[str, tuple[str, str]]:
+    """Target name -> (our module path, HF module name) of the matrices a target trains in full."""
+    config = model.config
+    embed = next(names[0] for ours, names, _ in _weight_map(config, _layout_model_type(config))
+                 if ours == 'transformer.wte.weight').removesuffix('.weight')
+    return {embed.rsplit('.', 1)[-1]: ('transformer.wte', embed), 'lm_head': ('lm_head', 'lm_head')}
+
+
+def resolve_targets(cfg: LoRAConfig, model: ConfigurableGPT) -> tuple[set[str], set[str]]:
+    """-> (projection names to adapt, full-trained module names); unknown names are an error."""
+    layout, full = projection_layout(model), full_module_names(model)
+    known = list(dict.fromkeys(s.target for slices in layout.values() for s in slices))
+    adapt, train = set(), set()
+    for t in cfg.targets:
+        if t == 'all':
+            adapt.update(known)
+        elif t in known:
+            adapt.add(t)
+        elif t in full:
+            train.add(t)
+        else:
+            raise LoRAError(f"unknown LoRA target {t!r}; this model has: 'all', "
+                            f"{', '.join(map(repr, known + list(full)))}")
+    if cfg.quantize_embeddings and train:
+        raise LoRAError(f"quantize_embeddings freezes the embedding in NF4, but {sorted(train)} is "
+                        f"trained in full: choose one")
+    return adapt, train
+
+
+# ---------------------------------------------------------------------- NF4 (torchao)
+def _torchao_nf4():
+    """torchao's to_nf4, imported on first use (QLoRA only). On a CPU-only machine its import logs
+    that its CUDA kernels do not load; that is expected here, so those lines are silenced."""
+    quiet = [logging.getLogger(n) for n in ('torchao', 'torch.utils._pytree')]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import to_nf4
+    except ImportError as e:
+        raise LoRAError("QLoRA needs torchao >= 0.18 (its NF4 tensor): pip install torchao") from e
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+    return to_nf4
+
+
+def is_nf4(t) -> bool:
+    return type(t).__name__ == 'NF4Tensor'
+
+
+def to_nf4(weight: torch.Tensor, name: str = 'weight') -> nn.Parameter:
+    """A frozen NF4 Parameter of `weight` (its dtype is the dtype it dequantizes to)."""
+    n = weight.numel()
+    if n % NF4_BLOCK:
+        raise LoRAError(f"QLoRA: {name} has {n} elements, not a multiple of NF4's block of {NF4_BLOCK}")
+    blocks = n // NF4_BLOCK
+    # the block scales are quantized in groups: the largest group <= 256 that divides them evenly
+    scaler_block = next(b for b in range(min(NF4_SCALER_BLOCK, blocks), 0, -1) if blocks % b == 0)
+    q = _torchao_nf4()(weight.detach().contiguous(), block_size=NF4_BLOCK, scaler_block_size=scaler_block)
+    return nn.Parameter(q, requires_grad=False)
+
+
+def dense(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The weight as a plain tensor: an NF4 weight dequantized, anything else cast."""
+    with torch.no_grad():
+        return weight.to(dtype)   # NF4Tensor.to(dtype) dequantizes
+
+
+class NF4Embedding(nn.Module):
+    """A frozen embedding table in NF4. The lookup dequantizes the table (a transient copy: torchao
+    has no row-wise NF4 gather) and takes the rows; with tied weights the LM head shares it."""
+
+    def __init__(self, emb: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.weight = to_nf4(emb.weight, 'the embedding')
+
+    def forward(self, ids):
+        return F.embedding(ids, dense(self.weight, self.weight.dtype))
+
+
+# ---------------------------------------------------------------------- the adapter module
+class LoRALinear(nn.Module):
+    """nn.Linear (same `weight` / `bias`, frozen, plain or NF4) plus one LoRA adapter per targeted
+    row slice: lora_A[name] (r x in), lora_B[name] (rows x r), DoRA's lora_magnitude[name] (rows)."""
+
+    def __init__(self, linear: nn.Linear, slices: list[Slice], targets: set[str], cfg: LoRAConfig,
+                 generator: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.splits = [(s.target, s.size) for s in slices]          # every slice, in row order
+        self.targets = [s.target for s in slices if s.target in targets]
+        self.rank, self.scale, self.dora = cfg.rank, cfg.scale, cfg.dora
+        self.lora_dropout_p = cfg.dropout   # not `dropout`: train_sft.set_dropout must not reset it
+        dev = self.weight.device
+        adtype = torch.promote_types(self.weight.dtype, torch.float32)   # adapters train in >= fp32
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for s in slices:
+            if s.target not in targets:
+                continue
+            a = torch.empty(cfg.rank, self.in_features, dtype=adtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)   # PEFT's (and nn.Linear's) init
+            self.lora_A[s.target] = nn.Parameter(a.to(dev))
+            # B = 0: at init the adapter adds nothing, the model is exactly the base
+            self.lora_B[s.target] = nn.Parameter(torch.zeros(s.size, cfg.rank, dtype=adtype, device=dev))
+        if self.dora:
+            w = dense(self.weight, adtype)
+            self.lora_magnitude = nn.ParameterDict(
+                {t: nn.Parameter(w[start:start + n].norm(dim=1)) for (t, n), start in self._rows()
+                 if t in self.lora_A})
+
+    def _rows(self):
+        start = 0
+        for t, n in self.splits:
+            yield (t, n), start
+            start += n
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, targets={self.targets}, "
+                f"rank={self.rank}, scale={self.scale:g}, dora={self.dora}, nf4={is_nf4(self.weight)}")
+
+    def delta(self, t: str) -> torch.Tensor:
+        """The adapter's weight update s * B A of slice t (rows x in)."""
+        return self.scale * (self.lora_B[t] @ self.lora_A[t])
+
+    @torch.no_grad()
+    def _dora_factor(self, dtype) -> torch.Tensor:
+        """Per output row 1 / ||W + s B A||_row (1 where no DoRA adapter), a constant in backward."""
+        w = dense(self.weight, torch.float32)
+        inv = torch.ones(self.out_features, dtype=torch.float32, device=w.device)
+        for (t, n), start in self._rows():
+            if t in self.lora_A:
+                v = w[start:start + n] + self.delta(t).float()
+                inv[start:start + n] = 1.0 / v.norm(dim=1)
+        return inv.to(dtype)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, None if self.dora else self.bias)
+        h = F.dropout(x, self.lora_dropout_p, self.training) if self.lora_dropout_p > 0 else x
+        A = torch.cat([self.lora_A[t] for t in self.targets]) if len(self.targets) > 1 \
+            else self.lora_A[self.targets[0]]
+        ha = F.linear(h, A).split(self.rank, dim=-1)
+        pieces, k = [], 0
+        for t, n in self.splits:
+            if t in self.lora_A:
+                pieces.append(F.linear(ha[k], self.lora_B[t]) * self.scale)
+                k += 1
+            else:   # an untargeted slice of a fused weight (e.g. k_proj when only q_proj, v_proj are)
+                pieces.append(y.new_zeros(*y.shape[:-1], n))
+        y = y + (torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0])
+        if not self.dora:
+            return y
+        # DoRA: rows scaled by m / ||W + s B A||; rows without an adapter keep factor 1
+        mag = torch.cat([self.lora_magnitude[t] if t in self.lora_A else
+                         torch.ones(n, dtype=y.dtype, device=y.device) for t, n in self.splits])
+        y = y * (mag * self._dora_factor(mag.dtype)).to(y.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """fp32 W + s B A per slice (DoRA: rescaled to its magnitude), on the dequantized base."""
+        w = dense(self.weight, torch.float32).clone()
+        for (t, n), start in self._rows():
+            if t in self.lora_A:
+                v = w[start:start + n] + self.delta(t).float()
+                if self.dora:
+                    v = self.lora_magnitude[t].float()[:, None] * v / v.norm(dim=1, keepdim=True)
+                w[start:start + n] = v
+        return w
+
+
+# ---------------------------------------------------------------------- apply / merge
+def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=None,
+               base_dtype: torch.dtype | None = None) -> ConfigurableGPT:
+    """Freeze the model and add the adapters of cfg, in place (returns the model).
+
+    seed: the adapters' init (a generator of its own: every rank of a run draws the same A).
+    device: where the NF4 weights are quantized and kept (QLoRA), layer by layer, so a base that
+    does not fit the device unquantized still can be loaded on the CPU and quantized there.
+    base_dtype: cast the frozen (not NF4) base to it, e.g. bfloat16 under autocast on a GPU."""
+    if getattr(model, 'lora_config', None) is not None:
+        raise LoRAError("this model already has LoRA adapters")
+    adapt, train = resolve_targets(cfg, model)
+    layout = projection_layout(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if base_dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(base_dtype)
+    gen = torch.Generator().manual_seed(seed)
+    for path, slices in layout.items():
+        parent, _, child = path.rpartition('.')
+        linear = model.get_submodule(path)
+        if cfg.quantize:
+            w = linear.weight.detach()
+            linear.weight = to_nf4(w.to(device) if device is not None else w, f"{path}.weight")
+            if device is not None and linear.bias is not None:
+                linear.bias.data = linear.bias.data.to(device)
+        if any(s.target in adapt for s in slices):
+            setattr(model.get_submodule(parent), child, LoRALinear(linear, slices, adapt, cfg, gen))
+    full = full_module_names(model)
+    for t in train:
+        model.get_submodule(full[t][0]).weight.requires_grad_(True)
+    if cfg.quantize_embeddings:
+        model.transformer.wte = NF4Embedding(model.transformer.wte)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        else:
+            model.lm_head.weight = to_nf4(model.lm_head.weight.detach(), 'lm_head.weight')
+    model.lora_config = cfg
+    return model
+
+
+def lora_modules(model) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model: ConfigurableGPT) -> ConfigurableGPT:
+    """A plain fp32 ConfigurableGPT: the adapters folded into the base they were trained on (an NF4
+    base dequantized, exactly as the adapter model computed with it). The input is left unchanged."""
+    merged = {f'{n}.weight': m.merged_weight() for n, m in lora_modules(model).items()}
+    sd = {}
+    for k, v in model.state_dict().items():
+        if '.lora_' in k:
+            continue
+        sd[k] = merged[k] if k in merged else dense(v, torch.float32).clone()
+    with torch.device('meta'):
+        plain = ConfigurableGPT(model.config)
+    plain.load_state_dict(sd, strict=True, assign=True)
+    plain.tie_weights()
+    return plain
+
+
+# ---------------------------------------------------------------------- adapter state
+def trainable_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """What a LoRA checkpoint stores of the model: the trained tensors only (adapters, DoRA
+    magnitudes, fully trained embedding / LM head), by parameter name."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state_dict(model, sd: dict, where: str = 'adapter') -> None:
+    """Load trained tensors into a model that apply_lora prepared with the same config; every
+    missing, extra or misshapen tensor is named."""
+    params = dict(model.named_parameters())
+    want = trainable_names(model)
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        raise LoRAError(f"{where}: adapter tensors do not fit this model's LoRA config: missing "
+                        f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected "
+                        f"{extra[:6]}{' ...' if len(extra) > 6 else ''}")
+    for k in want:
+        if tuple(sd[k].shape) != tuple(params[k].shape):
+            raise LoRAError(f"{where}: {k} has shape {tuple(sd[k].shape)}, but this base needs "
+                            f"{tuple(params[k].shape)}")
+    with torch.no_grad():
+        for k in want:
+            params[k].copy_(sd[k])
+
+
+# ---------------------------------------------------------------------- base fingerprint
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().reshape(-1)
+    if t.numel() and t.stride(0) != 1:   # a size-1 tensor may keep a stride that view() rejects
+        t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def base_fingerprint(model) -> dict[str, Any]:
+    """sha256 over the frozen base exactly as the adapters see it (names, dtypes, shapes, bytes;
+    an NF4 weight by its 4-bit payload and scales), so a resume or an export against any other base
+    (other weights, another quantization) is caught. Cost: one pass over the bytes (~0.6 s per GiB
+    with SHA-NI on this project's CPU)."""
+    h = hashlib.sha256()
+    total = 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            continue
+        parts = [p]
+        if is_nf4(p):
+            inner, ctx = p.__tensor_flatten__()
+            parts = [getattr(p, a) for a in inner]
+            h.update(f"{name}:nf4:{ctx['block_size']}:{ctx['scaler_block_size']}:".encode())
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}\n".encode())
+        for t in parts:
+            h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
+            h.update(_tensor_bytes(t))
+            total += t.numel() * t.element_size()
+    return {'sha256': h.hexdigest(), 'bytes': total}
+
+
+def base_bytes(model) -> dict[str, int]:
+    """Bytes of the frozen base by kind: NF4 projections, other frozen tensors."""
+    out = {'nf4': 0, 'dense': 0}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        if is_nf4(p):
+            inner, _ = p.__tensor_flatten__()
+            out['nf4'] += sum(getattr(p, a).numel() * getattr(p, a).element_size() for a in inner)
+        else:
+            out['dense'] += p.numel() * p.element_size()
+    return out
+
+
+# ---------------------------------------------------------------------- PEFT adapter directories
+def _peft_names(model) -> dict[str, str]:
+    """Our trained tensor name -> PEFT's key in adapter_model.safetensors."""
+    names = {}
+    for path, slices in projection_layout(model).items():
+        for s in slices:
+            ours = f'{path}.lora_A.{s.target}'
+            names[ours] = f'{PEFT_PREFIX}{s.hf_name}.lora_A.weight'
+            names[f'{path}.lora_B.{s.target}'] = f'{PEFT_PREFIX}{s.hf_name}.lora_B.weight'
+            names[f'{path}.lora_magnitude.{s.target}'] = f'{PEFT_PREFIX}{s.hf_name}.lora_magnitude_vector'
+    for target, (ours, hf) in full_module_names(model).items():
+        names[f'{ours}.weight'] = f'{PEFT_PREFIX}{hf}.weight'
+    return names
+
+
+def save_peft_adapter(model, path, base_model_name_or_path: str | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained
+    loads onto the Hugging Face base. The directory appears complete or not at all."""
+    from safetensors.torch import save_file
+    cfg: LoRAConfig = model.lora_config
+    config = model.config
+    model_type = config.hf_model_type()   # a clear error for an architecture with no HF twin
+    adapt, train = resolve_targets(cfg, model)
+    names = _peft_names(model)
+    tensors = {}
+    for k, v in adapter_state_dict(model).items():
+        if k == 'lm_head.weight' and config.tie_word_embeddings:
+            k = 'transformer.wte.weight'
+        tensors[names[k]] = v
+    modules_to_save = []
+    if train:
+        full = full_module_names(model)
+        embed_name, embed_hf = next((t, hf) for t, (ours, hf) in full.items() if ours == 'transformer.wte')
+        if config.tie_word_embeddings:
+            # PEFT keeps tied matrices tied only with ensure_weight_tying; it stores both keys
+            modules_to_save = [embed_name]
+            tensors[f'{PEFT_PREFIX}lm_head.weight'] = tensors[f'{PEFT_PREFIX}{embed_hf}.weight']
+        else:
+            modules_to_save = sorted(train)
+    tensors = {k: v.detach().to('cpu', dtype or v.dtype).clone(memory_format=torch.contiguous_format)
+               for k, v in tensors.items()}
+    if config.tie_word_embeddings and modules_to_save:
+        # two keys, one storage: safetensors refuses shared memory
+        tensors[f'{PEFT_PREFIX}lm_head.weight'] = tensors[f'{PEFT_PREFIX}lm_head.weight'].clone()
+    peft_config = {
+        'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': cfg.rank, 'lora_alpha': cfg.alpha,
+        'lora_dropout': cfg.dropout, 'target_modules': sorted(adapt), 'use_rslora': cfg.rslora,
+        'use_dora': cfg.dora, 'modules_to_save': modules_to_save or None,
+        'ensure_weight_tying': bool(modules_to_save and config.tie_word_embeddings),
+        'bias': 'none', 'fan_in_fan_out': model_type == 'gpt2', 'init_lora_weights': True,
+        'inference_mode': True, 'base_model_name_or_path': base_model_name_or_path,
+        'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp', dir=path.parent))
+    try:
+        (tmp / 'adapter_config.json').write_text(json.dumps(peft_config, indent=2) + '\n')
+        save_file(tensors, tmp / 'adapter_model.safetensors', metadata={'format': 'pt'})
+        if path.exists():
+            for name in ('adapter_config.json', 'adapter_model.safetensors'):
+                os.replace(tmp / name, path / name)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_PEFT_UNSUPPORTED = {  # adapter_config.json keys whose non-default values we do not implement
+    'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None, 'layers_pattern': None,
+    'lora_bias': False, 'use_qalora': False, 'trainable_token_indices': None, 'layer_replication': None,
+    'exclude_modules': None, 'target_parameters': None,
+}
+
+
+def read_peft_adapter(path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """A PEFT LoRA adapter directory -> (LoRAConfig, its tensors by PEFT key). Features we do not
+    implement (per-layer ranks, bias training, embedding adapters, ...) are an error, not ignored."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    cfg_file, weights = path / 'adapter_config.json', path / 'adapter_model.safetensors'
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise LoRAError(f"{f}: not found (a PEFT adapter directory has adapter_config.json and "
+                            f"adapter_model.safetensors)")
+    try:
+        pc = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{cfg_file}: not valid JSON: {e}") from e
+    if pc.get('peft_type') != 'LORA':
+        raise LoRAError(f"{cfg_file}: peft_type {pc.get('peft_type')!r}; only 'LORA' adapters are read")
+    if pc.get('bias', 'none') != 'none':
+        raise LoRAError(f"{cfg_file}: bias={pc['bias']!r} (trained biases) is not supported; only 'none'")
+    for key, default in _PEFT_UNSUPPORTED.items():
+        if pc.get(key, default) not in (default, None, {}, False):
+            raise LoRAError(f"{cfg_file}: {key}={pc[key]!r} is not supported by nanoSFT's LoRA")
+    targets = pc.get('target_modules')
+    if isinstance(targets, str) or not targets:
+        raise LoRAError(f"{cfg_file}: target_modules={targets!r}: nanoSFT reads a list of module "
+                        f"names (q_proj, ...), not a regex or 'all-linear'")
+    emb = [t for t in targets if t in ('embed_tokens', 'lm_head', 'wte')]
+    if emb:
+        raise LoRAError(f"{cfg_file}: LoRA adapters on {emb} are not supported (nanoSFT trains the "
+                        f"embedding / LM head in full: modules_to_save)")
+    try:
+        cfg = LoRAConfig(rank=pc.get('r', 8), alpha=pc.get('lora_alpha', 8),
+                         dropout=pc.get('lora_dropout', 0.0) or 0.0,
+                         targets=tuple(targets) + tuple(pc.get('modules_to_save') or ()),
+                         rslora=bool(pc.get('use_rslora', False)), dora=bool(pc.get('use_dora', False)))
+    except LoRAError as e:
+        raise LoRAError(f"{cfg_file}: {e}") from e
+    return cfg, load_file(weights)
+
+
+def load_peft_tensors(model, tensors: dict[str, torch.Tensor], where: str = 'adapter') -> None:
+    """Load a PEFT adapter's tensors into a model that apply_lora prepared with its config."""
+    to_ours = {}
+    for ours, peft in _peft_names(model).items():
+        to_ours.setdefault(peft, ours)
+    tied = model.config.tie_word_embeddings
+    sd, unknown = {}, []
+    for k, v in tensors.items():
+        key = k.replace('.lora_A.default.', '.lora_A.').replace('.lora_B.default.', '.lora_B.')
+        ours = to_ours.get(key)
+        if ours is None:
+            unknown.append(k)
+        elif not (ours == 'lm_head.weight' and tied):   # tied: the embedding's copy is the one
+            sd[ours] = v
+    if unknown:
+        raise LoRAError(f"{where}: tensors that do not belong to this base: {unknown[:6]}"
+                        f"{' ...' if len(unknown) > 6 else ''}")
+    load_adapter_state_dict(model, sd, where)
+
+
+def load_peft_adapter(model, path, **overrides) -> ConfigurableGPT:
+    """apply_lora with a PEFT directory's config (fields replaced by overrides, e.g. quantize=True)
+    and its tensors: to continue an adapter trained elsewhere, or to use it."""
+    cfg, tensors = read_peft_adapter(path)
+    cfg = dataclasses.replace(cfg, **overrides)
+    apply_lora(model, cfg)
+    load_peft_tensors(model, tensors, where=str(path))
+    return model

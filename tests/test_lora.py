@@ -1,0 +1,306 @@
+"""lora.py: adapters that start as the identity, train alone, merge exactly (LoRA, DoRA, QLoRA),
+round-trip through PEFT, fingerprint their base and reject what does not fit."""
+import copy
+import json
+
+import pytest
+import torch
+
+import lora
+from lora import LoRAConfig, LoRAError, apply_lora, merge_lora
+from model_builder import ConfigurableGPT
+from model_config import ModelArchitectureConfig
+
+VOCAB = 256
+
+
+def tiny(**kw):
+    # n_embd 128: every projection's element count is a multiple of NF4's 64 x 256 grouping
+    arch = dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, head_dim=32, intermediate_size=192,
+                vocab_size=VOCAB)
+    arch.update(kw)
+    torch.manual_seed(0)
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', **arch)).eval()
+    with torch.no_grad():   # non-trivial norms: a dropped or swapped one must show in the logits
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def ids(B=2, T=12, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model, seed=2, std=0.05):
+    """Trained-looking adapters: B (zero at init) and everything else trainable moved at random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x)[0]
+
+
+VARIANTS = {
+    'lora': dict(),
+    'rslora_dropout': dict(rslora=True, dropout=0.1),
+    'dora': dict(dora=True),
+    'partial_targets_and_embedding': dict(targets=('q_proj', 'v_proj', 'down_proj', 'embed_tokens')),
+    'qlora': dict(quantize=True),
+    'qdora': dict(quantize=True, dora=True),
+    'qlora_nf4_embedding': dict(quantize=True, quantize_embeddings=True),
+}
+
+
+@pytest.mark.parametrize('variant', ['lora', 'rslora_dropout', 'dora', 'partial_targets_and_embedding'])
+def test_adapters_at_init_leave_outputs_unchanged(variant):
+    base = tiny()
+    x = ids()
+    ref = logits(base, x)
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, **VARIANTS[variant])).eval()
+    out = logits(model, x)
+    if variant == 'dora':   # m / ||W|| is 1 up to rounding
+        assert (out - ref).abs().max().item() < 1e-5
+    else:
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize('variant', ['qlora', 'qlora_nf4_embedding'])
+def test_qlora_at_init_computes_the_dequantized_nf4_base(variant):
+    base = tiny()
+    x = ids()
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, **VARIANTS[variant])).eval()
+    assert all(lora.is_nf4(m.weight) for m in lora.lora_modules(model).values())
+    # the base it computes is the NF4 one: close to the original weights, not equal to them
+    plain = merge_lora(model)   # adapters at zero: the dequantized base itself
+    assert (logits(model, x) - logits(plain, x)).abs().max().item() < 1e-5
+    assert (logits(model, x) - logits(base, x)).abs().max().item() > 1e-3
+    w, wq = base.transformer.h[0].attn.c_attn.weight, plain.transformer.h[0].attn.c_attn.weight
+    assert (w - wq).abs().max().item() < 0.2 * w.abs().max().item()
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_gradients_reach_adapters_only(variant):
+    model = apply_lora(tiny(), LoRAConfig(rank=4, **VARIANTS[variant]))
+    perturb(model)
+    model.train()
+    x = ids()
+    _, loss = model(x, labels=x)
+    loss.backward()
+    trainable = set(lora.trainable_names(model))
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    assert all('lora_' in n or n in ('transformer.wte.weight', 'lm_head.weight') for n in trainable)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    in_opt = {id(p) for g in opt.param_groups for p in g['params']}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    expected = {'lora': 28, 'dora': 42, 'partial_targets_and_embedding': 13}.get(variant)
+    if expected:   # 7 projections x 2 layers x (A, B [, magnitude]); or 3 x 2 x 2 + the embedding
+        assert len(trainable) == expected
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_merged_model_equals_the_adapter_model(variant):
+    model = perturb(apply_lora(tiny(), LoRAConfig(rank=4, **VARIANTS[variant])).eval())
+    merged = merge_lora(model)
+    assert type(merged) is ConfigurableGPT and not lora.lora_modules(merged)
+    assert all(p.dtype == torch.float32 and not lora.is_nf4(p) for p in merged.parameters())
+    x = ids()
+    assert (logits(model, x) - logits(merged, x)).abs().max().item() < 1e-4
+
+
+def test_untied_lm_head_can_be_trained_in_full_and_merges():
+    model = apply_lora(tiny(tie_word_embeddings=False), LoRAConfig(rank=4, targets=('all', 'lm_head')))
+    assert 'lm_head.weight' in lora.trainable_names(model)
+    assert 'transformer.wte.weight' not in lora.trainable_names(model)
+    perturb(model)
+    x = ids()
+    assert (logits(model, x) - logits(merge_lora(model), x)).abs().max().item() < 1e-4
+
+
+def test_qlora_frozen_base_is_about_a_quarter_of_its_bf16_bytes():
+    model = apply_lora(tiny(), LoRAConfig(rank=4, quantize=True))
+    nf4_params = sum(m.weight.numel() for m in lora.lora_modules(model).values())
+    b = lora.base_bytes(model)
+    # 4 bits + an int8 scale per 64 weights + fp32 scale-of-scales per 64 x 256: 0.258 x bf16
+    assert 0.25 < b['nf4'] / (2 * nf4_params) < 0.27
+
+
+def test_adapter_init_is_seeded_not_global_rng():
+    a = apply_lora(tiny(), LoRAConfig(rank=4), seed=7)
+    torch.manual_seed(123)
+    b = apply_lora(tiny(), LoRAConfig(rank=4), seed=7)
+    sa, sb = lora.adapter_state_dict(a), lora.adapter_state_dict(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_adapter_state_round_trips_into_a_fresh_model():
+    model = perturb(apply_lora(tiny(), LoRAConfig(rank=4, dora=True)).eval())
+    fresh = apply_lora(tiny(), LoRAConfig(rank=4, dora=True)).eval()
+    lora.load_adapter_state_dict(fresh, lora.adapter_state_dict(model))
+    x = ids()
+    assert torch.equal(logits(model, x), logits(fresh, x))
+
+
+def test_base_fingerprint_identifies_the_exact_base():
+    a = lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=4)))
+    assert a == lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=8)))   # adapters do not count
+    other = tiny()
+    with torch.no_grad():
+        w = other.transformer.h[1].mlp.c_proj.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))   # one weight, one ulp
+    assert lora.base_fingerprint(apply_lora(other, LoRAConfig(rank=4)))['sha256'] != a['sha256']
+    q = lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=4, quantize=True)))
+    assert q['sha256'] != a['sha256'] and q['bytes'] < a['bytes'] / 2
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(LoRAError, match='rank must be an integer >= 1'):
+        LoRAConfig(rank=0)
+    with pytest.raises(LoRAError, match='rank must be an integer >= 1'):
+        LoRAConfig(rank=-4)
+    with pytest.raises(LoRAError, match='alpha must be > 0'):
+        LoRAConfig(alpha=0)
+    with pytest.raises(LoRAError, match=r'dropout must be in \[0, 1\)'):
+        LoRAConfig(dropout=1.0)
+    with pytest.raises(LoRAError, match='quantize_embeddings needs quantize=True'):
+        LoRAConfig(quantize_embeddings=True)
+    with pytest.raises(LoRAError, match=r"unknown LoRA target 'qproj'.*'q_proj'"):
+        apply_lora(tiny(), LoRAConfig(targets='qproj,v_proj'))
+    with pytest.raises(LoRAError, match='float16 on CPU'):
+        lora.check_qlora_device(LoRAConfig(quantize=True), torch.float16, 'cpu')
+    with pytest.raises(LoRAError, match='trained in full: choose one'):
+        apply_lora(tiny(), LoRAConfig(quantize=True, quantize_embeddings=True, targets=('all', 'embed_tokens')))
+    with pytest.raises(LoRAError, match='already has LoRA adapters'):
+        apply_lora(apply_lora(tiny(), LoRAConfig()), LoRAConfig())
+    with pytest.raises(LoRAError, match=r"unknown LoRA config key\(s\) \['rnak'\]"):
+        LoRAConfig.from_dict({'rnak': 4})
+
+
+def test_adapter_for_another_base_shape_is_a_clear_error():
+    small = perturb(apply_lora(tiny(), LoRAConfig(rank=4)))
+    wide = apply_lora(tiny(intermediate_size=256), LoRAConfig(rank=4))
+    with pytest.raises(LoRAError, match=r'c_fc\.lora_B\.gate_proj has shape \(192, 4\), but this base needs \(256, 4\)'):
+        lora.load_adapter_state_dict(wide, lora.adapter_state_dict(small), 'run/ckpt.pt')
+    other_rank = apply_lora(tiny(), LoRAConfig(rank=8))
+    with pytest.raises(LoRAError, match=r'run/ckpt.pt: .*lora_A.q_proj has shape \(4, 128\), but this base needs \(8, 128\)'):
+        lora.load_adapter_state_dict(other_rank, lora.adapter_state_dict(small), 'run/ckpt.pt')
+    fewer = apply_lora(tiny(), LoRAConfig(rank=4, targets='q_proj'))
+    with pytest.raises(LoRAError, match='unexpected'):
+        lora.load_adapter_state_dict(fewer, lora.adapter_state_dict(small))
+
+
+def test_nf4_needs_whole_blocks():
+    with pytest.raises(LoRAError, match='has 96 elements, not a multiple of NF4'):
+        lora.to_nf4(torch.randn(8, 12), 'w')
+    q = lora.to_nf4(torch.randn(6, 64), 'w')   # 6 blocks: the scales are grouped by 6, not 256
+    assert q.shape == (6, 64) and lora.is_nf4(q)
+
+
+# ---------------------------------------------------------------------- PEFT adapter directories
+transformers = pytest.importorskip('transformers')
+peft = pytest.importorskip('peft')
+
+
+def _hf_base(kind, tmp_path):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                  max_position_embeddings=128)
+    arch, config = {
+        'qwen3': ('Qwen3ForCausalLM', Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=32, tie_word_embeddings=True)),
+        'llama': ('LlamaForCausalLM', LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=1,
+                                                  tie_word_embeddings=False)),
+        'qwen2': ('Qwen2ForCausalLM', Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2,
+                                                  tie_word_embeddings=False)),
+        'gpt2': ('GPT2LMHeadModel', GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2,
+                                               n_head=4)),
+    }[kind]
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / 'base')
+    return tmp_path / 'base'
+
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+
+
+PEFT_CASES = {
+    'qwen3': dict(),
+    'qwen3_dora_tied_embedding': dict(dora=True, targets=('all', 'embed_tokens')),
+    'llama_lm_head_rslora': dict(rslora=True, targets=('q_proj', 'k_proj', 'o_proj', 'up_proj', 'lm_head')),
+    'qwen2': dict(dora=True),
+    'gpt2': dict(),
+}
+
+
+@pytest.mark.parametrize('case', sorted(PEFT_CASES))
+def test_peft_adapter_dir_loads_in_peft_with_the_same_logits(case, tmp_path):
+    kind = case.split('_')[0]
+    base_dir = _hf_base(kind, tmp_path)
+    model = perturb(apply_lora(ConfigurableGPT.from_hf(base_dir), LoRAConfig(rank=4, alpha=8, **PEFT_CASES[case])))
+    model.eval()
+    lora.save_peft_adapter(model, tmp_path / 'adapter', base_model_name_or_path=str(base_dir))
+    x = ids(seed=3)
+    ours = logits(model, x)
+    theirs = peft.PeftModel.from_pretrained(_hf_model(base_dir), tmp_path / 'adapter').eval()
+    with torch.no_grad():
+        assert (theirs(x).logits - ours).abs().max().item() < 1e-4
+    # and back: the directory read as adapters onto a fresh base
+    back = lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'adapter').eval()
+    assert (logits(back, x) - ours).abs().max().item() < 1e-6
+
+
+def test_adapter_trained_with_peft_continues_here(tmp_path):
+    """A PEFT adapter made by peft itself (its own init, its own names) loads as our adapters."""
+    base_dir = _hf_base('qwen3', tmp_path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=['q_proj', 'v_proj', 'gate_proj', 'down_proj'],
+                          lora_dropout=0.05, use_dora=True, init_lora_weights=False, task_type='CAUSAL_LM')
+    pm = peft.get_peft_model(_hf_model(base_dir), cfg).eval()
+    pm.save_pretrained(tmp_path / 'theirs')
+    x = ids(seed=4)
+    ours = lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'theirs').eval()
+    assert ours.lora_config.dora and ours.lora_config.dropout == 0.05
+    with torch.no_grad():
+        assert (pm(x).logits - logits(ours, x)).abs().max().item() < 1e-4
+    # continuing it as QLoRA keeps the adapter and quantizes the base
+    q = lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'theirs', quantize=True)
+    assert all(lora.is_nf4(m.weight) for m in lora.lora_modules(q).values())
+
+
+def test_peft_dir_that_does_not_fit_is_a_clear_error(tmp_path):
+    base_dir = _hf_base('qwen3', tmp_path)
+    model = perturb(apply_lora(ConfigurableGPT.from_hf(base_dir), LoRAConfig(rank=4)))
+    lora.save_peft_adapter(model, tmp_path / 'a')
+    cfg_file = tmp_path / 'a' / 'adapter_config.json'
+    good = json.loads(cfg_file.read_text())
+    other = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', n_embd=128, n_head=4, head_dim=32,
+                                                                intermediate_size=256, vocab_size=VOCAB))
+    with pytest.raises(LoRAError, match=r'mlp.c_fc.lora_B.gate_proj has shape \(192, 4\), but this base needs \(256, 4\)'):
+        lora.load_peft_adapter(other, tmp_path / 'a')
+    for change, msg in (({'peft_type': 'IA3'}, "peft_type 'IA3'"),
+                        ({'rank_pattern': {'q_proj': 8}}, 'rank_pattern'),
+                        ({'target_modules': 'all-linear'}, 'not a regex'),
+                        ({'target_modules': ['q_proj', 'embed_tokens']}, 'modules_to_save'),
+                        ({'bias': 'all'}, "bias='all'"),
+                        ({'r': 0}, 'rank must be an integer >= 1')):
+        cfg_file.write_text(json.dumps(dict(good, **change)))
+        with pytest.raises(LoRAError, match=msg):
+            lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'a')
+    cfg_file.unlink()
+    with pytest.raises(LoRAError, match='adapter_config.json: not found'):
+        lora.read_peft_adapter(tmp_path / 'a')
