@@ -1,6 +1,11 @@
 """Checkpoints: one torch.save dict that rebuilds its model from `model_args` alone, and the
 training state around it.
 
+A LoRA checkpoint holds the trained tensors only ('model': adapters, DoRA magnitudes, embeddings
+trained in full), plus 'lora' (lora.LoRAConfig.to_dict()) and 'base': where the frozen base came from
+('hf:/dir' or a checkpoint path) and its sha256 (lora.base_fingerprint). load_checkpoint rebuilds
+the base from there (or from `base=` when it moved), checks the hash, adds the adapters.
+
 Keys: 'model' (clean state dict), 'model_args' (ModelArchitectureConfig.to_dict()), 'optimizer'
 (keyed by parameter name), 'iter_num', 'best_val_loss', 'config', 'rng' (one state per rank),
 'data_state' (the sampler's cursor), 'tokenizer', 'evaluated', 'format_version' (+ 'scaler' under
@@ -13,10 +18,12 @@ fp16). Keep every value tensors / numbers / strings / lists / dicts: then plain 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -25,8 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lora import (LoRAConfig, LoRAError, adapter_state_dict, apply_lora, base_fingerprint,
+                  load_adapter_state_dict, merge_lora, quantizer_version, trainable_names)
 from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
+from progress import say
 
 FORMAT_VERSION = 1
 _PREFIXES = ('_orig_mod.', 'module.')   # torch.compile and DDP wrappers
@@ -164,10 +174,13 @@ def read_checkpoint(path, device='cpu', verify: bool = True) -> dict:
     return ckpt
 
 
-def load_checkpoint(path, device='cpu', dropout=None, verify: bool = True) -> tuple[ConfigurableGPT, dict]:
+def load_checkpoint(path, device='cpu', dropout=None, verify: bool = True, base: str | None = None,
+                    lora_overrides: dict | None = None) -> tuple[ConfigurableGPT, dict]:
     """Rebuild the model from ckpt['model_args'] and load ckpt['model'] -> (model, ckpt), after
     checking the file's bytes (verify_checkpoint). dropout overrides the saved value (e.g. 0.0 for
-    evaluation, or a new value for fine-tuning)."""
+    evaluation, or a new value for fine-tuning). A LoRA checkpoint gives its base with the adapters:
+    the base from `base` if given (it moved), else from where training found it, checked against
+    the recorded hash; lora_overrides replaces LoRAConfig fields (e.g. dropout, quantize)."""
     ckpt = read_checkpoint(path, device='cpu', verify=verify)
     model_args = dict(ckpt['model_args'])
     if dropout is not None:
@@ -177,6 +190,19 @@ def load_checkpoint(path, device='cpu', dropout=None, verify: bool = True) -> tu
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: bad model_args: {e}") from e
     sd = clean_state_dict(ckpt['model'])
+    if ckpt.get('lora') is not None:
+        try:
+            cfg = LoRAConfig.from_dict(ckpt['lora'])
+            cfg = dataclasses.replace(cfg, **(lora_overrides or {}))
+        except (LoRAError, TypeError) as e:
+            raise CheckpointError(f"{path}: bad LoRA config: {e}") from e
+        recorded = ckpt.get('base') or {}
+        model, _ = lora_model(base or recorded.get('source'), cfg, adapters=sd, expected=recorded,
+                              device=device, dropout=dropout, where=str(path))
+        if model.config.to_dict() != {**config.to_dict(), 'dropout': model.config.dropout}:
+            raise CheckpointError(f"{path}: the base's architecture differs from the checkpoint's model_args")
+        ckpt['model_args'] = model.config.to_dict()
+        return model, ckpt
     # nanoGPT's non-flash path saves its causal-mask buffer as '<block>.attn.bias'
     sd = {k: v for k, v in sd.items() if not (k.endswith('.attn.bias') and v.dim() == 4)}
     if config.tie_word_embeddings and 'lm_head.weight' not in sd and 'transformer.wte.weight' in sd:
@@ -190,6 +216,73 @@ def load_checkpoint(path, device='cpu', dropout=None, verify: bool = True) -> tu
     model.tie_weights()
     ckpt['model_args'] = config.to_dict()
     return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: a frozen base (from a Hugging Face directory or a checkpoint) and adapters
+
+def load_base(source: str | None, dropout=None) -> ConfigurableGPT:
+    """The base model of a LoRA run: 'hf:/dir' (a local Hugging Face directory) or a checkpoint path
+    (a LoRA checkpoint there means its merged model: adapters stack on a merged LoRA)."""
+    if not source:
+        raise CheckpointError("no base model given for the LoRA adapters (lora_base= / --base: "
+                              "'hf:/local/hf/dir' or a checkpoint path)")
+    if source.startswith('hf:'):
+        from hf_interop import from_hf
+        if not os.path.isdir(source[3:]):
+            raise CheckpointError(f"base {source}: directory not found")
+        try:
+            return from_hf(source[3:])
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"base {source}: {e}") from e
+    if not os.path.isfile(source):
+        raise CheckpointError(f"base {source}: not found (moved? give its new place: lora_base= / --base)")
+    model, _ = load_checkpoint(source, dropout=dropout)
+    return merge_lora(model) if getattr(model, 'lora_config', None) is not None else model
+
+
+def base_source(init: str) -> str:
+    """How a LoRA checkpoint names its base: an absolute path, so a run started elsewhere finds it."""
+    if init.startswith('hf:'):
+        return 'hf:' + os.path.abspath(init[3:])
+    return os.path.abspath(init)
+
+
+def lora_model(source: str | None, cfg: LoRAConfig, *, adapters: dict | None = None,
+               peft: bool = False, expected: dict | None = None, device='cpu', dropout=None,
+               seed: int = 0, where: str = 'adapter', log=None) -> tuple[ConfigurableGPT, dict]:
+    """The base from `source` with the adapters of cfg -> (model, base record). adapters: trained
+    tensors to load (our names, or PEFT's when peft=True); expected: the base record they were
+    trained on (a different base is an error naming both)."""
+    log = log or (lambda m: say(m, file=sys.stderr))
+    base = load_base(source, dropout)
+    record = {'source': source, **base_fingerprint(base)}
+    if cfg.quantize:
+        record['quantizer'] = quantizer_version()
+    if expected:
+        check_same_base(expected, record, where, log)
+    try:
+        apply_lora(base, cfg, seed=seed, device=device)
+        if adapters is not None:
+            if peft:
+                from lora import load_peft_tensors
+                load_peft_tensors(base, adapters, where)
+            else:
+                load_adapter_state_dict(base, adapters, where)
+    except LoRAError as e:
+        raise CheckpointError(str(e)) from e
+    return base.to(device), record
+
+
+def check_same_base(expected: dict, found: dict, where: str, log=print) -> None:
+    if expected.get('sha256') and expected['sha256'] != found['sha256']:
+        raise CheckpointError(
+            f"{where}: the adapters were trained on the base {expected.get('source')} (sha256 "
+            f"{expected['sha256'][:16]}), but {found['source']} is a different base (sha256 "
+            f"{found['sha256'][:16]}); give the base they were trained on (lora_base= / --base)")
+    if expected.get('quantizer') and found.get('quantizer') and expected['quantizer'] != found['quantizer']:
+        log(f"warning: {where} was trained on a base quantized by {expected['quantizer']}, this one by "
+            f"{found['quantizer']}: if its NF4 rounding changed, outputs differ slightly from training")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,17 +350,24 @@ def save_training_state(out_dir, model, optimizer, *, iter_num: int, best_val_lo
     else:
         rngs = [get_rng_state()]
     # The optimizer state is keyed by parameter name, so one process, DDP and FSDP resume each other's.
+    # A LoRA model saves its trained tensors only: the frozen base is named by extra['base'].
+    lora = getattr(model, 'lora_config', None) is not None
     if fsdp:   # gathering the full state is a collective: every rank runs it, rank 0 gets the tensors
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
         model_sd = get_model_state_dict(model, options=opts)
+        if lora:   # a frozen weight tied to another name can still come along: keep the trained ones
+            model_sd = {k: v for k, v in model_sd.items() if k in set(trainable_names(model))}
         optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if rank != 0:
         return None
     if not fsdp:
-        model_sd, optim_sd = model.state_dict(), get_optimizer_state_dict(model, optimizer)
+        model_sd = adapter_state_dict(model) if lora else model.state_dict()
+        optim_sd = get_optimizer_state_dict(model, optimizer)
     checkpoint = {'model': model_sd, 'model_args': model.config.to_dict(), 'optimizer': optim_sd,
                   'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rngs,
                   'evaluated': step_file, 'format_version': FORMAT_VERSION, **(extra or {})}
+    if lora:
+        checkpoint['lora'] = model.lora_config.to_dict()
     latest = os.path.join(out_dir, 'ckpt.pt')
     path = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt') if step_file else latest
     try:

@@ -168,7 +168,7 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
 
 def evaluate(model_path, records, args, label=None) -> dict:
     from sample_sft import load_model
-    model, tok, chat_template = load_model(model_path, args.device, args.tokenizer)
+    model, tok, chat_template = load_model(model_path, args.device, args.tokenizer, getattr(args, 'base', None))
     loss_sum, n_tok, truncated = masked_loss(model, tok, records, chat_template,
                                              args.batch_size, args.device)
     replies = generate_replies(model, tok, records, chat_template, args.max_new_tokens,
@@ -241,6 +241,8 @@ def main(argv=None) -> None:
     p.add_argument('--show', type=int, default=0, help='print this many prompts and replies')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--tokenizer', default=None, help="override: 'qwen3' or a tokenizer directory")
+    p.add_argument('--base', default=None,
+                   help="LoRA checkpoints: their base ('hf:/dir' or ckpt.pt), when it moved since training")
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.models):
         raise SystemExit(f'--labels: {len(args.labels)} labels for {len(args.models)} models')

@@ -1,6 +1,13 @@
-"""Export a checkpoint to a Hugging Face model directory.
+"""Export a checkpoint to a Hugging Face model directory (or, for a LoRA checkpoint, a PEFT adapter).
 
     python export_hf.py out-demo/ckpt.pt out-demo/hf [--dtype bfloat16]
+    python export_hf.py out-lora/ckpt.pt out-lora/hf            # LoRA: adapters merged into the base
+    python export_hf.py out-lora/ckpt.pt out-lora/adapter --peft    # LoRA: a PEFT adapter directory
+
+A LoRA checkpoint is merged in fp32 into exactly the base it was trained on (QLoRA: the dequantized
+NF4 base, not the original weights), so transformers computes what the adapter model computed. With
+--peft it becomes adapter_config.json + adapter_model.safetensors that
+`peft.PeftModel.from_pretrained(base, dir)` loads onto the Hugging Face base.
 
 Writes config.json + model.safetensors (hf_interop.to_hf), generation_config.json (stops at
 <|im_end|> and <|endoftext|>, pads with <|endoftext|>) and, when the checkpoint was trained with
@@ -85,13 +92,19 @@ def hf_tokenizer_for(tok_name: str | None, chat_template: str):
     return hf, tok
 
 
-def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: str | None = None) -> str:
-    from checkpoint import load_checkpoint
+def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: str | None = None,
+           peft: bool = False, base: str | None = None) -> str:
+    from checkpoint import base_source, load_checkpoint
     from hf_interop import to_hf
+    from lora import merge_lora, save_peft_adapter
     try:
-        model, ckpt = load_checkpoint(ckpt_path, device='cpu')
+        model, ckpt = load_checkpoint(ckpt_path, device='cpu', base=base_source(base) if base else None)
     except ValueError as e:
         raise SystemExit(str(e))
+    lora = getattr(model, 'lora_config', None)
+    if peft and lora is None:
+        raise SystemExit(f'{ckpt_path}: --peft exports the adapters of a LoRA checkpoint; this one is a '
+                         f'full model (export it without --peft)')
     tok_meta = ckpt.get('tokenizer') or {}
     train_template = (ckpt.get('config') or {}).get('chat_template') or 'chatml'
     if train_template != 'chatml':
@@ -102,7 +115,25 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
     stage = os.path.join(os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.export{os.getpid()}')
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        to_hf(model, stage, dtype=DTYPES[dtype] if dtype else None)
+        if peft:
+            src = base_source(base) if base else (ckpt.get('base') or {}).get('source') or ''
+            hf_base = src[3:] if src.startswith('hf:') else None
+            if lora.quantize:
+                print(f"warning: {ckpt_path} was trained on the NF4-quantized base: these adapters reproduce "
+                      "training exactly only on that base; the merged export (without --peft) is exact",
+                      file=sys.stderr)
+            if hf_base is None:
+                print(f"note: the base {src} is a nanoSFT checkpoint: export it too (export_hf.py {src} DIR) "
+                      "and load the adapter onto that directory", file=sys.stderr)
+            try:
+                save_peft_adapter(model, stage, base_model_name_or_path=hf_base,
+                                  dtype=DTYPES[dtype] if dtype else None)
+            except ValueError as e:   # an architecture with no Hugging Face twin
+                raise SystemExit(f'{ckpt_path}: {e}')
+        else:
+            if lora is not None:
+                model = merge_lora(model)   # fp32, on the base the adapters were trained on
+            to_hf(model, stage, dtype=DTYPES[dtype] if dtype else None)
         built = hf_tokenizer_for(tokenizer or tok_meta.get('name') or 'qwen3', CHATML_TEMPLATE)
         special = dict(tok_meta.get('special_tokens') or {})
         if built is not None:
@@ -115,8 +146,9 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
         else:
             print(f'warning: tokenizer {tok_meta.get("name")!r} unknown here; exported without '
                   'tokenizer files', file=sys.stderr)
-        with open(os.path.join(stage, 'generation_config.json'), 'w') as f:
-            json.dump(generation_config(tok_meta, special), f, indent=2)
+        if not peft:
+            with open(os.path.join(stage, 'generation_config.json'), 'w') as f:
+                json.dump(generation_config(tok_meta, special), f, indent=2)
         if os.path.isdir(out_dir):
             # keep unrelated files a user put there; replace everything we write
             for name in os.listdir(stage):
@@ -136,10 +168,18 @@ def main(argv=None) -> None:
     p.add_argument('--dtype', choices=sorted(DTYPES), default=None,
                    help='weights dtype (default: as trained)')
     p.add_argument('--tokenizer', default=None, help="override: 'qwen3' or a tokenizer directory")
+    p.add_argument('--peft', action='store_true',
+                   help='LoRA checkpoint: write a PEFT adapter directory instead of a merged model')
+    p.add_argument('--base', default=None,
+                   help="LoRA checkpoint: its base ('hf:/dir' or ckpt.pt), when it moved since training")
     args = p.parse_args(argv)
-    out = export(args.ckpt, args.out_dir, args.dtype, args.tokenizer)
-    print(f'wrote {out}: load with transformers.AutoModelForCausalLM.from_pretrained({out!r}) '
-          f'and AutoTokenizer.from_pretrained({out!r})', file=sys.stderr)
+    out = export(args.ckpt, args.out_dir, args.dtype, args.tokenizer, args.peft, args.base)
+    if args.peft:
+        print(f'wrote {out}: load with peft.PeftModel.from_pretrained(<the base model>, {out!r})',
+              file=sys.stderr)
+    else:
+        print(f'wrote {out}: load with transformers.AutoModelForCausalLM.from_pretrained({out!r}) '
+              f'and AutoTokenizer.from_pretrained({out!r})', file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -18,9 +18,10 @@ import sys
 import torch
 
 
-def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
+def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None, base: str | None = None):
     """-> (model in eval mode, ChatTokenizer, chat_template). `path`: a checkpoint file written by
-    train_sft.py or a local Hugging Face model directory."""
+    train_sft.py (full or LoRA) or a local Hugging Face model directory. base: a LoRA checkpoint's
+    base when it moved since training."""
     from tokenizer import load_tokenizer
     if not os.path.exists(path):
         raise SystemExit(f'{path}: no such checkpoint file or model directory')
@@ -36,11 +37,16 @@ def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
         has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))
         tok_name = tokenizer or (path if has_tok else 'qwen3')
     else:
-        from checkpoint import load_checkpoint
+        from checkpoint import base_source, load_checkpoint
+        from lora import merge_lora
         try:
-            model, ckpt = load_checkpoint(path, device='cpu')
+            model, ckpt = load_checkpoint(path, device='cpu', base=base_source(base) if base else None)
         except ValueError as e:  # CheckpointError names the path and the problem
             raise SystemExit(str(e))
+        if getattr(model, 'lora_config', None) is not None:
+            # LoRA: fold the adapters in (fp32, equal to the adapter model to ~1e-6): generation then
+            # runs one matmul per projection, and QLoRA's NF4 base is not dequantized at every token
+            model = merge_lora(model)
         meta = ckpt.get('tokenizer') or {}
         cfg = ckpt.get('config') or {}
         chat_template = cfg.get('chat_template') or 'chatml'
@@ -168,13 +174,15 @@ def main(argv=None) -> None:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--tokenizer', default=None, help="override: 'qwen3' or a tokenizer directory")
     p.add_argument('--no_stream', action='store_true', help='print the reply only when complete')
+    p.add_argument('--base', default=None,
+                   help="LoRA checkpoint: its base ('hf:/dir' or ckpt.pt), when it moved since training")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise SystemExit('--max_new_tokens must be >= 1')
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
             or (args.top_k is not None and args.top_k < 1):
         raise SystemExit('need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 1')
-    model, tok, chat_template = load_model(args.model, args.device, args.tokenizer)
+    model, tok, chat_template = load_model(args.model, args.device, args.tokenizer, args.base)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.prompt is None:
         repl(model, tok, chat_template, args, generator)

@@ -63,6 +63,19 @@ class TrainConfig:
     intermediate_size: int | None = None
     vocab_size: int | None = None
     dropout: float = 0.0              # overrides the checkpoint's / HF model's dropout
+    # fine-tuning method: 'full' trains every weight; 'lora' freezes the base and trains low-rank
+    # adapters (lora.py); 'qlora' also stores the frozen projections in 4-bit NF4 (needs torchao)
+    finetune: str = 'full'
+    lora_rank: int = 16
+    lora_alpha: float = 32.0          # adapter scale = lora_alpha / lora_rank (/ sqrt(rank): rslora)
+    lora_dropout: float = 0.0         # dropout on the adapters' input
+    lora_targets: str = 'all'         # comma list of HF projection names (q_proj,k_proj,v_proj,o_proj,
+                                      # gate_proj,up_proj,down_proj; GPT-2: c_attn,c_proj,c_fc) or
+                                      # 'all'; + 'embed_tokens' / 'lm_head' to train those in full
+    lora_rslora: bool = False         # rank-stabilized scale alpha / sqrt(rank)
+    lora_dora: bool = False           # DoRA: a trained magnitude per output row
+    lora_base: str = ''               # the base ('hf:/dir' or ckpt.pt) when init_from is a PEFT adapter
+                                      # directory, or where a LoRA checkpoint's base moved to
     # optimizer (AdamW; weight decay on matrices and embeddings only)
     learning_rate: float = 2e-5       # peak learning rate, after warmup
     max_iters: int = 3000             # optimizer steps
@@ -87,7 +100,7 @@ class TrainConfig:
     peak_flops: float = 0.0           # per GPU, for MFU; 0 -> guess from the device name
 
     def __post_init__(self):
-        choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'),
+        choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'), 'finetune': ('full', 'lora', 'qlora'),
                    'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -125,7 +138,10 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat_records import DataError  # noqa: E402
-from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
+from checkpoint import (CheckpointError, base_source, load_checkpoint, lora_model,  # noqa: E402
+                        restore_training_state, save_training_state)
+from lora import (LoRAConfig, LoRAError, apply_lora, base_fingerprint, check_qlora_device,  # noqa: E402
+                  is_nf4, merge_lora, quantizer_version, read_peft_adapter)
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
                       check_token_ids, eval_batches, open_split)
@@ -299,41 +315,109 @@ def data_tokenizer(meta: dict) -> dict:
     return tok
 
 
-def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]:
-    """The starting model from init_from -> (model, its checkpoint dict or None)."""
+def lora_config(cfg: TrainConfig) -> LoRAConfig:
+    try:
+        return LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                          targets=cfg.lora_targets, rslora=cfg.lora_rslora, dora=cfg.lora_dora,
+                          quantize=cfg.finetune == 'qlora')
+    except LoRAError as e:
+        raise TrainError(f"finetune={cfg.finetune!r}: {e}") from e
+
+
+def is_peft_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, 'adapter_config.json'))
+
+
+def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dict | None, dict | None]:
+    """The starting model from init_from -> (model, its checkpoint dict or None, the LoRA base record
+    or None). finetune='lora'/'qlora': the base is frozen and adapters added (or continued: from a
+    LoRA checkpoint or a PEFT adapter directory, whose rank, alpha and targets then hold)."""
     from model_config import ModelArchitectureConfig
-    init, ckpt = cfg.init_from, None
-    if init == 'scratch':
-        arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
-        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
-            if getattr(cfg, k) is not None:
-                arch[k] = getattr(cfg, k)
-        arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
+    init, ckpt, base = cfg.init_from, None, None
+    lora_run = cfg.finetune != 'full'
+    want = lora_config(cfg) if lora_run else None
+    if cfg.lora_base and not (is_peft_dir(init) or init == 'resume' or init.endswith('.pt')):
+        raise TrainError(f"lora_base={cfg.lora_base!r} names the base of a PEFT adapter directory or of a "
+                         f"LoRA checkpoint; init_from={init!r} is neither")
+    try:
+        if init == 'scratch':
+            if lora_run:
+                raise TrainError(f"finetune={cfg.finetune!r} adapts a trained base: set init_from to a "
+                                 f"checkpoint or 'hf:/local/hf/dir' (a frozen random base learns little)")
+            arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
+            for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
+                if getattr(cfg, k) is not None:
+                    arch[k] = getattr(cfg, k)
+            arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
+            try:
+                model = ConfigurableGPT(ModelArchitectureConfig.from_dict(arch))
+            except (TypeError, ValueError) as e:
+                raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+        elif is_peft_dir(init):   # an adapter trained elsewhere (PEFT), continued here
+            if not lora_run:
+                raise TrainError(f"init_from={init} is a PEFT adapter directory: continue it with "
+                                 f"finetune='lora' or 'qlora'")
+            if not cfg.lora_base:
+                raise TrainError(f"init_from={init} is a PEFT adapter directory: lora_base= must name its "
+                                 f"base ('hf:/local/hf/dir' or a checkpoint)")
+            peft_cfg, tensors = read_peft_adapter(init)
+            peft_cfg = dataclasses.replace(peft_cfg, dropout=want.dropout, quantize=want.quantize)
+            src = base_source(cfg.lora_base)
+            model, base = lora_model(src, peft_cfg, adapters=tensors, peft=True, device=device,
+                                     seed=cfg.seed, where=init)
+        elif init.startswith('hf:'):
+            from hf_interop import from_hf
+            if not os.path.isdir(init[3:]):
+                raise TrainError(f"init_from={init}: directory not found: {init[3:]}")
+            try:
+                model = from_hf(init[3:])
+            except (OSError, ValueError) as e:
+                raise TrainError(f"init_from={init}: {e}") from e
+        else:
+            path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
+            if not os.path.isfile(path):
+                raise TrainError(f"init_from={init}: checkpoint not found: {path}")
+            # a LoRA checkpoint continues with this run's dropout; resumed, it keeps its base as it was
+            over = {'dropout': want.dropout} if lora_run else None
+            if lora_run and init != 'resume':
+                over['quantize'] = want.quantize
+            moved = base_source(cfg.lora_base) if cfg.lora_base else None
+            model, ckpt = load_checkpoint(path, device=device if lora_run else 'cpu', dropout=cfg.dropout,
+                                          base=moved, lora_overrides=over)
+            if ckpt.get('lora') is not None:
+                base = dict(ckpt.get('base') or {}, **({'source': moved} if moved else {}))
+    except (CheckpointError, LoRAError) as e:
+        raise TrainError(f"init_from={init}: {e}") from e
+
+    adapted = getattr(model, 'lora_config', None)
+    if adapted is not None and not lora_run:
+        if init == 'resume':
+            raise TrainError(f"{cfg.out_dir}/ckpt.pt is a LoRA checkpoint: resume it with finetune='lora' "
+                             f"or 'qlora'")
+        model, base = merge_lora(model), None   # full fine-tuning of the merged model
+    elif adapted is not None:
+        if init == 'resume' and adapted.quantize != want.quantize:
+            raise TrainError(f"{cfg.out_dir}/ckpt.pt was trained with finetune="
+                             f"{'qlora' if adapted.quantize else 'lora'}; resume with the same base "
+                             f"(or start a new run from it with init_from=<that ckpt>)")
+        mine = {k: getattr(want, k) for k in ('rank', 'alpha', 'targets', 'rslora', 'dora')}
+        theirs = {k: getattr(adapted, k) for k in mine}
+        if mine != theirs:
+            log(f"note: continuing the adapters of {init} as they are ({theirs}); lora_* settings "
+                      f"that differ ({ {k: v for k, v in mine.items() if v != theirs[k]} }) do not apply")
+    elif lora_run:
+        base = {'source': base_source(init), **base_fingerprint(model)}
+        if want.quantize:
+            base['quantizer'] = quantizer_version()
         try:
-            model = ConfigurableGPT(ModelArchitectureConfig.from_dict(arch))
-        except (TypeError, ValueError) as e:
-            raise TrainError(f"init_from='scratch': bad model config: {e}") from e
-    elif init.startswith('hf:'):
-        from hf_interop import from_hf
-        if not os.path.isdir(init[3:]):
-            raise TrainError(f"init_from={init}: directory not found: {init[3:]}")
-        try:
-            model = from_hf(init[3:])
-        except (OSError, ValueError) as e:
-            raise TrainError(f"init_from={init}: {e}") from e
-    else:
-        path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
-        if not os.path.isfile(path):
-            raise TrainError(f"init_from={init}: checkpoint not found: {path}")
-        try:
-            model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
-        except CheckpointError as e:
+            apply_lora(model, want, seed=cfg.seed, device=device)
+        except LoRAError as e:
             raise TrainError(f"init_from={init}: {e}") from e
     set_dropout(model, cfg.dropout)
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
-    return model.to(device), ckpt
+    return model.to(device), ckpt, base
 
 
 def set_dropout(model, p: float):
@@ -366,19 +450,34 @@ def check_data_fits_model(cfg: TrainConfig, model, tok: dict, ckpt: dict | None,
         check_token_ids(ds.data, vocab, shard)
 
 
+def check_nf4_shardable(model, world: int) -> None:
+    """FSDP shards each NF4 weight by rows together with its block scales (torchao): each rank needs
+    whole groups of 256 x 64 weights, so the groups of every NF4 weight must divide by world."""
+    for name, p in model.named_parameters():
+        if is_nf4(p) and (p.quantization_factor.numel() % world or p.shape[0] % world):
+            raise TrainError(f"finetune='qlora' with parallel='fsdp' on {world} ranks: {name} {tuple(p.shape)} "
+                             f"has {p.quantization_factor.numel()} NF4 scale groups, not divisible by {world}; "
+                             f"use parallel='ddp' (or fewer ranks) for a model this small")
+
+
 def parallelize(cfg: TrainConfig, rt: Runtime, model, ckpt, sampler, global_batch):
     """Shard (FSDP) the model, build AdamW and restore the training state on resume, then compile
     and wrap (DDP). -> (model to call, the unwrapped model, optimizer, scaler, iter_num,
     best_val_loss, resumed_at)."""
+    lora = getattr(model, 'lora_config', None)
     if rt.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, rt.dtype), reduce_dtype=torch.float32) \
             if rt.device_type == 'cuda' and rt.dtype != 'float32' else MixedPrecisionPolicy()
         # DDP broadcasts rank 0's weights at wrap time, FSDP does not: ranks seeded differently would
-        # each keep a shard of their own random init.
-        for v in model.state_dict().values():
-            dist.broadcast(v, src=0)
-        for block in model.transformer.h:
+        # each keep a shard of their own random init. A LoRA model needs no broadcast: every rank
+        # loaded the same base (its hash checked) and drew the adapters from the same seeded generator.
+        if lora is None:
+            for v in model.state_dict().values():
+                dist.broadcast(v, src=0)
+        if lora is not None and lora.quantize:
+            check_nf4_shardable(model, rt.world)
+        for block in model.transformer.h:   # the frozen base is sharded like the rest (NF4 too)
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
@@ -393,7 +492,9 @@ def parallelize(cfg: TrainConfig, rt: Runtime, model, ckpt, sampler, global_batc
     if cfg.compile:
         model = torch.compile(model)
     if rt.ddp and not rt.fsdp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+        # LoRA: no broadcast of the frozen base at wrap time (see above; NF4 tensors cannot be broadcast)
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None,
+                    init_sync=lora is None)
     return model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at
 
 
@@ -533,16 +634,25 @@ def train(cfg: TrainConfig) -> dict:
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
-    model, ckpt = build_model(cfg, rt.device)
+    if cfg.finetune != 'full':   # before anything is loaded
+        try:
+            check_qlora_device(lora_config(cfg), getattr(torch, rt.dtype), rt.device_type)
+        except LoRAError as e:
+            raise TrainError(str(e)) from e
+    model, ckpt, base = build_model(cfg, rt.device, rt.print0)
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
-    rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"init_from={cfg.init_from}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}), init_from={cfg.init_from}"
+              + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
     ckpt = None  # free the checkpoint's tensors
     run_log = RunLog(cfg, rt)
     extra = {'config': dataclasses.asdict(cfg), 'tokenizer': tok}
+    if base is not None:
+        extra['base'] = base   # a LoRA checkpoint names its frozen base instead of holding it
 
     def save(step_file, is_best=False):
         state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed})

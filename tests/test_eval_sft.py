@@ -117,3 +117,33 @@ def test_bad_input_names_file_and_line(tmp_path):
     p.write_text(json.dumps({'question': 'q', 'answer': 'no hashes'}) + '\n')
     with pytest.raises(SystemExit, match=r'bad.jsonl:1.*####'):
         eval_sft.load_eval_records(str(p))
+
+
+def test_lora_checkpoint_is_evaluated_as_its_adapter_model_and_finds_a_moved_base(setup, tmp_path):
+    import shutil
+
+    from lora import LoRAConfig, adapter_state_dict, apply_lora, base_fingerprint
+    d, (base, _), data = setup
+    shutil.copy(d / 'm0.pt', tmp_path / 'base.pt')
+    cfg = LoRAConfig(rank=4, quantize=True, dora=True)
+    model = apply_lora(tiny_checkpoint(tmp_path / 'unused.pt', 0), cfg)
+    record = {'source': str(tmp_path / 'base.pt'), **base_fingerprint(base)}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    save_checkpoint(tmp_path / 'lora.pt', {'model': adapter_state_dict(model), 'model_args': base.config.to_dict(),
+                                           'lora': cfg.to_dict(), 'base': record, 'iter_num': 3, 'config': {},
+                                           'tokenizer': load_tokenizer('qwen3').meta()})
+    tok, recs = load_tokenizer('qwen3'), eval_sft.load_eval_records(str(data))
+    want = eval_sft.masked_loss(model.eval(), tok, recs, 'chatml', batch_size=3, device='cpu')
+    import types
+    args = types.SimpleNamespace(device='cpu', tokenizer=None, base=None, max_new_tokens=2, batch_size=3,
+                                 n_samples=0)
+    got = eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)
+    assert got['val_loss'] == pytest.approx(want[0] / want[1], rel=1e-5)
+    shutil.move(tmp_path / 'base.pt', tmp_path / 'moved.pt')
+    with pytest.raises(SystemExit, match=r'base .*base.pt: not found \(moved\? .*--base\)'):
+        eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)
+    args.base = str(tmp_path / 'moved.pt')
+    assert eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)['val_loss'] == got['val_loss']

@@ -90,3 +90,64 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='nope.pt'):
         export_hf.main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')])
     assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------- LoRA checkpoints: merged or PEFT
+
+@pytest.fixture(scope='module')
+def lora_runs(tmp_path_factory):
+    """A random Hugging Face Qwen3 base and a LoRA and a QLoRA (DoRA) run of train_sft on it."""
+    import transformers
+
+    import train_sft
+    from test_train_sft import tiny_cfg, write_shards
+    d = tmp_path_factory.mktemp('lora')
+    data = write_shards(d / 'data')
+    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(d / 'base')
+    runs = {}
+    for finetune, extra in (('lora', dict(lora_targets='all,embed_tokens')), ('qlora', dict(lora_dora=True))):
+        train_sft.train(tiny_cfg(d / finetune, data_dir=str(data), init_from=f'hf:{d / "base"}', finetune=finetune,
+                                 lora_rank=4, learning_rate=1e-2, max_iters=3, eval_interval=3, **extra))
+        runs[finetune] = d / finetune / 'out' / 'ckpt.pt'
+    return d / 'base', runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('finetune', ['lora', 'qlora'])
+def test_lora_checkpoint_exports_merged_and_as_peft_with_the_adapter_models_logits(lora_runs, finetune, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from checkpoint import load_checkpoint
+    base_dir, runs = lora_runs
+    ours, _ = load_checkpoint(runs[finetune])
+    ids, _ = encode_conversation(CONV, load_tokenizer('qwen3'))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = ours.eval()(x)[0]
+        export_hf.main([str(runs[finetune]), str(tmp_path / 'merged')])
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / 'merged', local_files_only=True).eval()
+        # merged in fp32 into the base it trained on (QLoRA: the dequantized NF4 base)
+        assert (merged(x).logits - ref).abs().max().item() < 1e-4
+        export_hf.main([str(runs[finetune]), str(tmp_path / 'adapter'), '--peft'])
+        cfg = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+        assert cfg['base_model_name_or_path'] == str(base_dir)
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True), tmp_path / 'adapter').eval()
+        got = peft_model(x).logits
+    if finetune == 'lora':   # the adapters onto the very base they trained on: the same model
+        assert (got - ref).abs().max().item() < 1e-4
+    else:   # on the original (not NF4) base: close, not equal; that is what the merged export fixes
+        assert 1e-4 < (got - ref).abs().max().item() < 0.5 * ref.abs().max().item()
+
+
+def test_peft_export_of_a_full_checkpoint_is_a_clear_error(exported, tmp_path):
+    model, hf_dir = exported
+    ckpt = hf_dir.parent / 'ckpt.pt'
+    with pytest.raises(SystemExit, match='--peft exports the adapters of a LoRA checkpoint'):
+        export_hf.main([str(ckpt), str(tmp_path / 'a'), '--peft'])
+    assert not (tmp_path / 'a').exists()

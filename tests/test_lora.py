@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lora
+from hf_interop import from_hf
 from lora import LoRAConfig, LoRAError, apply_lora, merge_lora
 from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
@@ -150,15 +151,16 @@ def test_adapter_state_round_trips_into_a_fresh_model():
 
 
 def test_base_fingerprint_identifies_the_exact_base():
-    a = lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=4)))
-    assert a == lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=8)))   # adapters do not count
+    a = lora.base_fingerprint(tiny())
+    assert a == lora.base_fingerprint(tiny())
+    assert a == lora.base_fingerprint(tiny().to(torch.float64))   # the values, not the dtype held
     other = tiny()
     with torch.no_grad():
         w = other.transformer.h[1].mlp.c_proj.weight
         w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))   # one weight, one ulp
-    assert lora.base_fingerprint(apply_lora(other, LoRAConfig(rank=4)))['sha256'] != a['sha256']
-    q = lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=4, quantize=True)))
-    assert q['sha256'] != a['sha256'] and q['bytes'] < a['bytes'] / 2
+    assert lora.base_fingerprint(other)['sha256'] != a['sha256']
+    with pytest.raises(LoRAError, match='before apply_lora'):
+        lora.base_fingerprint(apply_lora(tiny(), LoRAConfig(rank=4)))
 
 
 # ---------------------------------------------------------------------- bad input
@@ -248,7 +250,7 @@ PEFT_CASES = {
 def test_peft_adapter_dir_loads_in_peft_with_the_same_logits(case, tmp_path):
     kind = case.split('_')[0]
     base_dir = _hf_base(kind, tmp_path)
-    model = perturb(apply_lora(ConfigurableGPT.from_hf(base_dir), LoRAConfig(rank=4, alpha=8, **PEFT_CASES[case])))
+    model = perturb(apply_lora(from_hf(base_dir), LoRAConfig(rank=4, alpha=8, **PEFT_CASES[case])))
     model.eval()
     lora.save_peft_adapter(model, tmp_path / 'adapter', base_model_name_or_path=str(base_dir))
     x = ids(seed=3)
@@ -257,7 +259,7 @@ def test_peft_adapter_dir_loads_in_peft_with_the_same_logits(case, tmp_path):
     with torch.no_grad():
         assert (theirs(x).logits - ours).abs().max().item() < 1e-4
     # and back: the directory read as adapters onto a fresh base
-    back = lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'adapter').eval()
+    back = lora.load_peft_adapter(from_hf(base_dir), tmp_path / 'adapter').eval()
     assert (logits(back, x) - ours).abs().max().item() < 1e-6
 
 
@@ -269,18 +271,18 @@ def test_adapter_trained_with_peft_continues_here(tmp_path):
     pm = peft.get_peft_model(_hf_model(base_dir), cfg).eval()
     pm.save_pretrained(tmp_path / 'theirs')
     x = ids(seed=4)
-    ours = lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'theirs').eval()
+    ours = lora.load_peft_adapter(from_hf(base_dir), tmp_path / 'theirs').eval()
     assert ours.lora_config.dora and ours.lora_config.dropout == 0.05
     with torch.no_grad():
         assert (pm(x).logits - logits(ours, x)).abs().max().item() < 1e-4
     # continuing it as QLoRA keeps the adapter and quantizes the base
-    q = lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'theirs', quantize=True)
+    q = lora.load_peft_adapter(from_hf(base_dir), tmp_path / 'theirs', quantize=True)
     assert all(lora.is_nf4(m.weight) for m in lora.lora_modules(q).values())
 
 
 def test_peft_dir_that_does_not_fit_is_a_clear_error(tmp_path):
     base_dir = _hf_base('qwen3', tmp_path)
-    model = perturb(apply_lora(ConfigurableGPT.from_hf(base_dir), LoRAConfig(rank=4)))
+    model = perturb(apply_lora(from_hf(base_dir), LoRAConfig(rank=4)))
     lora.save_peft_adapter(model, tmp_path / 'a')
     cfg_file = tmp_path / 'a' / 'adapter_config.json'
     good = json.loads(cfg_file.read_text())
@@ -296,7 +298,7 @@ def test_peft_dir_that_does_not_fit_is_a_clear_error(tmp_path):
                         ({'r': 0}, 'rank must be an integer >= 1')):
         cfg_file.write_text(json.dumps(dict(good, **change)))
         with pytest.raises(LoRAError, match=msg):
-            lora.load_peft_adapter(ConfigurableGPT.from_hf(base_dir), tmp_path / 'a')
+            lora.load_peft_adapter(from_hf(base_dir), tmp_path / 'a')
     cfg_file.unlink()
     with pytest.raises(LoRAError, match='adapter_config.json: not found'):
         lora.read_peft_adapter(tmp_path / 'a')

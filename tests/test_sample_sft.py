@@ -95,3 +95,29 @@ def test_streamer_waits_for_whole_characters():
     for t in ids + [tok.im_end_id]:
         s(0, t)
     assert Out.text == 'héllo 世界 🙂' and '\ufffd' not in Out.text
+
+
+def test_lora_checkpoint_replies_like_its_adapter_model(tmp_path, ckpt, capsys):
+    import shutil
+
+    from checkpoint import load_checkpoint
+    from lora import LoRAConfig, adapter_state_dict, apply_lora, base_fingerprint
+    shutil.copy(ckpt, tmp_path / 'base.pt')
+    base, meta = load_checkpoint(tmp_path / 'base.pt')
+    cfg = LoRAConfig(rank=4, targets='q_proj,v_proj,down_proj')
+    record = {'source': str(tmp_path / 'base.pt'), **base_fingerprint(base)}
+    model = apply_lora(base, cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_checkpoint(tmp_path / 'lora.pt', {'model': adapter_state_dict(model), 'model_args': meta['model_args'],
+                                           'lora': cfg.to_dict(), 'base': record, 'iter_num': 1,
+                                           'config': {'chat_template': 'chatml'}, 'tokenizer': meta['tokenizer']})
+    tok = load_tokenizer('qwen3')
+    prompt = encode_prompt([{'role': 'user', 'content': 'What is 2 + 2?'}], tok)
+    want = model.eval().generate([prompt], max_new_tokens=6, temperature=0, stop_ids=sample_sft.stop_ids(tok))[0]
+    assert len(want) == 6   # six tokens of (random) text, no early stop: the comparison means something
+    sample_sft.main([str(tmp_path / 'lora.pt'), '--prompt', 'What is 2 + 2?', '--max_new_tokens', '6',
+                     '--no_stream'])
+    assert capsys.readouterr().out.strip() == tok.decode([t for t in want if t not in sample_sft.stop_ids(tok)]).strip()

@@ -397,7 +397,7 @@ def test_bf16_compiled_cuda_run_follows_the_fp32_cpu_run(tmp_path, data_dir):
 def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_path):
     cfg = tiny_cfg(tmp_path, vocab_size=384, n_layer=3, n_embd=96, n_head=6, n_kv_head=2,
                    head_dim=16, intermediate_size=80)
-    model, ckpt = train_sft.build_model(cfg, 'cpu')
+    model, ckpt, _ = train_sft.build_model(cfg, 'cpu')
     c = model.config
     assert ckpt is None
     assert (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim,
@@ -405,3 +405,161 @@ def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_pat
     assert c.qk_norm and c.tie_word_embeddings  # the rest still comes from the 'tiny' preset
     with pytest.raises(train_sft.TrainError, match='bad model config'):
         train_sft.build_model(tiny_cfg(tmp_path, n_embd=96, n_head=5), 'cpu')
+
+
+# ---------------------------------------------------------------- LoRA / QLoRA (lora.py)
+
+@pytest.fixture(scope='module')
+def base_ckpt(tmp_path_factory, data_dir):
+    """A base model to adapt: the tiny model as a 0-step run writes it (random, but frozen it is a base)."""
+    d = tmp_path_factory.mktemp('base')
+    train_sft.train(tiny_cfg(d, data_dir=str(data_dir), max_iters=0))
+    return d / 'out' / 'ckpt.pt'
+
+
+def lora_cfg(tmp_path, data_dir, base_ckpt, **over):
+    cfg = dict(data_dir=str(data_dir), init_from=str(base_ckpt), finetune='lora', lora_rank=4,
+               lora_alpha=8.0, learning_rate=1e-2, max_iters=4, lr_decay_iters=4, eval_interval=2)
+    return tiny_cfg(tmp_path, **{**cfg, **over})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('finetune', ['lora', 'qlora'])
+def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tmp_path, data_dir, base_ckpt,
+                                                                             finetune):
+    from checkpoint import load_checkpoint
+    from lora import base_fingerprint, lora_modules
+    summary = train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, finetune=finetune, lora_dora=True))
+    assert summary['iters'] == 4 and summary['skipped_steps'] == 0
+    ck = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)
+    base, _ = load_checkpoint(base_ckpt)
+    assert ck['base']['source'] == str(base_ckpt) and ck['base']['sha256'] == base_fingerprint(base)['sha256']
+    assert ck['lora']['quantize'] == (finetune == 'qlora') and ck['lora']['dora']
+    # adapters (A, B, magnitude) of 7 projections x 2 layers, nothing of the base; AdamW holds them alone
+    assert len(ck['model']) == 42 and all('.lora_' in k for k in ck['model'])
+    assert sorted(ck['optimizer']['state']) == sorted(ck['model'])
+    assert (tmp_path / 'out' / 'ckpt.pt').stat().st_size < base_ckpt.stat().st_size / 20
+    model, _ = load_checkpoint(tmp_path / 'out' / 'ckpt.pt')
+    assert len(lora_modules(model)) == 8 and model.lora_config.quantize == (finetune == 'qlora')
+    moved = [n for n, p in model.named_parameters() if '.lora_B.' in n and p.abs().sum() > 0]
+    assert len(moved) == 14   # every B left zero: the adapters trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('finetune', ['lora', 'qlora'])
+def test_lora_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, base_ckpt, monkeypatch,
+                                                             finetune):
+    import os
+    import signal
+    common = dict(max_iters=6, lr_decay_iters=6, eval_interval=3, batch_size=2, gradient_accumulation_steps=2,
+                  packing=True, lora_dropout=0.1, finetune=finetune)
+    train_sft.train(lora_cfg(tmp_path / 'a', data_dir, base_ckpt, **common))
+    interrupted = lora_cfg(tmp_path / 'b', data_dir, base_ckpt, **common)
+    real_get_lr = train_sft.get_lr
+
+    def get_lr_then_sigterm(it, cfg):
+        if it == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_get_lr(it, cfg)
+
+    monkeypatch.setattr(train_sft, 'get_lr', get_lr_then_sigterm)
+    assert train_sft.train(interrupted)['iters'] == 2
+    monkeypatch.setattr(train_sft, 'get_lr', real_get_lr)
+    train_sft.train(dataclasses.replace(interrupted, init_from='resume'))
+    a = torch.load(tmp_path / 'a' / 'out' / 'ckpt.pt', weights_only=False)
+    b = torch.load(tmp_path / 'b' / 'out' / 'ckpt.pt', weights_only=False)
+    assert a['model'].keys() == b['model'].keys() and b['iter_num'] == 6
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    for k in a['optimizer']['state']:
+        assert torch.equal(a['optimizer']['state'][k]['exp_avg_sq'], b['optimizer']['state'][k]['exp_avg_sq'])
+
+
+@pytest.mark.slow
+def test_lora_on_two_ranks_matches_one_process(tmp_path, data_dir, base_ckpt):
+    """DDP with LoRA, and FSDP with QLoRA (the frozen NF4 base sharded too), on 2 gloo ranks x 2
+    micro-steps end where 1 process x 4 micro-steps does."""
+    # FSDP shards each NF4 weight with whole groups of 256 x 64 weights per rank: a wider base
+    wide = tmp_path / 'wide'
+    train_sft.train(tiny_cfg(wide, data_dir=str(data_dir), max_iters=0, n_embd=256, n_head=4, head_dim=64,
+                             intermediate_size=256))
+    common = dict(max_iters=3, lr_decay_iters=3, eval_interval=100, eval_iters=1, batch_size=1,
+                  packing=False, log_interval=3, learning_rate=3e-3, min_lr=3e-4)
+    for name, base, extra in (('ddp_lora', base_ckpt, dict(finetune='lora', lora_dora=True)),
+                              ('fsdp_qlora', wide / 'out' / 'ckpt.pt', dict(finetune='qlora', parallel='fsdp'))):
+        torchrun2(lora_cfg(tmp_path / name / '2', data_dir, base, gradient_accumulation_steps=2, **common, **extra))
+        train_sft.train(lora_cfg(tmp_path / name / '1', data_dir, base, gradient_accumulation_steps=4, **common,
+                                 **dict(extra, parallel='ddp')))
+        a, b = (torch.load(tmp_path / name / n / 'out' / 'ckpt.pt', weights_only=False) for n in '12')
+        assert sorted(a['model']) == sorted(b['model']) and len(b['rng']) == 2, name
+        for k in a['model']:
+            torch.testing.assert_close(a['model'][k], b['model'][k], atol=1e-5, rtol=1e-5, msg=f'{name}: {k}')
+
+
+@pytest.mark.slow
+def test_lora_against_another_base_is_a_clear_error(tmp_path, data_dir, base_ckpt):
+    train_sft.train(lora_cfg(tmp_path / 'run', data_dir, base_ckpt, max_iters=2, eval_interval=2))
+    other = tmp_path / 'other'
+    train_sft.train(tiny_cfg(other, data_dir=str(data_dir), max_iters=0, seed=7))
+    resume = lora_cfg(tmp_path / 'run', data_dir, base_ckpt, init_from='resume', max_iters=4,
+                      lora_base=str(other / 'out' / 'ckpt.pt'))
+    with pytest.raises(train_sft.TrainError, match=rf"trained on the base {base_ckpt} \(sha256 [0-9a-f]{{16}}\), "
+                                                   rf"but {other / 'out' / 'ckpt.pt'} is a different base"):
+        train_sft.train(resume)
+    import export_hf
+    with pytest.raises(SystemExit, match='is a different base'):
+        export_hf.main([str(tmp_path / 'run' / 'out' / 'ckpt.pt'), str(tmp_path / 'hf'),
+                        '--base', str(other / 'out' / 'ckpt.pt')])
+    assert not (tmp_path / 'hf').exists()
+
+
+@pytest.mark.slow
+def test_lora_run_continues_from_a_peft_adapter_dir_and_merges_for_full_finetuning(tmp_path, data_dir, base_ckpt):
+    import export_hf
+    first = train_sft.train(lora_cfg(tmp_path / 'run', data_dir, base_ckpt, lora_dora=True, lora_targets='q_proj,v_proj'))
+    export_hf.main([str(tmp_path / 'run' / 'out' / 'ckpt.pt'), str(tmp_path / 'adapter'), '--peft'])
+    # the adapter directory, onto its base: the same model (same val loss), its rank / targets kept
+    cont = train_sft.train(lora_cfg(tmp_path / 'cont', data_dir, base_ckpt, init_from=str(tmp_path / 'adapter'),
+                                    lora_base=str(base_ckpt), eval_only=True))
+    assert cont['last_val_loss'] == pytest.approx(first['last_val_loss'], abs=1e-5)
+    # a LoRA checkpoint as the start of full fine-tuning: its merged model
+    full = train_sft.train(tiny_cfg(tmp_path / 'full', data_dir=str(data_dir), eval_only=True,
+                                    init_from=str(tmp_path / 'run' / 'out' / 'ckpt.pt')))
+    assert full['last_val_loss'] == pytest.approx(first['last_val_loss'], abs=1e-4)
+
+
+def test_lora_non_finite_steps_are_skipped_then_abort(tmp_path, data_dir, base_ckpt, monkeypatch, capsys):
+    real = train_sft.forward_backward
+
+    def nan_gradients(model, *a, **k):
+        stats = real(model, *a, **k)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad.fill_(float('nan'))
+        return stats
+
+    monkeypatch.setattr(train_sft, 'forward_backward', nan_gradients)
+    with pytest.raises(train_sft.TrainError, match=r'aborting: 2 non-finite steps in a row'):
+        train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, max_nan_steps=2, batch_size=1))
+    assert 'skipping this step' in capsys.readouterr().out
+
+
+def test_bad_lora_settings_are_clear_errors_before_training(tmp_path, data_dir, base_ckpt):
+    cases = [
+        (dict(init_from='scratch'), r"finetune='lora' adapts a trained base"),
+        (dict(finetune='qlora', dtype='float16'), 'QLoRA with dtype float16 on CPU'),
+        (dict(lora_targets='q_proj,qkv_proj'), r"unknown LoRA target 'qkv_proj'.*'q_proj', 'k_proj'"),
+        (dict(lora_rank=0), 'rank must be an integer >= 1'),
+        (dict(lora_base=str(base_ckpt), init_from=f'hf:{tmp_path}'), 'lora_base=.* names the base of'),
+        (dict(init_from=str(tmp_path / 'no.pt')), 'checkpoint not found'),
+    ]
+    for over, msg in cases:
+        with pytest.raises(train_sft.TrainError, match=msg):
+            train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, **over))
+        assert not (tmp_path / 'out').exists()
+    with pytest.raises(SystemExit, match=r"finetune='lorra': expected one of \('full', 'lora', 'qlora'\)"):
+        train_sft.main(['--finetune=lorra'])
+    (tmp_path / 'adapter').mkdir()
+    (tmp_path / 'adapter' / 'adapter_config.json').write_text('{}')
+    with pytest.raises(train_sft.TrainError, match='lora_base= must name its base'):
+        train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, init_from=str(tmp_path / 'adapter')))
