@@ -8,7 +8,7 @@ PY     ?= $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install install-dev install-bench demo test test-fast test-gpu test-all bench bench-prepare bench-train clean
+.PHONY: install install-dev install-bench demo demo-lora test test-fast test-gpu test-all bench bench-prepare bench-train bench-lora clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,30 @@ demo: $(VENV)/.installed-dev
 	@echo "  $(DEMO_OUT)/eval.json (the table above), $(DEMO_OUT)/loss.png (loss and LR curves)."
 	@echo "  chat with it: $(PY) sample_sft.py $(DEMO_OUT)/ckpt.pt"
 
+# LoRA and QLoRA on the demo (configs/lora_demo_cpu.py): a base (30 full steps), then 370 steps of full
+# fine-tuning, LoRA and QLoRA from it, and one table of the four on the held-out set.
+LORA_OUT ?= out-demo-lora
+demo-lora: $(VENV)/.installed-dev
+	rm -rf $(LORA_OUT)
+	$(PY) data/make_demo_data.py --out_dir $(DEMO_DATA) $(DEMO_DATA_ARGS)
+	$(PY) prepare_sft.py --input $(DEMO_DATA)/train.jsonl --tokenizer $(DEMO_DATA)/tokenizer \
+		--out_dir $(DEMO_DATA)/sft --max_length 256
+	@echo; echo "== the base: 30 steps of full fine-tuning =="
+	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --data_dir=$(DEMO_DATA)/sft --max_iters=30 \
+		--lr_decay_iters=30 --warmup_iters=10 --eval_interval=30 --out_dir=$(LORA_OUT)/base
+	@echo; echo "== 370 more steps: full fine-tuning, LoRA, QLoRA =="
+	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --data_dir=$(DEMO_DATA)/sft --max_iters=370 \
+		--lr_decay_iters=370 --init_from=$(LORA_OUT)/base/ckpt.pt --out_dir=$(LORA_OUT)/full
+	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py configs/lora_demo_cpu.py --data_dir=$(DEMO_DATA)/sft \
+		--init_from=$(LORA_OUT)/base/ckpt.pt --out_dir=$(LORA_OUT)/lora
+	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py configs/lora_demo_cpu.py --data_dir=$(DEMO_DATA)/sft \
+		--init_from=$(LORA_OUT)/base/ckpt.pt --out_dir=$(LORA_OUT)/qlora --finetune=qlora
+	@echo; echo "== held-out evaluation =="
+	$(DEMO_ENV) $(PY) eval_sft.py $(DEMO_DATA)/test.jsonl $(LORA_OUT)/base/ckpt.pt $(LORA_OUT)/full/ckpt.pt \
+		$(LORA_OUT)/lora/ckpt.pt $(LORA_OUT)/qlora/ckpt.pt --labels base full lora qlora \
+		--max_new_tokens 32 --batch_size 32 --out $(LORA_OUT)/eval.json
+	@echo "  export: $(PY) export_hf.py $(LORA_OUT)/lora/ckpt.pt DIR [--peft]"
+
 # The whole suite, slow tests included, stays under 10 minutes on a 2-core CPU.
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
@@ -77,8 +101,11 @@ bench: bench-prepare bench-train
 bench-prepare: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_prepare.py
 
+bench-lora: install-bench
+	$(PY) benchmarks/bench_lora.py   # ~45 min on 2 cores: not part of `make bench`
+
 bench-train: install-bench
 	$(PY) benchmarks/bench_train.py --ablations
 
 clean:
-	rm -rf $(VENV) .pytest_cache out-demo data/demo
+	rm -rf $(VENV) .pytest_cache out-demo out-demo-lora data/demo

@@ -105,11 +105,12 @@ class LoRAConfig:
 
 
 def check_qlora_device(cfg: LoRAConfig, dtype: torch.dtype, device_type: str) -> None:
-    """QLoRA dequantizes every weight in the compute dtype: float16 on a CPU has no fast kernels
-    (and nanoSFT trains CPUs without autocast), so it is refused before anything is loaded."""
+    """QLoRA dequantizes every weight at every use in the compute dtype. On a CPU nanoSFT computes
+    in float32 (no autocast there) and float16 matmuls have no fast kernels, so float16 would
+    neither apply nor help: refused before anything is loaded."""
     if cfg.quantize and device_type == 'cpu' and dtype == torch.float16:
-        raise LoRAError("QLoRA with dtype float16 on CPU is not supported (no fast float16 CPU "
-                        "kernels): use dtype float32 or bfloat16")
+        raise LoRAError("QLoRA with dtype float16 on CPU is not supported (CPUs train in float32 here "
+                        "and have no fast float16 matmuls): use dtype float32")
 
 
 # ---------------------------------------------------------------------- where the projections are

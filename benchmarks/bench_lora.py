@@ -11,7 +11,7 @@ dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. fp
     python benchmarks/bench_lora.py --repeats 1 --steps 1 --contenders nanosft_lora,trl_lora
 
 Contenders (each in its own process, run in turn, repeated --repeats times interleaved)
-  nanosft_full    ConfigurableGPT.from_hf, every parameter trained (configure_optimizers' AdamW).
+  nanosft_full    hf_interop.from_hf, every parameter trained (configure_optimizers' AdamW).
   nanosft_lora    + lora.apply_lora(LoRAConfig(rank=16, alpha=32)): base frozen in fp32.
   nanosft_qlora   + quantize=True: the projections' frozen weights in torchao NF4; embedding fp32.
   trl_lora        trl.SFTTrainer(peft_config=peft.LoraConfig(same r, alpha, targets)) on the same
@@ -115,7 +115,7 @@ def child_nanosft(args, name):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     import lora
-    from model_builder import ConfigurableGPT
+    from hf_interop import from_hf
     from sft_data import SFTDataset
     from tokenizer import encode_conversation, load_tokenizer
     from train_sft import forward_backward
@@ -127,7 +127,7 @@ def child_nanosft(args, name):
     if len(units) < n_steps:
         raise SystemExit(f'{name}: only {len(units)} packed rows for {n_steps} steps')
     t0 = time.process_time()
-    model = ConfigurableGPT.from_hf(args.model_dir)
+    model = from_hf(args.model_dir)
     # what the same base holds in bf16 (tied: counted once), split as the QLoRA report needs it
     numel = {n: p.numel() for n, p in model.named_parameters()}
     proj = [f'{path}.weight' for path in lora.projection_layout(model)]
