@@ -303,24 +303,18 @@ class LoRALinear(nn.Module):
 
 
 # ---------------------------------------------------------------------- apply / merge
-def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=None,
-               base_dtype: torch.dtype | None = None) -> ConfigurableGPT:
+def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=None) -> ConfigurableGPT:
     """Freeze the model and add the adapters of cfg, in place (returns the model).
 
     seed: the adapters' init (a generator of its own: every rank of a run draws the same A).
     device: where the NF4 weights are quantized and kept (QLoRA), layer by layer, so a base that
-    does not fit the device unquantized still can be loaded on the CPU and quantized there.
-    base_dtype: cast the frozen (not NF4) base to it, e.g. bfloat16 under autocast on a GPU."""
+    does not fit the device unquantized still can be loaded on the CPU and quantized there."""
     if getattr(model, 'lora_config', None) is not None:
         raise LoRAError("this model already has LoRA adapters")
     adapt, train = resolve_targets(cfg, model)
     layout = projection_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    if base_dtype is not None:
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(base_dtype)
     gen = torch.Generator().manual_seed(seed)
     for path, slices in layout.items():
         parent, _, child = path.rpartition('.')
