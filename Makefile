@@ -2,15 +2,18 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     ?= $(VENV)/bin/python
-# The CPU build of torch (small, fast to install). On a GPU machine: make TORCH_SPEC='torch' ...
-TORCH_SPEC ?= torch==2.13.0
+# torch==2.13.0: on this project's machines the small CPU build from local disk. On PyPI (Linux) it is
+# the CUDA build; for the CPU build: make TORCH_INDEX=https://download.pytorch.org/whl/cpu ...
+# On a GPU machine: make TORCH_SPEC='torch' ... An installed torch is kept.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install install-dev install-bench demo test test-fast test-gpu test-all bench bench-prepare bench-train clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 

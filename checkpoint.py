@@ -1,18 +1,28 @@
-"""Checkpoints: one torch.save dict that rebuilds its model from `model_args` alone.
+"""Checkpoints: one torch.save dict that rebuilds its model from `model_args` alone, and the
+training state around it.
 
-Keys: 'model' (clean state dict), 'model_args' (ModelArchitectureConfig.to_dict()), 'optimizer',
-'iter_num', 'best_val_loss', 'config', 'rng', 'data_state', 'tokenizer', 'format_version'.
-Keep every value tensors / numbers / strings / lists / dicts: then plain `torch.load(path)`
-(weights_only=True, the torch default) reads it, as the specification's loading snippet does.
+Keys: 'model' (clean state dict), 'model_args' (ModelArchitectureConfig.to_dict()), 'optimizer'
+(keyed by parameter name), 'iter_num', 'best_val_loss', 'config', 'rng' (one state per rank),
+'data_state' (the sampler's cursor), 'tokenizer', 'evaluated', 'format_version' (+ 'scaler' under
+fp16). Keep every value tensors / numbers / strings / lists / dicts: then plain `torch.load(path)`
+(weights_only=True, the torch default) reads it, as the SFT spec's loading snippet does.
+
+    save_training_state(...)      every rank calls it (a collective); rank 0 writes ckpt_XXXXXX.pt,
+                                  ckpt.pt (a hard link), ckpt_best.pt, and rotates old step files
+    restore_training_state(...)   optimizer, grad scaler, sampler cursor, RNG states -> iter_num
 """
 from __future__ import annotations
 
 import os
 import pickle
+import random
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
@@ -145,3 +155,129 @@ def load_checkpoint(path, device='cpu', dropout=None) -> tuple[ConfigurableGPT, 
     model.tie_weights()
     ckpt['model_args'] = config.to_dict()
     return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Training state: what exact resume needs beyond the weights
+
+def get_rng_state() -> dict:
+    # numpy's state as plain python values keeps the checkpoint loadable with weights_only=True
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'numpy': (name, keys.tolist(), pos, has_gauss, cached),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state['python'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def optimizer_state_by_name(sd: dict, optimizer, model) -> dict:
+    """An optimizer state dict keyed by parameter position (optimizer.state_dict(), older
+    checkpoints) -> keyed by parameter name, the form torch.distributed.checkpoint uses."""
+    if all(isinstance(p, str) for g in sd['param_groups'] for p in g['params']):
+        return sd
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g['params']]
+    return {'state': {names[i]: s for i, s in sd['state'].items()},
+            'param_groups': [dict(g, params=[names[i] for i in g['params']]) for g in sd['param_groups']]}
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def link_or_copy(src, dst) -> None:
+    """ckpt.pt / ckpt_best.pt as hard links of the step checkpoint: no second multi-GB write."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_training_state(out_dir, model, optimizer, *, iter_num: int, best_val_loss: float,
+                        step_file: bool, is_best: bool = False, keep_last_n: int = 0,
+                        fsdp: bool = False, extra: dict | None = None) -> str | None:
+    """Everything exact resume needs, from every rank. A collective under torchrun: every rank calls
+    it (RNG states are gathered; under FSDP the full state is gathered to rank 0), rank 0 writes.
+    step_file=True (an evaluation step): ckpt_{iter:06d}.pt, ckpt.pt as a link to it, ckpt_best.pt
+    when is_best, and only the newest keep_last_n step files kept (0 = all); step_file=False (a
+    stop between evaluations): ckpt.pt alone. `extra` adds keys (config, data_state, tokenizer...).
+    Returns the line to log on rank 0, None elsewhere."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    rank, world = _rank_world()
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, get_rng_state())
+    else:
+        rngs = [get_rng_state()]
+    # The optimizer state is keyed by parameter name, so one process, DDP and FSDP resume each other's.
+    if fsdp:   # gathering the full state is a collective: every rank runs it, rank 0 gets the tensors
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(model, options=opts)
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if rank != 0:
+        return None
+    if not fsdp:
+        model_sd, optim_sd = model.state_dict(), get_optimizer_state_dict(model, optimizer)
+    checkpoint = {'model': model_sd, 'model_args': model.config.to_dict(), 'optimizer': optim_sd,
+                  'iter_num': iter_num, 'best_val_loss': best_val_loss, 'rng': rngs,
+                  'evaluated': step_file, 'format_version': FORMAT_VERSION, **(extra or {})}
+    latest = os.path.join(out_dir, 'ckpt.pt')
+    path = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt') if step_file else latest
+    try:
+        save_checkpoint(path, checkpoint)
+        if step_file:
+            link_or_copy(path, latest)
+            if keep_last_n > 0:
+                steps = sorted(f for f in os.listdir(out_dir)
+                               if f.startswith('ckpt_') and f[5:11].isdigit() and f.endswith('.pt'))
+                for old in steps[:-keep_last_n]:
+                    os.remove(os.path.join(out_dir, old))
+        if is_best:
+            link_or_copy(latest, os.path.join(out_dir, 'ckpt_best.pt'))
+    except OSError as e:   # disk full, quota, out_dir removed: writes are atomic, nothing is half-done
+        raise CheckpointError(f"cannot save {path} at iter {iter_num}: {e.strerror or e}; {latest} is "
+                              f"the last complete checkpoint") from e
+    return (f"saved {'ckpt_%06d.pt + ' % iter_num if step_file else ''}ckpt.pt"
+            f"{' + ckpt_best.pt' if is_best else ''} at iter {iter_num}")
+
+
+def restore_training_state(ckpt: dict, model, optimizer, *, scaler=None, sampler=None,
+                           fsdp: bool = False, global_batch: int | None = None,
+                           log=print) -> tuple[int, float, int | None]:
+    """Put the optimizer, grad scaler, sampler cursor and this rank's RNG state of `ckpt` back
+    (the model weights were loaded with the checkpoint). Under FSDP every rank read the whole file
+    and keeps its own shard. -> (iter_num, best_val_loss, resumed_at): resumed_at is the iteration
+    whose evaluation already ran (None after a stop between evaluations, so it runs again)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    rank, world = _rank_world()
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(ckpt['optimizer'], optimizer, model),
+                             options=StateDictOptions(full_state_dict=fsdp))
+    if 'scaler' in ckpt and scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(ckpt['scaler'])
+    iter_num, best_val_loss = ckpt['iter_num'], ckpt.get('best_val_loss', float('inf'))
+    resumed_at = iter_num if ckpt.get('evaluated', True) else None
+    ds = ckpt.get('data_state') or {}
+    if sampler is not None:
+        sampler.epoch, sampler.position = ds.get('epoch', 0), ds.get('position', 0)
+    rngs = ckpt.get('rng')
+    if isinstance(rngs, list) and len(rngs) == world:
+        set_rng_state(rngs[rank])
+    elif rngs:
+        log(f"warning: checkpoint has RNG states for {len(rngs)} ranks, this run has {world}: "
+            f"dropout noise will differ from an uninterrupted run")
+    if ds.get('global_batch') not in (None, global_batch):
+        log(f"warning: global batch changed from {ds['global_batch']} to {global_batch} rows on resume")
+    log(f"resumed from iter {iter_num} (epoch {ds.get('epoch', 0)}, position {ds.get('position', 0)})")
+    return iter_num, best_val_loss, resumed_at

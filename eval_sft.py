@@ -90,7 +90,7 @@ def load_eval_records(path: str, limit: int | None = None) -> list[dict]:
 
 
 def _via_prepare(path: str, limit: int | None) -> list[dict]:
-    from prepare_sft import load_records
+    from chat_records import load_records
     try:
         convs = load_records(path)
     except ValueError as e:

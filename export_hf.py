@@ -2,7 +2,7 @@
 
     python export_hf.py out-demo/ckpt.pt out-demo/hf [--dtype bfloat16]
 
-Writes config.json + model.safetensors (model_builder.to_hf), generation_config.json (stops at
+Writes config.json + model.safetensors (hf_interop.to_hf), generation_config.json (stops at
 <|im_end|> and <|endoftext|>, pads with <|endoftext|>) and, when the checkpoint was trained with
 the Qwen tokenizer (or a local HF tokenizer directory), the tokenizer files with a `chat_template`
 that renders exactly the tokens training used (tokenizer.encode_conversation, 'chatml'):
@@ -87,7 +87,7 @@ def hf_tokenizer_for(tok_name: str | None, chat_template: str):
 
 def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: str | None = None) -> str:
     from checkpoint import load_checkpoint
-    from model_builder import to_hf
+    from hf_interop import to_hf
     try:
         model, ckpt = load_checkpoint(ckpt_path, device='cpu')
     except ValueError as e:

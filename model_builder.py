@@ -3,17 +3,11 @@
 Parameter names follow nanoGPT (transformer.wte / .h.N.attn.c_attn / lm_head ...), so nanoGPT
 checkpoints load as they are. q, k and v share one fused c_attn Linear ([q | k | v] rows); the
 SwiGLU MLP fuses gate and up into c_fc ([gate | up] rows). Hugging Face weights are converted at
-the edges (from_hf / to_hf at the bottom of this file); the model itself knows nothing of devices,
-DDP or file formats.
+the edge (hf_interop.py); the model itself knows nothing of devices, DDP or file formats.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -404,40 +398,6 @@ class ConfigurableGPT(nn.Module):
                 break
         return out
 
-    # ------------------------------------------------------------------ HF import
-    @classmethod
-    def from_hf(cls, path, dtype=torch.float32) -> 'ConfigurableGPT':
-        """Load a local Hugging Face Qwen3 / Qwen2 / Llama / GPT-2 directory (no network)."""
-        path = Path(path)
-        config_file = path / 'config.json'
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file}: not found (from_hf needs a local Hugging Face "
-                                    f"model directory with config.json)")
-        hf_config = json.loads(config_file.read_text())
-        try:
-            config = ModelArchitectureConfig.from_hf_config(hf_config)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{config_file}: {e}") from e
-        hf_sd = _RecordingDict(_read_hf_weights(path))
-        try:
-            sd = _hf_to_ours(config, hf_config['model_type'], hf_sd)
-        except KeyError as e:
-            raise ValueError(f"{path}: weight {e.args[0]!r} is missing") from e
-        unused = [k for k in hf_sd if k not in hf_sd.used and not _IGNORED_HF_KEY(k, config)]
-        if unused:
-            raise ValueError(f"{path}: weights this architecture does not use (unsupported "
-                             f"variant?): {unused[:8]}{' ...' if len(unused) > 8 else ''}")
-        with torch.device('meta'):
-            model = cls(config)
-        sd = {k: v.to(dtype) for k, v in sd.items()}
-        result = model.load_state_dict(sd, strict=False, assign=True)
-        missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == 'lm_head.weight')]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{path}: weights do not match the config: missing {missing}, "
-                             f"unexpected {result.unexpected_keys}")
-        model.tie_weights()
-        return model
-
 
 def sample_next(logits, temperature, top_k, top_p, generator):
     """(B, V) fp32 logits -> (B,) token ids. temperature 0 = greedy."""
@@ -456,150 +416,3 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         logits = logits.masked_fill(drop, float('-inf'))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------- HF weight conversion
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    single, index, binary = path / 'model.safetensors', path / 'model.safetensors.index.json', path / 'pytorch_model.bin'
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        weight_map = json.loads(index.read_text())['weight_map']
-        sd = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).is_file():
-                raise FileNotFoundError(f"{path / shard}: shard listed in {index} is missing")
-            sd.update(load_file(path / shard))
-        return sd
-    if binary.is_file():
-        return torch.load(binary, map_location='cpu', weights_only=True, mmap=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
-                            f"pytorch_model.bin")
-
-
-class _RecordingDict(dict):
-    """Remembers which keys were read, so leftover (unsupported) weights can be reported."""
-
-    def __init__(self, *a):
-        super().__init__(*a)
-        self.used = set()
-
-    def __getitem__(self, k):
-        v = super().__getitem__(k)
-        self.used.add(k)
-        return v
-
-
-def _IGNORED_HF_KEY(key: str, config: ModelArchitectureConfig) -> bool:
-    # buffers some exporters write, and a tied lm_head saved anyway
-    return (key.endswith(('.attn.bias', '.attn.masked_bias', 'rotary_emb.inv_freq'))
-            or (config.tie_word_embeddings and key == 'lm_head.weight'))
-
-
-def _weight_map(config: ModelArchitectureConfig, model_type: str):
-    """(our name, its Hugging Face names, how) for every weight; how is 'copy', 't' (GPT-2's Conv1D
-    stores (in, out)) or the row sizes our fused tensor splits into ([q | k | v], [gate | up]).
-    One table serves the import and the export."""
-    if model_type == 'gpt2':
-        yield 'transformer.wte.weight', ['transformer.wte.weight'], 'copy'
-        yield 'transformer.wpe.weight', ['transformer.wpe.weight'], 'copy'
-        for i in range(config.n_layer):
-            o = f'transformer.h.{i}.'
-            for name in ('ln_1.weight', 'ln_1.bias', 'ln_2.weight', 'ln_2.bias',
-                         'attn.c_attn.bias', 'attn.c_proj.bias', 'mlp.c_fc.bias', 'mlp.c_proj.bias'):
-                yield o + name, [o + name], 'copy'
-            for name in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'):
-                yield o + name + '.weight', [o + name + '.weight'], 't'
-        yield 'transformer.ln_f.weight', ['transformer.ln_f.weight'], 'copy'
-        yield 'transformer.ln_f.bias', ['transformer.ln_f.bias'], 'copy'
-        return
-    q, kv, ffn = config.n_head * config.head_size, config.kv_heads * config.head_size, config.ffn_size
-    yield 'transformer.wte.weight', ['model.embed_tokens.weight'], 'copy'
-    for i in range(config.n_layer):
-        p, o = f'model.layers.{i}.', f'transformer.h.{i}.'
-        a, m = p + 'self_attn.', p + 'mlp.'
-        yield o + 'ln_1.weight', [p + 'input_layernorm.weight'], 'copy'
-        yield o + 'ln_2.weight', [p + 'post_attention_layernorm.weight'], 'copy'
-        yield o + 'attn.c_attn.weight', [a + f'{n}_proj.weight' for n in 'qkv'], [q, kv, kv]
-        if config.qkv_bias:
-            yield o + 'attn.c_attn.bias', [a + f'{n}_proj.bias' for n in 'qkv'], [q, kv, kv]
-        yield o + 'attn.c_proj.weight', [a + 'o_proj.weight'], 'copy'
-        if config.out_bias:
-            yield o + 'attn.c_proj.bias', [a + 'o_proj.bias'], 'copy'
-        if config.qk_norm:
-            yield o + 'attn.q_norm.weight', [a + 'q_norm.weight'], 'copy'
-            yield o + 'attn.k_norm.weight', [a + 'k_norm.weight'], 'copy'
-        yield o + 'mlp.c_fc.weight', [m + 'gate_proj.weight', m + 'up_proj.weight'], [ffn, ffn]
-        yield o + 'mlp.c_proj.weight', [m + 'down_proj.weight'], 'copy'
-        if config.ffn_bias:
-            yield o + 'mlp.c_fc.bias', [m + 'gate_proj.bias', m + 'up_proj.bias'], [ffn, ffn]
-            yield o + 'mlp.c_proj.bias', [m + 'down_proj.bias'], 'copy'
-    yield 'transformer.ln_f.weight', ['model.norm.weight'], 'copy'
-    if not config.tie_word_embeddings:
-        yield 'lm_head.weight', ['lm_head.weight'], 'copy'
-
-
-def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf: dict) -> dict:
-    def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
-        if model_type == 'gpt2' and k not in hf:
-            return hf[k.removeprefix('transformer.')]
-        return hf[k]
-    sd = {}
-    for ours, names, how in _weight_map(config, model_type):
-        if how == 'copy':
-            sd[ours] = get(names[0])
-        elif how == 't':
-            sd[ours] = get(names[0]).t().contiguous()
-        else:
-            sd[ours] = torch.cat([get(n) for n in names])
-    return sd
-
-
-def _ours_to_hf(config: ModelArchitectureConfig, model_type: str, sd: dict) -> dict:
-    hf = {}
-    for ours, names, how in _weight_map(config, model_type):
-        if how == 'copy':
-            hf[names[0]] = sd[ours]
-        elif how == 't':
-            hf[names[0]] = sd[ours].t()
-        else:
-            hf.update(zip(names, sd[ours].split(how)))
-    return hf
-
-
-def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
-    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM loads.
-    The directory appears complete or not at all (written next to it, then renamed)."""
-    from safetensors.torch import save_file
-    config = model.config
-    model_type = config.hf_model_type()
-    hf_config = config.to_hf_config()
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    hf_sd = _ours_to_hf(config, model_type, sd)
-    dtype = dtype or next(iter(hf_sd.values())).dtype
-    # clone: split/transposed views share storage, which safetensors must not see
-    hf_sd = {k: v.to(device='cpu', dtype=dtype).clone(memory_format=torch.contiguous_format)
-             for k, v in hf_sd.items()}
-    dtype_name = str(dtype).removeprefix('torch.')
-    hf_config['torch_dtype'] = dtype_name
-    hf_config['dtype'] = dtype_name
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp', dir=path.parent))
-    try:
-        (tmp / 'config.json').write_text(json.dumps(hf_config, indent=2) + '\n')
-        save_file(hf_sd, tmp / 'model.safetensors', metadata={'format': 'pt'})
-        if path.exists():
-            # keep whatever else lives there (tokenizer files): replace only what we write
-            for name in ('config.json', 'model.safetensors'):
-                os.replace(tmp / name, path / name)
-            stale = path / 'model.safetensors.index.json'
-            if stale.exists():
-                stale.unlink()
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

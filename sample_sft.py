@@ -26,11 +26,11 @@ def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
         raise SystemExit(f'{path}: no such checkpoint file or model directory')
     chat_template, meta = 'chatml', {}
     if os.path.isdir(path):
-        from model_builder import ConfigurableGPT
+        from hf_interop import from_hf
         if not os.path.exists(os.path.join(path, 'config.json')):
             raise SystemExit(f'{path}: a directory without config.json is not a Hugging Face model')
         try:
-            model = ConfigurableGPT.from_hf(path)
+            model = from_hf(path)
         except (ValueError, OSError, KeyError) as e:
             raise SystemExit(f'{path}: cannot load the Hugging Face model: {e}')
         has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))

@@ -1,29 +1,182 @@
 """
-The data side of train_sft.py: a split (binary shards from prepare_sft.py, or a .jsonl tokenized in
-memory) turned into training rows (padding or best-fit packing with document ids), and the
-world-size-invariant global sampler whose cursor (epoch, position) is all that resume needs.
+The data side of train_sft.py: the shard format prepare_sft.py writes (ShardWriter) and training
+reads (ShardDataset, memory-mapped), a .jsonl split tokenized in memory (JsonlSplit), examples turned
+into training rows (padding, or best-fit packing with document ids), and the world-size-invariant
+global sampler whose cursor (epoch, position) is all that resume needs.
+
+A data dir holds, per split ('train', 'val'):
+  {split}.bin    tokens, uint32 (uint16 when the vocabulary fits), all examples back to back
+  {split}.mask   uint8, 1 = trained token (assistant content and its end-of-turn token)
+  {split}.idx    int64 offsets, n+1 entries: example i is [idx[i], idx[i+1])
+and meta.json (format_version, token_dtype, tokenizer, settings, counts, audit stats).
 """
 from __future__ import annotations
 
 import bisect
+import json
 import os
 
 import numpy as np
 import torch
 
+from chat_records import DataError, load_records
+from tokenizer import encode_conversation, load_tokenizer
+
 IGNORE_INDEX = -100
 DEFAULT_PAD_ID = 151643      # <|endoftext|>
+SHARD_FORMAT_VERSION = 1
+SPLITS = ('train', 'val')
 
 
-class DataError(RuntimeError):
-    """A user-facing problem with the training data (missing file, empty split, foreign token ids)."""
+# ----------------------------------------------------------------------------------------------
+# The shard format: writing and reading
+
+class ShardWriter:
+    """Writes a data dir's shard files under temporary names; commit(meta) renames them into place,
+    meta.json last, so a directory with a meta.json always has complete shards beside it, and a
+    failed or killed run leaves no half-written shard (use it as a context manager)."""
+
+    def __init__(self, out_dir: str, token_dtype):
+        self.out_dir, self.dtype = out_dir, np.dtype(token_dtype)
+        self.created = not os.path.isdir(out_dir)   # a failed run removes the dir it made
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:   # an existing file, or a path under one
+            raise DataError(f'--out_dir {out_dir}: cannot create the directory ({e.strerror or e})') from None
+        _remove_stale_tmp(out_dir)
+        suffix = f'.tmp-{os.getpid()}'
+        names = [f'{s}.{e}' for s in SPLITS for e in ('bin', 'mask', 'idx')] + ['meta.json']
+        self.final = {n: os.path.join(out_dir, n) for n in names}
+        self.tmp = {n: p + suffix for n, p in self.final.items()}
+        self.files = {}
+        self.offsets = {s: [0] for s in SPLITS}
+        for s in SPLITS:
+            for e in ('bin', 'mask'):
+                self.files[f'{s}.{e}'] = open(self.tmp[f'{s}.{e}'], 'wb')
+
+    def add(self, split: str, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.files[f'{split}.bin'].write(np.asarray(ids).astype(self.dtype).tobytes())
+        self.files[f'{split}.mask'].write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.offsets[split].append(self.offsets[split][-1] + len(ids))
+
+    def commit(self, meta: dict) -> dict:
+        """Finish every file, write meta.json (+ format_version, token_dtype), rename all into place."""
+        for f in self.files.values():
+            f.close()
+        for s in SPLITS:
+            np.asarray(self.offsets[s], dtype=np.int64).tofile(self.tmp[f'{s}.idx'])
+        meta = {'format_version': SHARD_FORMAT_VERSION, 'token_dtype': self.dtype.name, **meta}
+        with open(self.tmp['meta.json'], 'w') as f:
+            json.dump(meta, f, indent=1, ensure_ascii=False)
+        for name in sorted(self.final, key=lambda n: n == 'meta.json'):
+            os.replace(self.tmp[name], self.final[name])
+        return meta
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        for p in self.tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+        if self.created and not os.listdir(self.out_dir):
+            os.rmdir(self.out_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+
+def _remove_stale_tmp(out_dir: str):
+    # leftovers of a killed run (never read: the reader only opens the final names)
+    for name in os.listdir(out_dir):
+        base, _, pid = name.rpartition('.tmp-')
+        if base and pid.isdigit() and base.split('.')[0] in ('train', 'val', 'meta'):
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(out_dir, name))
+            except OSError:
+                pass
+
+
+class ShardDataset:
+    """Memory-mapped reader of one split of a data dir (see the module docstring).
+
+    ds = ShardDataset('data/my_sft', 'train'); input_ids, labels = ds[i]   (int64 numpy arrays,
+    labels = -100 where not trained); ds.lengths = token length of every example; ds.meta = meta.json.
+    """
+
+    def __init__(self, data_dir: str, split: str = 'train'):
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.exists(meta_path):
+            raise DataError(f'{meta_path}: not found (run prepare_sft.py to create it)')
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f'{meta_path}: unreadable ({e})') from None
+        if self.meta.get('format_version') != SHARD_FORMAT_VERSION:
+            raise DataError(f'{meta_path}: format_version {self.meta.get("format_version")!r}, this '
+                             f'reader understands {SHARD_FORMAT_VERSION}; re-run prepare_sft.py')
+        if split not in SPLITS:
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        dtype = np.dtype(self.meta.get('token_dtype', 'uint32'))
+        paths = {ext: os.path.join(data_dir, f'{split}.{ext}') for ext in ('bin', 'mask', 'idx')}
+        for p in paths.values():
+            if not os.path.exists(p):
+                raise DataError(f'{p}: missing shard file (listed by {meta_path})')
+        self.idx = self._map(paths['idx'], np.int64)
+        n_tok = int(self.idx[-1]) if len(self.idx) else -1
+        if len(self.idx) == 0 or self.idx[0] != 0 or np.any(np.diff(self.idx) < 0):
+            raise DataError(f'{paths["idx"]}: corrupt offsets index (must start at 0 and not decrease)')
+        expected_n = self.meta.get('splits', {}).get(split, {}).get('examples')
+        if expected_n is not None and expected_n != len(self.idx) - 1:
+            raise DataError(f'{paths["idx"]}: {len(self.idx) - 1} examples but meta.json says {expected_n}')
+        for ext, dt in (('bin', dtype), ('mask', np.uint8)):
+            size = os.path.getsize(paths[ext])
+            if size != n_tok * np.dtype(dt).itemsize:
+                raise DataError(f'{paths[ext]}: {size} bytes, but {paths["idx"]} says {n_tok} tokens '
+                                 f'of {np.dtype(dt).name} (truncated or mismatched shard)')
+        self.tokens = self._map(paths['bin'], dtype)
+        self.mask = self._map(paths['mask'], np.uint8)
+        self.lengths = np.diff(self.idx)
+        self.split = split
+
+    @staticmethod
+    def _map(path, dtype):
+        # np.memmap refuses empty files; an empty split is legitimate
+        if os.path.getsize(path) == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode='r')
+
+    def __len__(self) -> int:
+        return len(self.idx) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f'example {i} out of range for {self.split} ({n} examples)')
+        a, b = int(self.idx[i]), int(self.idx[i + 1])
+        ids = self.tokens[a:b].astype(np.int64)
+        labels = np.where(self.mask[a:b] != 0, ids, -100)
+        return ids, labels
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and batching
 
 class JsonlSplit:
     """A .jsonl chat file tokenized once in memory; same (input_ids, labels) as the binary shards."""
 
     def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='chatml'):
-        from prepare_sft import load_records
-        from tokenizer import encode_conversation, load_tokenizer
         tok = load_tokenizer(tokenizer_name)
         records = list(load_records(path))
         # Deterministic split without a val file: every 20th conversation is validation.
@@ -44,20 +197,19 @@ class JsonlSplit:
         return self.examples[i]
 
 
-def open_split(path, split, cfg=None):
-    cfg = cfg or {}
+def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='chatml'):
+    """A prepare_sft.py data dir (ShardDataset), or a .jsonl file tokenized now (JsonlSplit: the
+    tokenizer, train_on and chat_template arguments apply to it alone)."""
     if str(path).endswith('.jsonl'):
         if not os.path.isfile(path):
             raise DataError(f"data_dir: file not found: {path}")
-        return JsonlSplit(path, split, cfg.get('tokenizer', 'qwen3'), cfg.get('train_on', 'all'),
-                          cfg.get('chat_template', 'chatml'))
+        return JsonlSplit(path, split, tokenizer, train_on, chat_template)
     if not os.path.isdir(path):
         raise DataError(f"data_dir: directory not found: {path} (build it with prepare_sft.py "
                          f"--out_dir {path}, or point data_dir at a .jsonl file)")
-    from prepare_sft import ShardDataset
     try:
         return ShardDataset(path, split)
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise DataError(f"data_dir {path}: cannot read the {split} split: {e}") from e
 
 

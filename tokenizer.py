@@ -56,7 +56,6 @@ QWEN3_SPECIALS = (
 # Added tokens that Hugging Face matches inside text (special=False in Qwen3's tokenizer.json).
 QWEN3_TEXT_TOKENS = ('<tool_call>', '</tool_call>', '<tool_response>', '</tool_response>',
                      '<think>', '</think>')
-ROLES = ('system', 'user', 'assistant', 'tool')
 # A Unicode noncharacter ("for internal use", never in interchanged text): the sentinel of the
 # `tokenizers` plain-text path, and (with the next two) the markers of the general template path.
 SENTINEL = '\ufdd0'

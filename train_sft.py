@@ -1,9 +1,10 @@
 """
-Supervised fine-tuning, nanoGPT style: the globals below are the config, overwritten by a config file
-and `--key=value` overrides (configurator.py). One process, or torchrun with DDP or FSDP (`--parallel=fsdp`):
+Supervised fine-tuning, nanoGPT style: TrainConfig below holds the defaults, a python config file and
+`--key=value` overrides change them (configurator.py). One process, or torchrun with DDP or FSDP:
 
     python train_sft.py configs/sft_demo_cpu.py
     torchrun --standalone --nproc_per_node=8 train_sft.py configs/sft_qwen3_1.8b.py
+    python train_sft.py configs/sft_demo_cpu.py --help     # every key, its value and what it does
 
 What this loop guarantees beyond the usual ones:
 - every trained token weighs the same in a step, whatever the padding, accumulation or GPU count
@@ -15,84 +16,116 @@ What this loop guarantees beyond the usual ones:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import random
-import shutil
-import signal
 import sys
-import tempfile
-import threading
-import time
-from contextlib import nullcontext
-from datetime import datetime, timezone
+from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from configurator import ConfigError, configure, help_text
 
 
-# -----------------------------------------------------------------------------
-# default config (every global below can be set from a config file or --key=value)
-# I/O
-out_dir = 'out-sft'
-eval_interval = 200
-log_interval = 1
-eval_iters = 20
-eval_only = False
-keep_last_n = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
-init_from = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
-# wandb
-wandb_log = False
-wandb_project = 'nanosft'
-wandb_run_name = None
-# data
-data_dir = 'data/my_sft'     # prepare_sft.py output dir, or a .jsonl file tokenized on the fly
-tokenizer = 'qwen3'          # only used for .jsonl input
-train_on = 'all'             # only used for .jsonl input (see tokenizer.encode_conversation)
-chat_template = 'chatml'     # only used for .jsonl input
-gradient_accumulation_steps = 4   # per process
-batch_size = 4               # rows per micro-batch per process
-block_size = 2048
-packing = False              # False: pad to the longest row of the micro-batch; True: pack rows
-seed = 1337
-# model (init_from='scratch': a preset and/or explicit architecture keys)
-model_preset = 'tiny'
-n_layer = None
-n_head = None
-n_kv_head = None
-n_embd = None
-head_dim = None
-intermediate_size = None
-vocab_size = None
-dropout = 0.0                # overrides the checkpoint's / HF model's dropout
-# optimizer
-learning_rate = 2e-5
-max_iters = 3000
-weight_decay = 0.01
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0              # 0 disables clipping (the norm is still computed and logged)
-max_nan_steps = 10           # abort after this many non-finite steps in a row
-# learning rate schedule
-decay_lr = True
-warmup_iters = 100
-lr_decay_iters = 3000
-min_lr = 2e-6
-# system
-backend = ''                 # '' -> nccl on CUDA, gloo on CPU
-parallel = 'ddp'             # under torchrun: 'ddp' (replicated model) | 'fsdp' (FSDP2: params, grads, optimizer state sharded)
-device = ''                  # '' -> cuda if available else cpu
-dtype = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other CUDA, float32 on CPU
-compile = False
-peak_flops = 0.0             # per GPU, for MFU; 0 -> guess from the device name
-# -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    # I/O
+    out_dir: str = 'out-sft'
+    eval_interval: int = 200          # evaluate, then save ckpt_XXXXXX.pt, every this many steps
+    log_interval: int = 1             # a log line every this many steps
+    eval_iters: int = 20              # batches per split in each evaluation
+    eval_only: bool = False           # evaluate the starting model once and exit
+    keep_last_n: int = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
+    init_from: str = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
+    # wandb
+    wandb_log: bool = False           # also log to Weights & Biases (if installed)
+    wandb_project: str = 'nanosft'
+    wandb_run_name: str | None = None
+    # data
+    data_dir: str = 'data/my_sft'     # prepare_sft.py output dir, or a .jsonl file tokenized on the fly
+    tokenizer: str = 'qwen3'          # .jsonl data only: 'qwen3' or a local HF tokenizer dir
+    train_on: str = 'all'             # .jsonl data only: 'all' assistant turns or the 'last' one
+    chat_template: str = 'chatml'     # .jsonl data only: 'chatml' | 'qwen3'
+    gradient_accumulation_steps: int = 4   # micro-steps per optimizer step, per process
+    batch_size: int = 4               # rows per micro-step per process
+    block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
+    packing: bool = False             # False: pad to the longest row of the micro-batch; True: pack
+    seed: int = 1337
+    # model (init_from='scratch': a preset and/or explicit architecture keys)
+    model_preset: str = 'tiny'        # a model_config.PRESETS name
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    n_embd: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    dropout: float = 0.0              # overrides the checkpoint's / HF model's dropout
+    # optimizer (AdamW; weight decay on matrices and embeddings only)
+    learning_rate: float = 2e-5       # peak learning rate, after warmup
+    max_iters: int = 3000             # optimizer steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0            # 0 disables clipping (the norm is still computed and logged)
+    max_nan_steps: int = 10           # abort after this many non-finite steps in a row
+    # learning rate schedule: linear warmup, cosine decay to min_lr at lr_decay_iters
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int = 3000        # usually = max_iters
+    min_lr: float = 2e-6
+    # system
+    backend: str = ''                 # '' -> nccl on CUDA, gloo on CPU
+    parallel: str = 'ddp'             # under torchrun: 'ddp' (replicated model) | 'fsdp' (FSDP2:
+                                      # parameters, gradients and optimizer state sharded)
+    device: str = ''                  # '' -> cuda if available, else cpu
+    dtype: str = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other
+                                      # CUDA, float32 on CPU
+    compile: bool = False             # torch.compile the model
+    peak_flops: float = 0.0           # per GPU, for MFU; 0 -> guess from the device name
 
-from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, DataError, GlobalSampler, JsonlSplit,  # noqa: F401
-                      SFTDataset, check_token_ids, eval_batches, open_split, pack_best_fit)
-from model_builder import trained_positions  # noqa: E402
+    def __post_init__(self):
+        choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'),
+                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16')}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
+        for key in ('eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_size',
+                    'max_nan_steps'):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.block_size < 2:
+            raise ConfigError(f"block_size={self.block_size}: must be >= 2")
+        if self.eval_iters < 0 or self.max_iters < 0 or self.keep_last_n < 0:
+            raise ConfigError("eval_iters, max_iters and keep_last_n must be >= 0")
+
+
+USAGE = 'usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]'
+if __name__ == '__main__' and {'-h', '--help'} & set(sys.argv[1:]):
+    # --help answers here, before torch is imported (seconds on a cold start)
+    try:
+        print(help_text(TrainConfig, sys.argv[1:], USAGE))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    raise SystemExit(0)
+
+import random  # noqa: E402  (below: the heavy imports, after --help)
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from chat_records import DataError  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
+from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
+from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset,  # noqa: E402
+                      check_token_ids, eval_batches, open_split)
 
 
 class TrainError(RuntimeError):
@@ -100,13 +133,8 @@ class TrainError(RuntimeError):
 
 
 # -----------------------------------------------------------------------------
-# Loss and checkpoint loading (the specification's three entry points)
-
-def load_checkpoint(path, device='cpu', dropout=None):
-    """checkpoint.load_checkpoint: rebuild ConfigurableGPT from ckpt['model_args'] -> (model, ckpt)."""
-    from checkpoint import load_checkpoint as _load  # lazy: importing train_sft stays cheap
-    return _load(path, device=device, dropout=dropout)
-
+# The loss (compute_sft_loss, with SFTDataset and load_checkpoint, are the entry points the SFT
+# spec names in this file) and one optimizer step's forward and backward passes
 
 def compute_sft_loss(model, input_ids, labels, ignore_index=IGNORE_INDEX):
     """Mean cross-entropy over the trained tokens (labels aligned with input_ids, shifted inside)."""
@@ -114,11 +142,6 @@ def compute_sft_loss(model, input_ids, labels, ignore_index=IGNORE_INDEX):
         labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
     _, loss = model(input_ids, labels=labels)
     return loss
-
-
-def count_trained_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Targets the model is trained on: labels are shifted inside, so position 0 never is one."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullcontext(), scaler=None,
@@ -156,6 +179,109 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     return stats
 
 
+@torch.no_grad()
+def estimate_loss(model, datasets: dict, cfg: TrainConfig, rt: 'Runtime') -> dict:
+    """Token-weighted loss of each split on the same fixed batches at every evaluation, all ranks."""
+    model.eval()
+    out = {}
+    for name, ds in datasets.items():
+        units = ds.units(0)
+        acc = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        if len(units):
+            for batch in eval_batches(ds, units, cfg.eval_iters, rt.world, rt.rank, cfg.batch_size):
+                batch = {k: v.to(rt.device) for k, v in batch.items()}
+                with rt.autocast:
+                    _, loss = model(batch['input_ids'], labels=batch['labels'], reduction='sum',
+                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'))
+                acc[0] += loss.double()
+                acc[1] += (batch['labels'][:, 1:] != IGNORE_INDEX).sum()   # targets: labels shifted
+        rt.all_reduce(acc)
+        out[name] = (acc[0] / acc[1]).item() if acc[1] > 0 else float('nan')
+    model.train()
+    return out
+
+
+def get_lr(it: int, cfg) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Set-up steps, in the order train() runs them
+
+@dataclass
+class Runtime:
+    """Where this process runs (rank, world, device, precision) and the collectives the loop uses."""
+    ddp: bool
+    fsdp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    device_type: str
+    dtype: str
+    autocast: object
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def print0(self, *a):
+        if self.master:
+            print(*a, flush=True)
+
+    def all_reduce(self, t, op=dist.ReduceOp.SUM):
+        if self.ddp:
+            dist.all_reduce(t, op=op)
+        return t
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """torchrun sets RANK: join the process group; choose device, dtype and autocast."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    dev = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        if not dist.is_initialized():
+            dist.init_process_group(backend=cfg.backend or ('nccl' if dev.startswith('cuda') else 'gloo'))
+        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local_rank}'
+            torch.cuda.set_device(dev)
+    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
+    dtype = cfg.dtype or ('float32' if device_type == 'cpu' else
+                          'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
+    dtype = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32'}.get(dtype, dtype)
+    fsdp = ddp and cfg.parallel == 'fsdp'   # one process: nothing to shard, plain training
+    if fsdp and dtype == 'float16':
+        raise TrainError("parallel='fsdp' trains in float32 or bfloat16 (float16 needs a sharded grad scaler)")
+    autocast = nullcontext() if device_type == 'cpu' or dtype == 'float32' else \
+        torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    if device_type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(ddp, fsdp, rank, local_rank, world, dev, device_type, dtype, autocast)
+
+
+def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, dict]:
+    """The train and val splits as SFTDatasets, and the data's tokenizer description."""
+    train_split, val_split = (open_split(cfg.data_dir, s, cfg.tokenizer, cfg.train_on, cfg.chat_template)
+                              for s in ('train', 'val'))
+    tok = data_tokenizer(getattr(train_split, 'meta', None) or {})
+    pad_id = int(tok['pad_id'] if tok.get('pad_id') is not None else DEFAULT_PAD_ID)
+    train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed)
+    val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
+    rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
+    return train_ds, val_ds, tok
+
+
 def data_tokenizer(meta: dict) -> dict:
     """The tokenizer description of a data set (meta.json keeps it under 'tokenizer')."""
     tok = meta.get('tokenizer')
@@ -167,37 +293,41 @@ def data_tokenizer(meta: dict) -> dict:
     return tok
 
 
-def check_tokenizer_fits(tok: dict, model_vocab: int, ckpt_tokenizer: dict | None = None, where=''):
-    """Every token id of the data must be a row of the model's embedding, else training is garbage."""
-    data_vocab = tok.get('vocab_size')
-    max_special = max((int(v) for v in tok['special_tokens'].values()), default=-1)
-    if data_vocab is not None and int(data_vocab) > model_vocab:
-        raise TrainError(f"{where}: tokenizer/model mismatch: the data's tokenizer {tok.get('name')!r} has "
-                         f"{data_vocab} tokens but the model's vocab_size is {model_vocab}")
-    if max_special >= model_vocab:
-        raise TrainError(f"{where}: tokenizer/model mismatch: special token id {max_special} does not fit "
-                         f"the model's vocab_size {model_vocab}")
-    data_hash, ckpt_hash = tok.get('hash'), (ckpt_tokenizer or {}).get('hash')
-    if data_hash and ckpt_hash and data_hash != ckpt_hash:
-        raise TrainError(f"{where}: tokenizer mismatch: the data was tokenized with {tok.get('name')!r} "
-                         f"(hash {data_hash[:12]}) but the checkpoint was trained on "
-                         f"{ckpt_tokenizer.get('name')!r} (hash {ckpt_hash[:12]})")
-
-
-# -----------------------------------------------------------------------------
-# Helpers
-
-def get_lr(it, cfg):
-    if not cfg['decay_lr']:
-        return cfg['learning_rate']
-    if it < cfg['warmup_iters']:
-        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
-    if it > cfg['lr_decay_iters']:
-        return cfg['min_lr']
-    span = max(1, cfg['lr_decay_iters'] - cfg['warmup_iters'])
-    ratio = (it - cfg['warmup_iters']) / span
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
-    return cfg['min_lr'] + coeff * (cfg['learning_rate'] - cfg['min_lr'])
+def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]:
+    """The starting model from init_from -> (model, its checkpoint dict or None)."""
+    from model_config import ModelArchitectureConfig
+    init, ckpt = cfg.init_from, None
+    if init == 'scratch':
+        arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
+        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
+            if getattr(cfg, k) is not None:
+                arch[k] = getattr(cfg, k)
+        arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
+        try:
+            model = ConfigurableGPT(ModelArchitectureConfig.from_dict(arch))
+        except (TypeError, ValueError) as e:
+            raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+    elif init.startswith('hf:'):
+        from hf_interop import from_hf
+        if not os.path.isdir(init[3:]):
+            raise TrainError(f"init_from={init}: directory not found: {init[3:]}")
+        try:
+            model = from_hf(init[3:])
+        except (OSError, ValueError) as e:
+            raise TrainError(f"init_from={init}: {e}") from e
+    else:
+        path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
+        if not os.path.isfile(path):
+            raise TrainError(f"init_from={init}: checkpoint not found: {path}")
+        try:
+            model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
+        except CheckpointError as e:
+            raise TrainError(f"init_from={init}: {e}") from e
+    set_dropout(model, cfg.dropout)
+    if cfg.block_size > model.config.block_size:
+        raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
+                         f"{model.config.block_size}")
+    return model.to(device), ckpt
 
 
 def set_dropout(model, p: float):
@@ -210,40 +340,124 @@ def set_dropout(model, p: float):
             m.dropout = p
 
 
-def get_rng_state():
-    # numpy's state as plain python values keeps the checkpoint loadable with weights_only=True
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {'python': random.getstate(), 'numpy': (name, keys.tolist(), pos, has_gauss, cached),
-             'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
+def check_data_fits_model(cfg: TrainConfig, model, tok: dict, ckpt: dict | None, datasets) -> None:
+    """Every token id of the data must be a row of the model's embedding, else training is garbage."""
+    vocab, where = model.config.vocab_size, cfg.data_dir
+    if tok.get('vocab_size') is not None and int(tok['vocab_size']) > vocab:
+        raise TrainError(f"{where}: tokenizer/model mismatch: the data's tokenizer {tok.get('name')!r} has "
+                         f"{tok['vocab_size']} tokens but the model's vocab_size is {vocab}")
+    max_special = max((int(v) for v in tok['special_tokens'].values()), default=-1)
+    if max_special >= vocab:
+        raise TrainError(f"{where}: tokenizer/model mismatch: special token id {max_special} does not fit "
+                         f"the model's vocab_size {vocab}")
+    data_hash, ckpt_tok = tok.get('hash'), (ckpt or {}).get('tokenizer') or {}
+    if data_hash and ckpt_tok.get('hash') and data_hash != ckpt_tok['hash']:
+        raise TrainError(f"{where}: tokenizer mismatch: the data was tokenized with {tok.get('name')!r} "
+                         f"(hash {data_hash[:12]}) but the checkpoint was trained on "
+                         f"{ckpt_tok.get('name')!r} (hash {ckpt_tok['hash'][:12]})")
+    for name, ds in datasets.items():
+        shard = where if where.endswith('.jsonl') else os.path.join(where, f'{name}.bin')
+        check_token_ids(ds.data, vocab, shard)
 
 
-def set_rng_state(state):
-    random.setstate(state['python'])
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+def parallelize(cfg: TrainConfig, rt: Runtime, model, ckpt, sampler, global_batch):
+    """Shard (FSDP) the model, build AdamW and restore the training state on resume, then compile
+    and wrap (DDP). -> (model to call, the unwrapped model, optimizer, scaler, iter_num,
+    best_val_loss, resumed_at)."""
+    if rt.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, rt.dtype), reduce_dtype=torch.float32) \
+            if rt.device_type == 'cuda' and rt.dtype != 'float32' else MixedPrecisionPolicy()
+        # DDP broadcasts rank 0's weights at wrap time, FSDP does not: ranks seeded differently would
+        # each keep a shard of their own random init.
+        for v in model.state_dict().values():
+            dist.broadcast(v, src=0)
+        for block in model.transformer.h:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           rt.device_type)
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
+    iter_num, best_val_loss, resumed_at = 0, float('inf'), None
+    if cfg.init_from == 'resume':
+        iter_num, best_val_loss, resumed_at = restore_training_state(
+            ckpt, model, optimizer, scaler=scaler, sampler=sampler, fsdp=rt.fsdp,
+            global_batch=global_batch, log=rt.print0)
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.ddp and not rt.fsdp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == 'cuda' else None)
+    return model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at
 
 
-def link_or_copy(src, dst):
-    """ckpt.pt / ckpt_best.pt as hard links of the step checkpoint: no second multi-GB write."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+class RunLog:
+    """run_<timestamp>.json in out_dir (rewritten atomically at each evaluation and at the end) and,
+    with wandb_log, Weights & Biases. Only rank 0 writes. The out_dir is checked writable now, not
+    at the first checkpoint hours later."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime):
+        self.master, self.wandb = rt.master, None
+        self.data = {'config': dataclasses.asdict(cfg), 'iters': [], 'evals': [], 'summary': {}}
+        if not self.master:
+            return
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cfg.out_dir):
+                pass
+        except OSError as e:
+            raise TrainError(f"out_dir {cfg.out_dir}: cannot write there ({e.strerror or e})") from e
+        stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
+        self.path = os.path.join(cfg.out_dir, f'run_{stamp}.json')
+        for n in range(1, 100):   # a quick resume must not overwrite the previous run's log
+            if not os.path.exists(self.path):
+                break
+            self.path = os.path.join(cfg.out_dir, f'run_{stamp}_{n}.json')
+        if cfg.wandb_log:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name,
+                                        config=self.data['config'])
+            except ImportError:
+                rt.print0("warning: wandb_log=True but wandb is not installed; logging to run_*.json only")
+
+    def log(self, kind: str, record: dict, wandb_record: dict | None = None):
+        self.data[kind].append(record)
+        if self.wandb is not None and wandb_record:
+            self.wandb.log(wandb_record)
+
+    def write(self, summary: dict | None = None):
+        if summary is not None:
+            self.data['summary'] = summary
+        if not self.master:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, 'w') as f:
+            json.dump(self.data, f, indent=1, default=str)
+        os.replace(tmp, self.path)
+        if summary is not None and self.wandb is not None:
+            self.wandb.finish()
 
 
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+class StopSignal:
+    """SIGTERM / SIGINT set a flag (the loop finishes its step, saves ckpt.pt and exits); a context
+    manager that restores the previous handlers. Signals can only be caught in the main thread."""
+
+    def __init__(self, rank: int):
+        self.rank, self.requested, self.old = rank, False, {}
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+        print(f"[rank {self.rank}] got signal {signum}: finishing this step, then saving ckpt.pt", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def guess_peak_flops(device_type):
@@ -260,344 +474,98 @@ def guess_peak_flops(device_type):
 # -----------------------------------------------------------------------------
 # The run
 
-def optimizer_state_by_name(sd: dict, optimizer, model) -> dict:
-    """An optimizer state dict keyed by parameter position (optimizer.state_dict(), older
-    checkpoints) -> keyed by parameter name, the form torch.distributed.checkpoint uses."""
-    if all(isinstance(p, str) for g in sd['param_groups'] for p in g['params']):
-        return sd
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g['params']]
-    return {'state': {names[i]: s for i, s in sd['state'].items()},
-            'param_groups': [dict(g, params=[names[i] for i in g['params']]) for g in sd['param_groups']]}
-
-
-def build_model(cfg, device):
-    """-> (model, checkpoint dict or None)"""
-    from model_builder import ConfigurableGPT
-    from model_config import ModelArchitectureConfig
-    init = cfg['init_from']
-    ckpt = None
-    if init == 'scratch':
-        arch = ModelArchitectureConfig.from_preset(cfg['model_preset']).to_dict() if cfg['model_preset'] else {}
-        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size',
-                  'vocab_size'):
-            if cfg[k] is not None:
-                arch[k] = cfg[k]
-        arch['block_size'] = cfg['block_size']
-        arch['dropout'] = cfg['dropout']
-        try:
-            mconf = ModelArchitectureConfig.from_dict(arch)
-            mconf.validate()
-        except (TypeError, ValueError) as e:
-            raise TrainError(f"init_from='scratch': bad model config: {e}") from e
-        model = ConfigurableGPT(mconf)
-    elif init.startswith('hf:'):
-        path = init[3:]
-        if not os.path.isdir(path):
-            raise TrainError(f"init_from={init}: directory not found: {path}")
-        try:
-            model = ConfigurableGPT.from_hf(path)
-        except (OSError, ValueError) as e:
-            raise TrainError(f"init_from={init}: {e}") from e
-    else:
-        path = os.path.join(cfg['out_dir'], 'ckpt.pt') if init == 'resume' else init
-        if not os.path.isfile(path):
-            raise TrainError(f"init_from={init}: checkpoint not found: {path}")
-        try:
-            model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg['dropout'])
-        except ValueError as e:   # CheckpointError: missing / truncated / foreign file
-            raise TrainError(f"init_from={init}: {e}") from e
-    set_dropout(model, cfg['dropout'])
-    if cfg['block_size'] > model.config.block_size:
-        raise TrainError(f"block_size={cfg['block_size']} is larger than the model's block_size "
-                         f"{model.config.block_size}")
-    return model.to(device), ckpt
-
-
-def train(cfg: dict) -> dict:
-    """Run the training described by the resolved config; returns the run summary."""
-    # ---- distributed / device setup
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    dev = cfg['device'] or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if ddp:
-        backend = cfg['backend'] or ('nccl' if dev.startswith('cuda') else 'gloo')
-        if not dist.is_initialized():
-            dist.init_process_group(backend=backend)
-        rank, local_rank, world = dist.get_rank(), int(os.environ['LOCAL_RANK']), dist.get_world_size()
-        if dev.startswith('cuda'):
-            dev = f'cuda:{local_rank}'
-            torch.cuda.set_device(dev)
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    if cfg['parallel'] not in ('ddp', 'fsdp'):
-        raise TrainError(f"parallel={cfg['parallel']!r}: expected 'ddp' or 'fsdp'")
-    fsdp = ddp and cfg['parallel'] == 'fsdp'   # one process: nothing to shard, plain training
-    device_type = 'cuda' if dev.startswith('cuda') else 'cpu'
-    dtype_name = cfg['dtype'] or ('float32' if device_type == 'cpu' else
-                                  'bfloat16' if torch.cuda.is_bf16_supported() else 'float16')
-    dtype_name = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32'}.get(dtype_name, dtype_name)
-    if dtype_name not in ('float32', 'bfloat16', 'float16'):
-        raise TrainError(f"dtype={cfg['dtype']!r}: expected float32, bfloat16 or float16")
-    if fsdp and dtype_name == 'float16':
-        raise TrainError("parallel='fsdp' trains in float32 or bfloat16 (float16 needs a sharded grad scaler)")
-    ptdtype = getattr(torch, dtype_name)
-    autocast = nullcontext() if device_type == 'cpu' or dtype_name == 'float32' else \
-        torch.autocast(device_type=device_type, dtype=ptdtype)
-    if device_type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    def print0(*a):
-        if master:
-            print(*a, flush=True)
-
-    def all_reduce(t, op=dist.ReduceOp.SUM):
-        if ddp:
-            dist.all_reduce(t, op=op)
-        return t
-
-    G = world * cfg['gradient_accumulation_steps'] * cfg['batch_size']
-    print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()))
-    print0(f"world_size={world} global batch={G} rows "
-           f"({world} x {cfg['gradient_accumulation_steps']} accum x {cfg['batch_size']} rows)")
-
-    # ---- data (before the model: a bad data dir fails fast)
-    train_split = open_split(cfg['data_dir'], 'train', cfg)
-    val_split = open_split(cfg['data_dir'], 'val', cfg)
-    tok_info = data_tokenizer(getattr(train_split, 'meta', None) or {})
-    pad_id = int(tok_info.get('pad_id') if tok_info.get('pad_id') is not None else DEFAULT_PAD_ID)
-    train_ds = SFTDataset(train_split, cfg['block_size'], cfg['packing'], pad_id, cfg['seed'])
-    val_ds = SFTDataset(val_split, cfg['block_size'], cfg['packing'], pad_id, cfg['seed'], shuffle=False)
+def train(cfg: TrainConfig) -> dict:
+    """Run the training described by the config; returns the run summary."""
+    rt = setup_runtime(cfg)
+    A, B = cfg.gradient_accumulation_steps, cfg.batch_size
+    G = rt.world * A * B
+    rt.print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    rt.print0(f"world_size={rt.world} global batch={G} rows ({rt.world} x {A} accum x {B} rows)")
+    train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(cfg.seed + rt.rank)
+    model, ckpt = build_model(cfg, rt.device)
+    check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
+    rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"init_from={cfg.init_from}")
     sampler = GlobalSampler(train_ds)
-    print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg['data_dir']}")
-
-    # ---- model
-    random.seed(cfg['seed'] + rank)
-    np.random.seed(cfg['seed'] + rank)
-    torch.manual_seed(cfg['seed'] + rank)
-    model, ckpt = build_model(cfg, dev)
-    check_tokenizer_fits(tok_info, model.config.vocab_size, (ckpt or {}).get('tokenizer'), where=cfg['data_dir'])
-    for name, split in (('train', train_split), ('val', val_split)):
-        shard = cfg['data_dir'] if cfg['data_dir'].endswith('.jsonl') else os.path.join(cfg['data_dir'], f'{name}.bin')
-        check_token_ids(split, model.config.vocab_size, shard)
-    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, init_from={cfg['init_from']}")
-
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) \
-            if device_type == 'cuda' and dtype_name != 'float32' else MixedPrecisionPolicy()
-        # DDP broadcasts rank 0's weights at wrap time, FSDP does not: ranks seeded differently would
-        # each keep a shard of their own random init.
-        for v in model.state_dict().values():
-            dist.broadcast(v, src=0)
-        for block in model.transformer.h:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype_name == 'float16'))
-    iter_num, best_val_loss, resumed_at = 0, float('inf'), None
-    if cfg['init_from'] == 'resume':
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        # Keyed by parameter name, so one process, DDP and FSDP resume each other's checkpoints;
-        # under FSDP every rank read the whole file and keeps its own shard of it.
-        set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(ckpt['optimizer'], optimizer, model),
-                                 options=StateDictOptions(full_state_dict=fsdp))
-        if 'scaler' in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt.get('best_val_loss', float('inf'))
-        # Skip the eval at the resume point only if it already ran (not after a signal stop).
-        resumed_at = iter_num if ckpt.get('evaluated', True) else None
-        ds = ckpt.get('data_state') or {}
-        sampler.epoch, sampler.position = ds.get('epoch', 0), ds.get('position', 0)
-        rngs = ckpt.get('rng')
-        if isinstance(rngs, list) and len(rngs) == world:
-            set_rng_state(rngs[rank])
-        elif rngs:
-            print0(f"warning: checkpoint has RNG states for {len(rngs)} ranks, this run has {world}: "
-                   f"dropout noise will differ from an uninterrupted run")
-        if ds.get('global_batch') not in (None, G):
-            print0(f"warning: global batch changed from {ds['global_batch']} to {G} rows on resume")
-        print0(f"resumed from iter {iter_num} (epoch {sampler.epoch}, position {sampler.position})")
+    model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
+        parallelize(cfg, rt, model, ckpt, sampler, G)
     ckpt = None  # free the checkpoint's tensors
+    run_log = RunLog(cfg, rt)
+    extra = {'config': dataclasses.asdict(cfg), 'tokenizer': tok}
 
-    raw_model = model
-    if cfg['compile']:
-        model = torch.compile(model)
-    if ddp and not fsdp:
-        model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
-
-    # ---- outputs: an out_dir we cannot write must fail now, not at the first checkpoint hours later
-    if master:
-        try:
-            os.makedirs(cfg['out_dir'], exist_ok=True)
-            with tempfile.TemporaryFile(dir=cfg['out_dir']):
-                pass
-        except OSError as e:
-            raise TrainError(f"out_dir {cfg['out_dir']}: cannot write there ({e.strerror or e})") from e
-    stamp = datetime.now(timezone.utc).strftime('%Y%m%d_%H%M%S')
-    run_path = os.path.join(cfg['out_dir'], f'run_{stamp}.json')
-    for n in range(1, 100):   # a quick resume must not overwrite the previous run's log
-        if not os.path.exists(run_path):
-            break
-        run_path = os.path.join(cfg['out_dir'], f'run_{stamp}_{n}.json')
-    run_log = {'config': cfg, 'iters': [], 'evals': [], 'summary': {}}
-    wandb_run = None
-    if cfg['wandb_log'] and master:
-        try:
-            import wandb
-            wandb_run = wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'], config=cfg)
-        except ImportError:
-            print0("warning: wandb_log=True but wandb is not installed; logging to run_*.json only")
-
-    stop_requested = [False]
-
-    def on_signal(signum, frame):
-        stop_requested[0] = True
-        print(f"[rank {rank}] got signal {signum}: finishing this step, then saving ckpt.pt", flush=True)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
-
-    @torch.no_grad()
-    def estimate_loss():
-        model.eval()
-        out = {}
-        for name, ds, units in (('train', train_ds, train_ds.units(0)), ('val', val_ds, val_ds.units(0))):
-            acc = torch.zeros(2, dtype=torch.float64, device=dev)
-            if len(units):
-                for batch in eval_batches(ds, units, cfg['eval_iters'], world, rank, cfg['batch_size']):
-                    batch = {k: v.to(dev) for k, v in batch.items()}
-                    with autocast:
-                        _, loss = model(batch['input_ids'], labels=batch['labels'],
-                                        position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
-                                        reduction='sum')
-                    acc[0] += loss.double()
-                    acc[1] += count_trained_tokens(batch['labels'])
-            all_reduce(acc)
-            out[name] = (acc[0] / acc[1]).item() if acc[1] > 0 else float('nan')
-        model.train()
-        return out
-
-    def save(iter_num, best_val_loss, is_best, step_file):
-        # Every rank's RNG state goes in (gathered: a collective all ranks run), so resume is exact.
-        rng = get_rng_state()
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        # The optimizer state is keyed by parameter name either way (see the resume above).
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        if fsdp:
-            # Gathering the full state is a collective: every rank runs it, rank 0 gets the tensors.
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd = get_model_state_dict(raw_model, options=opts)
-            optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=opts)
-        if not master:
-            return
-        if not fsdp:
-            model_sd, optim_sd = raw_model.state_dict(), get_optimizer_state_dict(raw_model, optimizer)
-        checkpoint = {'model': model_sd, 'model_args': raw_model.config.to_dict(),
-                      'optimizer': optim_sd, 'iter_num': iter_num,
-                      'best_val_loss': best_val_loss, 'config': cfg, 'rng': rngs,
-                      'data_state': {**sampler.state_dict(), 'global_batch': G, 'seed': cfg['seed']},
-                      'tokenizer': tok_info, 'evaluated': step_file, 'format_version': 1}
+    def save(step_file, is_best=False):
+        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed})
         if scaler.is_enabled():
-            checkpoint['scaler'] = scaler.state_dict()
-        latest = os.path.join(cfg['out_dir'], 'ckpt.pt')
-        from checkpoint import save_checkpoint
-        path = os.path.join(cfg['out_dir'], f'ckpt_{iter_num:06d}.pt') if step_file else latest
-        try:
-            save_checkpoint(path, checkpoint)
-            if step_file:
-                link_or_copy(path, latest)
-                if cfg['keep_last_n'] > 0:
-                    steps = sorted(f for f in os.listdir(cfg['out_dir'])
-                                   if f.startswith('ckpt_') and f[5:11].isdigit() and f.endswith('.pt'))
-                    for old in steps[:-cfg['keep_last_n']]:
-                        os.remove(os.path.join(cfg['out_dir'], old))
-            if is_best:
-                link_or_copy(latest, os.path.join(cfg['out_dir'], 'ckpt_best.pt'))
-        except OSError as e:   # disk full, quota, out_dir removed: writes are atomic, nothing is half-done
-            raise TrainError(f"cannot save {path} at iter {iter_num}: {e.strerror or e}; {latest} is "
-                             f"the last complete checkpoint") from e
-        print0(f"saved {'ckpt_%06d.pt + ' % iter_num if step_file else ''}ckpt.pt"
-               f"{' + ckpt_best.pt' if is_best else ''} at iter {iter_num}")
+            state['scaler'] = scaler.state_dict()
+        msg = save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
+                                  best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
+                                  keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
+        rt.print0(msg)
 
-    # ---- the loop
-    flops_per_token = raw_model.config.flops_per_token(cfg['block_size'])
-    peak = cfg['peak_flops'] or guess_peak_flops(device_type)
-    if device_type == 'cuda':
+    flops_per_token = raw_model.config.flops_per_token(cfg.block_size)
+    peak = cfg.peak_flops or guess_peak_flops(rt.device_type)
+    if rt.device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     bar = None
-    if master:
+    if rt.master:
         from tqdm import tqdm
-        bar = tqdm(total=cfg['max_iters'], initial=iter_num, dynamic_ncols=True, desc='sft')
-    A, B = cfg['gradient_accumulation_steps'], cfg['batch_size']
-    nan_streak, skipped = 0, 0
+        bar = tqdm(total=cfg.max_iters, initial=iter_num, dynamic_ncols=True, desc='sft')
+    nan_streak, skipped, last_val, last_loss = 0, 0, None, None
     # (loss sum, trained tokens, all tokens) summed on device since the last log line: no per-step sync
-    acc = torch.zeros(3, dtype=torch.float64, device=dev)
-    t_log, last_val, last_loss = time.time(), None, None
-    t_start = time.time()
-    try:
+    acc = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    t_start = t_log = time.time()
+    with StopSignal(rt.rank) as stop:
         while True:
-            at_end = iter_num >= cfg['max_iters']
-            if (iter_num % cfg['eval_interval'] == 0 and iter_num != resumed_at) or at_end or cfg['eval_only']:
-                losses = estimate_loss()
+            # ---- evaluate and save a step checkpoint (not again at the iteration we resumed from)
+            at_end = iter_num >= cfg.max_iters
+            if (iter_num % cfg.eval_interval == 0 and iter_num != resumed_at) or at_end or cfg.eval_only:
+                losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
                 last_val = losses['val']
-                print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                run_log['evals'].append({'iter': iter_num, 'train_loss': losses['train'],
-                                         'val_loss': losses['val']})
-                if wandb_run:
-                    wandb_run.log({'iter': iter_num, 'train/eval_loss': losses['train'],
-                                   'val/loss': losses['val']})
-                if cfg['eval_only']:
+                rt.print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                run_log.log('evals', {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': last_val},
+                            {'iter': iter_num, 'train/eval_loss': losses['train'], 'val/loss': last_val})
+                if cfg.eval_only:
                     break
                 # Iteration 0 is saved only by a 0-step run: the starting model as a checkpoint (an HF
                 # import, or the demo's untrained base model to compare against).
                 if (iter_num > 0 or at_end) and iter_num != resumed_at:
-                    is_best = math.isfinite(losses['val']) and losses['val'] < best_val_loss
-                    if is_best:
-                        best_val_loss = losses['val']
-                    save(iter_num, best_val_loss, is_best, step_file=True)
-                if master:
-                    write_json_atomic(run_path, run_log)
+                    is_best = math.isfinite(last_val) and last_val < best_val_loss
+                    best_val_loss = last_val if is_best else best_val_loss
+                    save(step_file=True, is_best=is_best)
+                run_log.write()
             if at_end:
                 break
 
+            # ---- one optimizer step: forward/backward over the micro-batches, clip, AdamW
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-
-            batches = [train_ds.collate(units) for units in sampler.next_step(world, rank, A, B)]
-            step_stats = forward_backward(model, batches, dev, world, ddp, autocast, scaler, all_reduce, fsdp)
-
+            batches = [train_ds.collate(units) for units in sampler.next_step(rt.world, rt.rank, A, B)]
+            step_stats = forward_backward(model, batches, rt.device, rt.world, rt.ddp, rt.autocast, scaler,
+                                          rt.all_reduce, rt.fsdp)
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), cfg['grad_clip'] if cfg['grad_clip'] > 0 else float('inf'))
+                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
             if hasattr(grad_norm, 'full_tensor'):   # FSDP: a DTensor reduced over the shards; the global norm
                 grad_norm = grad_norm.full_tensor()
-            # One host sync per step: the grad norm is identical on all ranks (grads are all-reduced),
-            # so every rank takes the same skip/stop decision.
-            # Flags agreed on at the step boundary (MAX over ranks): a signal seen by any rank stops all;
-            # a non-finite loss on any rank makes the step a NaN step. Under fp16 a non-finite grad norm
-            # with a finite loss is an overflow: the scaler skips that step and lowers its scale.
-            flags = all_reduce(torch.stack([torch.tensor(float(stop_requested[0]), device=dev),
-                                            (~torch.isfinite(step_stats[0])).float()]), dist.ReduceOp.MAX)
+            # One host sync per step. Flags agreed on over ranks (MAX): a signal seen by any rank stops
+            # all; a non-finite loss on any rank makes the step a NaN step. The grad norm is the same on
+            # every rank (grads are all-reduced), so every rank takes the same skip/stop decision. Under
+            # fp16 a non-finite grad norm with a finite loss is an overflow: the scaler skips the step.
+            flags = rt.all_reduce(torch.stack([torch.tensor(float(stop.requested), device=rt.device),
+                                               (~torch.isfinite(step_stats[0])).float()]), dist.ReduceOp.MAX)
             gn = grad_norm.item()
             stop_now, bad_loss = (f > 0 for f in flags.tolist())
             if not math.isfinite(gn) and (bad_loss or not scaler.is_enabled()):
-                nan_streak += 1
-                skipped += 1
+                nan_streak, skipped = nan_streak + 1, skipped + 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()   # fp16: closes this step's unscale_ (a no-op without a scaler)
-                print0(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
-                       f"({nan_streak} in a row, max_nan_steps={cfg['max_nan_steps']})")
-                if nan_streak >= cfg['max_nan_steps']:
+                rt.print0(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
+                          f"({nan_streak} in a row, max_nan_steps={cfg.max_nan_steps})")
+                if nan_streak >= cfg.max_nan_steps:
                     raise TrainError(f"aborting: {nan_streak} non-finite steps in a row (iter {iter_num}); "
                                      f"lower learning_rate, check the data, or use bf16/fp32")
             else:
@@ -610,73 +578,59 @@ def train(cfg: dict) -> dict:
             if bar:
                 bar.update(1)
 
-            if iter_num % cfg['log_interval'] == 0 or stop_now or iter_num >= cfg['max_iters']:
-                stats = all_reduce(acc.clone())
+            # ---- log: loss per trained token, throughput, MFU on CUDA
+            if iter_num % cfg.log_interval == 0 or stop_now or iter_num >= cfg.max_iters:
+                stats = rt.all_reduce(acc.clone())
                 dt = time.time() - t_log
                 trained, total = stats[1].item(), stats[2].item()
                 last_loss = stats[0].item() / max(trained, 1.0)
-                tps_trained, tps_total = trained / dt, total / dt
                 line = (f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.3e}, grad norm {gn:.3f}, "
-                        f"tok/s {tps_trained:,.0f} trained / {tps_total:,.0f} total")
-                if device_type == 'cuda':
-                    mfu = flops_per_token * tps_total / world / peak if peak else 0.0
+                        f"tok/s {trained / dt:,.0f} trained / {total / dt:,.0f} total")
+                if rt.device_type == 'cuda':
+                    mfu = flops_per_token * total / dt / rt.world / peak if peak else 0.0
                     line += (f", mfu {100 * mfu:.1f}%, "
                              f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-                if master:
-                    (bar.write if bar else print)(line)
+                if bar:
+                    bar.write(line)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                run_log['iters'].append({'iter': iter_num, 'loss': last_loss, 'lr': lr, 'grad_norm': gn,
-                                         'tokens': int(total), 'trained_tokens': int(trained),
-                                         'tok_per_s': tps_total, 'time': time.time() - t_start})
-                if wandb_run:
-                    wandb_run.log({'iter': iter_num, 'train/loss': last_loss, 'lr': lr,
-                                   'grad_norm': gn, 'tok_per_s': tps_total})
+                run_log.log('iters', {'iter': iter_num, 'loss': last_loss, 'lr': lr, 'grad_norm': gn,
+                                      'tokens': int(total), 'trained_tokens': int(trained),
+                                      'tok_per_s': total / dt, 'time': time.time() - t_start},
+                            {'iter': iter_num, 'train/loss': last_loss, 'lr': lr, 'grad_norm': gn,
+                             'tok_per_s': total / dt})
                 acc.zero_()
                 t_log = time.time()
 
-            if stop_now and iter_num < cfg['max_iters']:
-                print0(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
-                save(iter_num, best_val_loss, False, step_file=False)
+            if stop_now and iter_num < cfg.max_iters:
+                rt.print0(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
+                save(step_file=False)
                 break
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if bar:
-            bar.close()
+    if bar:
+        bar.close()
 
     summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
                'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
-               'truncated_examples': train_ds.truncated, 'world_size': world,
-               'wall_time_s': time.time() - t_start, 'stopped_early': iter_num < cfg['max_iters']}
-    run_log['summary'] = summary
-    if master:
-        write_json_atomic(run_path, run_log)
-        if train_ds.truncated:
-            print0(f"note: {train_ds.truncated} training examples were longer than block_size "
-                   f"{cfg['block_size']} and were truncated")
-    if wandb_run:
-        wandb_run.finish()
+               'truncated_examples': train_ds.truncated, 'world_size': rt.world,
+               'wall_time_s': time.time() - t_start, 'stopped_early': iter_num < cfg.max_iters}
+    run_log.write(summary)
+    if train_ds.truncated:
+        rt.print0(f"note: {train_ds.truncated} training examples were longer than block_size "
+                  f"{cfg.block_size} and were truncated")
     return summary
 
 
-DEFAULTS = {k: v for k, v in dict(globals()).items()
-            if not k.startswith('_') and k.islower() and isinstance(v, (int, float, bool, str, type(None)))}
-
-
 def main(argv=None):
-    from configurator import ConfigError, configure
     argv = sys.argv[1:] if argv is None else argv
-    if '-h' in argv or '--help' in argv:
-        print("usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...]\nkeys and defaults:\n"
-              + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
-        return
     try:
-        cfg = configure(DEFAULTS, argv)
+        if '-h' in argv or '--help' in argv:
+            print(help_text(TrainConfig, argv, USAGE))
+            return
+        cfg = configure(TrainConfig, argv)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
     try:
         train(cfg)
-    except (TrainError, DataError) as e:
+    except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     finally:
         if dist.is_initialized():

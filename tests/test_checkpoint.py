@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from checkpoint import CheckpointError, clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, clean_state_dict, load_checkpoint, optimizer_state_by_name,
+                        save_checkpoint)
 from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
 
@@ -154,3 +155,18 @@ def test_checkpoint_with_numpy_state_still_loads(tmp_path):
     loaded, ckpt = load_checkpoint(tmp_path / 'np.pt')
     assert ckpt['rng']['numpy'][0] == 'MT19937'
     assert _same_outputs(model, loaded)
+
+
+def test_optimizer_state_of_older_checkpoints_keyed_by_position_is_read_by_name(tmp_path):
+    torch.manual_seed(0)
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny'))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    _, loss = model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+    loss.backward()
+    opt.step()
+    by_name = optimizer_state_by_name(opt.state_dict(), opt, model)
+    names = dict(model.named_parameters())
+    assert sorted(by_name['state']) == sorted(names)
+    for name, s in by_name['state'].items():
+        assert torch.equal(s['exp_avg'], opt.state[names[name]]['exp_avg'])
+    assert optimizer_state_by_name(by_name, opt, model) is by_name

@@ -5,7 +5,10 @@ import random
 import pytest
 
 import prepare_sft
-from prepare_sft import ShardDataset, encode_conversation, load_records, main
+from chat_records import DataError, load_records
+from prepare_sft import main
+from sft_data import ShardDataset
+from tokenizer import encode_conversation
 from tokenizer import load_tokenizer
 
 GSM8K = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
@@ -188,10 +191,10 @@ def test_failed_run_leaves_no_shard(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError('disk full')
-    monkeypatch.setattr(prepare_sft, '_finish', boom)
+    monkeypatch.setattr(os, 'replace', boom)   # the renames that publish the shards
     with pytest.raises(RuntimeError, match='disk full'):
         run('--input', path, '--out_dir', out)
-    assert os.listdir(out) == []
+    assert not out.exists()   # nothing written, not even the directory
     monkeypatch.undo()
     # a complete earlier dataset survives a later run that fails half way through encoding
     run('--input', path, '--out_dir', out)
@@ -217,7 +220,7 @@ def test_failed_run_leaves_no_shard(tmp_path, monkeypatch):
 def test_reader_rejects_corrupt_shards_naming_the_file(tmp_path):
     path = write_jsonl(tmp_path / 'd.jsonl', chats(10))
     out = tmp_path / 'out'
-    with pytest.raises(FileNotFoundError, match='meta.json'):
+    with pytest.raises(DataError, match='meta.json'):
         ShardDataset(out)
     run('--input', path, '--out_dir', out, '--val_fraction', 0)
     ds = ShardDataset(out)

@@ -24,7 +24,9 @@ import torch
 
 import prepare_sft
 import train_sft
+from chat_records import load_records
 from checkpoint import CheckpointError, load_checkpoint
+from sft_data import ShardDataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -73,7 +75,7 @@ def argv(cfg):
 
 
 def in_process_cfg(cfg):
-    return {**train_sft.DEFAULTS, **cfg}
+    return train_sft.TrainConfig(**cfg)
 
 
 def spawn(cfg, events=None, torchrun=False, **env):
@@ -500,7 +502,7 @@ def test_skip_invalid_skips_and_counts_every_bad_kind(tmp_path):
     stats = meta['stats']
     assert stats['kept'] == 2 and stats['invalid'] == len(names) and stats['read'] == len(names) + 2
     assert [p.split(':')[1] for p in stats['problems']] == [str(i) for i in range(2, len(names) + 2)]
-    assert len(prepare_sft.ShardDataset(tmp_path / 'out')) == 2
+    assert len(ShardDataset(tmp_path / 'out')) == 2
     STATS['bad_records'] = len(names)
 
 
@@ -570,7 +572,7 @@ def test_odd_but_valid_input_is_read_exactly(tmp_path, kind):
     data, expected = VALID_ODDITIES[kind]
     path = tmp_path / 'odd.jsonl'
     path.write_bytes(data)
-    assert prepare_sft.load_records(str(path)) == expected
+    assert load_records(str(path)) == expected
 
 
 def test_huge_record_is_truncated_or_dropped_and_counted(tmp_path):
@@ -617,7 +619,7 @@ def test_special_token_strings_in_untrained_text_never_become_ids(tmp_path):
         out = tmp_path / template
         _run_prepare('--input', path, '--out_dir', out, '--val_fraction', 0, '--max_length', 100000,
                      '--chat_template', template)
-        ds = prepare_sft.ShardDataset(out)
+        ds = ShardDataset(out)
         assert len(ds) == 4
         for evil_i, clean_i in ((0, 1), (2, 3)):
             (ids, labels), (cids, clabels) = ds[evil_i], ds[clean_i]

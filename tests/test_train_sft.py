@@ -1,4 +1,7 @@
 """Tests for train_sft.py: loss normalization, the loop, resume, DDP (data: test_sft_data.py)."""
+import dataclasses
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from train_sft import SFTDataset
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    cfg = dict(decay_lr=True, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
+    cfg = types.SimpleNamespace(decay_lr=True, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10,
+                                lr_decay_iters=100)
     lrs = [train_sft.get_lr(i, cfg) for i in range(120)]
     assert lrs[0] < lrs[5] < lrs[9] <= 1e-3
     assert abs(lrs[10] - 1e-3) < 1e-12 and abs(lrs[100] - 1e-4) < 1e-12 and lrs[119] == 1e-4
@@ -49,14 +53,18 @@ def write_shards(out_dir, n=96, seed=0):
 
 
 def tiny_cfg(tmp_path, **over):
-    cfg = dict(train_sft.DEFAULTS)
-    cfg.update(out_dir=str(tmp_path / 'out'), data_dir=str(tmp_path / 'data'), init_from='scratch',
+    cfg = dict(out_dir=str(tmp_path / 'out'), data_dir=str(tmp_path / 'data'), init_from='scratch',
                model_preset='tiny', block_size=64, batch_size=4, gradient_accumulation_steps=1,
                learning_rate=3e-3, min_lr=3e-4, warmup_iters=2, lr_decay_iters=20, max_iters=20,
                eval_interval=10, eval_iters=2, log_interval=1, dropout=0.0, device='cpu',
                dtype='float32', compile=False)
-    cfg.update(over)
-    return cfg
+    return train_sft.TrainConfig(**{**cfg, **over})
+
+
+def cli_args(cfg):
+    """The --key=value arguments that give cfg on the command line."""
+    default = train_sft.TrainConfig()
+    return [f'--{k}={v}' for k, v in dataclasses.asdict(cfg).items() if v != getattr(default, k)]
 
 
 @pytest.fixture(scope='module')
@@ -121,7 +129,7 @@ def test_token_weighting_is_independent_of_the_micro_batch_split(data_dir):
     four = grads([ds.collate([[i]]) for i in range(4)])       # batch 1 x accum 4
     # reference: mean over every trained token of the four examples, computed one example at a time
     model.zero_grad(set_to_none=True)
-    total = sum(int(train_sft.count_trained_tokens(ds.collate([[i]])['labels'])) for i in range(4))
+    total = sum(int((ds.collate([[i]])['labels'][:, 1:] != -100).sum()) for i in range(4))
     for i in range(4):
         b = ds.collate([[i]])
         _, s = model(b['input_ids'], labels=b['labels'], reduction='sum')
@@ -158,7 +166,7 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, monk
     monkeypatch.setattr(train_sft, 'get_lr', real_get_lr)
     assert summary['iters'] == 4 and summary['stopped_early']
     assert torch.load(tmp_path / 'b' / 'out' / 'ckpt.pt', weights_only=False)['iter_num'] == 4
-    train_sft.train({**interrupted, 'init_from': 'resume'})
+    train_sft.train(dataclasses.replace(interrupted, init_from='resume'))
     # the eval + step checkpoint due at iter 4 was not lost to the stop
     assert (tmp_path / 'b' / 'out' / 'ckpt_000004.pt').exists()
     a = params_of(tmp_path / 'a' / 'out' / 'ckpt.pt')
@@ -180,7 +188,7 @@ def test_bad_override_is_a_clear_error(capsys):
 def test_help_lists_every_key(capsys):
     train_sft.main(['--help'])
     out = capsys.readouterr().out
-    assert all(f'--{k}=' in out for k in train_sft.DEFAULTS)
+    assert all(f'--{f.name}=' in out for f in dataclasses.fields(train_sft.TrainConfig))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
@@ -224,14 +232,14 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, data_dir, monkeypatch
 
 def test_compute_sft_loss_matches_transformers(tmp_path):
     transformers = pytest.importorskip('transformers')
-    from model_builder import ConfigurableGPT
+    from hf_interop import from_hf
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       head_dim=16, max_position_embeddings=128, tie_word_embeddings=True)
     hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / 'hf')
-    ours = ConfigurableGPT.from_hf(tmp_path / 'hf').eval()
+    ours = from_hf(tmp_path / 'hf').eval()
     ids = torch.randint(0, 512, (3, 24))
     labels = ids.clone()
     labels[:, :10] = -100
@@ -254,7 +262,7 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
                   batch_size=2, packing=False, log_interval=5, learning_rate=3e-4, min_lr=3e-5)
     one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=2, **common)
     two = tiny_cfg(tmp_path / 'two', gradient_accumulation_steps=1, **common)
-    args = [f'--{k}={v}' for k, v in two.items() if v != train_sft.DEFAULTS[k]]
+    args = cli_args(two)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     root = os.path.dirname(os.path.abspath(train_sft.__file__))
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -271,12 +279,12 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
 
 @pytest.mark.slow
 def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
+    from chat_records import load_records
+    from sft_data import open_split
     from tokenizer import encode_conversation, load_tokenizer
-
-    import prepare_sft
     jsonl = data_dir.parent / 'toy.jsonl'
-    split = train_sft.open_split(str(jsonl), 'train')
-    records = prepare_sft.load_records(str(jsonl))
+    split = open_split(str(jsonl), 'train')
+    records = load_records(str(jsonl))
     assert len(split) == len(records) - len(records) // 20
     ids, labels = encode_conversation(records[0], load_tokenizer('qwen3'))
     assert split[0][0].tolist() == ids and split[0][1].tolist() == labels
@@ -288,7 +296,7 @@ def torchrun2(cfg):
     import os
     import subprocess
     import sys
-    args = [f'--{k}={v}' for k, v in cfg.items() if v != train_sft.DEFAULTS[k]]
+    args = cli_args(cfg)
     root = os.path.dirname(os.path.abspath(train_sft.__file__))
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                            os.path.join(root, 'train_sft.py'), *args],
@@ -335,9 +343,9 @@ def test_fsdp_resume_matches_uninterrupted_fsdp_run(tmp_path, data_dir):
     full = tiny_cfg(tmp_path / 'full', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2,
                     **FSDP_COMMON)
     torchrun2(full)
-    part = dict(full, out_dir=str(tmp_path / 'part' / 'out'), max_iters=2)
+    part = dataclasses.replace(full, out_dir=str(tmp_path / 'part' / 'out'), max_iters=2)
     torchrun2(part)
-    torchrun2(dict(part, init_from='resume', max_iters=4))
+    torchrun2(dataclasses.replace(part, init_from='resume', max_iters=4))
     a, b = params_of(tmp_path / 'full' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'part' / 'out' / 'ckpt.pt')
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
@@ -357,10 +365,10 @@ def test_checkpoints_resume_across_one_process_and_fsdp(tmp_path, data_dir):
     # the same global batch (4 rows) throughout: 2 ranks x 2 micro-steps or 1 process x 4
     a = tiny_cfg(tmp_path / 'a', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2, **half)
     torchrun2(a)
-    train_sft.train(dict(a, init_from='resume', max_iters=4, parallel='ddp', gradient_accumulation_steps=4))
+    train_sft.train(dataclasses.replace(a, init_from='resume', max_iters=4, parallel='ddp', gradient_accumulation_steps=4))
     b = tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), gradient_accumulation_steps=4, **half)
     train_sft.train(b)
-    torchrun2(dict(b, init_from='resume', max_iters=4, parallel='fsdp', gradient_accumulation_steps=2))
+    torchrun2(dataclasses.replace(b, init_from='resume', max_iters=4, parallel='fsdp', gradient_accumulation_steps=2))
     ckpts = {n: torch.load(tmp_path / n / 'out' / 'ckpt.pt', weights_only=False) for n in ('ref', 'a', 'b')}
     for n in ('a', 'b'):
         assert ckpts[n]['iter_num'] == 4
@@ -370,20 +378,6 @@ def test_checkpoints_resume_across_one_process_and_fsdp(tmp_path, data_dir):
         assert sorted(state) == sorted(ref_state) and set(state) <= set(ckpts['ref']['model'])
         for k in ref_state:
             torch.testing.assert_close(state[k]['exp_avg_sq'], ref_state[k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
-
-
-def test_optimizer_state_of_older_checkpoints_keyed_by_position_is_read_by_name(tmp_path):
-    model, _ = train_sft.build_model(tiny_cfg(tmp_path), 'cpu')
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
-    _, loss = model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
-    loss.backward()
-    opt.step()
-    by_name = train_sft.optimizer_state_by_name(opt.state_dict(), opt, model)
-    names = dict(model.named_parameters())
-    assert sorted(by_name['state']) == sorted(names)
-    for name, s in by_name['state'].items():
-        assert torch.equal(s['exp_avg'], opt.state[names[name]]['exp_avg'])
-    assert train_sft.optimizer_state_by_name(by_name, opt, model) is by_name
 
 
 @pytest.mark.gpu
