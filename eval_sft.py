@@ -9,8 +9,9 @@ prepare_sft.py reads are scored on loss and format only.
 
 Metrics per checkpoint:
 - val loss / perplexity: mean cross-entropy over the trained (assistant) tokens of the whole file,
-  token-weighted, with exactly the tokens and masks training uses (tokenizer.encode_conversation);
-- format compliance: share of greedy replies that end with <|im_end|> within --max_new_tokens;
+  token-weighted, with exactly the tokens and masks training uses (chat_format.encode_conversation);
+- format compliance: share of greedy replies that end with the format's end-of-turn token (<|im_end|>,
+  <|eot_id|>, </s>, ...) within --max_new_tokens;
 - accuracy: exact match of the reply with `reference` after collapsing whitespace (GSM8K: the last
   number in the reply equals the #### number), over the conversations that have a reference.
 The prompt for generation is the conversation up to (without) its last assistant reply.
@@ -110,7 +111,7 @@ def is_correct(reply: str, reference: str, numeric: bool) -> bool:
 @torch.no_grad()
 def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple[float, int, int]:
     """-> (summed loss over trained tokens, trained tokens, truncated conversations)."""
-    from tokenizer import encode_conversation
+    from chat_format import encode_conversation
     block = model.config.block_size
     encoded, truncated = [], 0
     for r in records:
@@ -140,8 +141,9 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
 
 @torch.no_grad()
 def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_size, device):
-    """Greedy replies to every conversation's prompt. -> list of (text, stopped at <|im_end|>)."""
-    from tokenizer import encode_prompt
+    """Greedy replies to every conversation's prompt. -> list of (text, stopped at the format's
+    end-of-turn token)."""
+    from chat_format import encode_prompt, get_format
     budget = model.config.block_size - max_new_tokens
     if budget <= 0:
         raise SystemExit(f'--max_new_tokens {max_new_tokens} >= block_size {model.config.block_size}')
@@ -154,13 +156,14 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
         prompts.append(ids[-budget:])  # keeps the question and generation prompt when too long
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
-    stops = tuple(i for i in (tok.im_end_id, tok.pad_id) if i is not None)
+    fmt = get_format(chat_template, tok)
+    stops = fmt.stop_ids
     for s in tqdm(range(0, len(order), batch_size), desc='  generate', leave=False, disable=None):
         idx = order[s:s + batch_size]
         gen = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                              temperature=0.0, stop_ids=stops)
         for i, new in zip(idx, gen):
-            ended = bool(new) and new[-1] == tok.im_end_id
+            ended = bool(new) and new[-1] == fmt.end_id
             body = new[:-1] if new and new[-1] in stops else new
             out[i] = (tok.decode(body), ended)
     return out

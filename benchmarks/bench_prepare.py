@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import chat_records  # noqa: E402
 import prepare_sft  # noqa: E402
-from tokenizer import encode_conversation, load_tokenizer, to_hf_tokenizer  # noqa: E402
+from chat_format import encode_conversation  # noqa: E402
+from tokenizer import load_tokenizer, to_hf_tokenizer  # noqa: E402
 
 CHATML_GENERATION = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"

@@ -47,6 +47,12 @@ CONTROL_STRINGS = {
 WORDS = ('the a cat dog sun moon tree fish bird red green blue answer question number total apples '
          'price café naïve über 日本 語 テキスト 😀 — « » 12 345 6789 3.14 -7 x+y=z (a) [b] {c} '
          'def return print() if else "quoted" \'single\' don\'t it\'s we\'ll tab\there').split(' ')
+# Llama 3.0 Instruct's template (no system preamble, no tools): no built-in format matches it.
+LLAMA30_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
+                    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant"
+                    "<|end_header_id|>\\n\\n' }}{% endif %}")
 TOOLS = [{'type': 'function', 'function': {
              'name': 'get_weather', 'description': 'Weather in a city, now',
              'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}},

@@ -7,7 +7,7 @@ import unicodedata
 import jinja2
 import pytest
 
-from chat_families import template_text
+from chat_families import LLAMA30_TEMPLATE, template_text
 from chat_format import (TemplateError, TemplateFormat, encode_conversation, encode_prompt, get_format,
                          resolve_format)
 from tokenizer import load_tokenizer
@@ -241,11 +241,7 @@ N_CONVERSATIONS = 200
 # The template each built-in must equal token for token: the directory's own (the official one),
 # except Mistral (the documented system-prompt placement, see chat_format) and ChatML (no template).
 REFERENCE = {'mistral': template_text('mistral'), 'chatml': template_text('chatml')}
-LLAMA30_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-                    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim "
-                    "+ '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-                    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant"
-                    "<|end_header_id|>\\n\\n' }}{% endif %}")
+
 
 
 @pytest.fixture(scope='module')

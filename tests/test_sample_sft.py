@@ -10,7 +10,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import save_checkpoint  # noqa: E402
 from model_builder import ConfigurableGPT  # noqa: E402
 from model_config import ModelArchitectureConfig  # noqa: E402
-from tokenizer import encode_prompt, load_tokenizer  # noqa: E402
+from chat_format import encode_prompt  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 import sample_sft  # noqa: E402
 
 

@@ -126,7 +126,8 @@ def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024():
     path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
     if not os.path.exists(path):
         pytest.skip('GSM8K not available (../shared/data/gsm8k)')
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
     with open(path) as f:
         records = [json.loads(line) for line in f]
