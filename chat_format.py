@@ -247,7 +247,7 @@ class ChatML(ChatFormat):
     def segments(self, messages, train_on):
         tok, n = self.tok, len(messages)
         trained = _trained_flags(messages, train_on)
-        last_query = _last_query_index(messages)
+        last_query = _last_query_index(messages) if self.name == 'qwen3' else -1
         im_start, im_end = [self.ids['<|im_start|>']], [self.end_id]
         nl = tok.encode_cached('\n')
         skip_first = False
@@ -629,7 +629,7 @@ class TemplateFormat(ChatFormat):
                 continue
             turn += 1
             p = self._ids(marked[:a], tools, True) if a else None
-            f = self._ids(marked[:a + 1], tools)
+            f = whole if a == len(messages) - 1 else self._ids(marked[:a + 1], tools)
             for what, ids in (('the conversation before it, with the generation prompt', p),
                               ('the conversation up to and including it', f)):
                 if ids is not None and whole[:len(ids)] != ids:
@@ -680,7 +680,7 @@ def get_format(name, tok: ChatTokenizer, template: str | None = None) -> ChatFor
     per tokenizer. A ChatFormat passes through."""
     if isinstance(name, ChatFormat):
         return name
-    cache = tok.__dict__.setdefault('_formats', {})
+    cache = tok.formats
     key = (name, template)
     fmt = cache.get(key)
     if fmt is None:

@@ -105,6 +105,7 @@ class ChatTokenizer:
         stops = self.generation_eos_ids or tuple(i for i in (self.eos_id,) if i is not None)
         self.stop_ids = tuple(dict.fromkeys(stops))
         self._cache: dict[str, list[int]] = {}
+        self.formats: dict = {}   # chat_format.get_format's cache: (name, template) -> ChatFormat
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text only: special-token strings stay plain text."""
