@@ -17,8 +17,8 @@ puts tools; ShareGPT turns may carry axolotl's "weight": 0/1.
 Tokenizer and chat format: --tokenizer qwen3 (default, built in) or a local Hugging Face directory
 (its tokenizer.json, special tokens and chat template); --chat_template auto (default: chatml for
 qwen3, else the built-in format the directory's template matches, else its own template through
-the general path) or chatml | qwen3 | qwen2.5 | llama3 | mistral | hf. See chat_format.py for the
-exact rendering and masking of each.
+the general path) or chatml | qwen3 | qwen2.5 | llama3 | mistral | hf. See chat_families.py and
+chat_format.py for the exact rendering and masking of each.
 A bad record stops the run with `file:line: what is wrong` (or is skipped and counted with
 --skip_invalid).
 

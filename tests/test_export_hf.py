@@ -99,7 +99,7 @@ def test_export_ships_the_trained_chat_template_and_stop_ids_of_each_family(fami
     training put in front of every reply; generation_config stops at the format's stop ids."""
     import random
     from transformers import AutoTokenizer
-    from chat_families import LLAMA30_TEMPLATE, build_family_dir, for_hf, random_conversation
+    from family_tokenizers import LLAMA30_TEMPLATE, build_family_dir, for_hf, random_conversation
     from chat_format import resolve_format
     source = 'llama3' if family == 'hf' else family   # 'hf': Llama 3.0's template, no built-in
     d = build_family_dir(tmp_path / 'tok', source, LLAMA30_TEMPLATE if family == 'hf' else None)

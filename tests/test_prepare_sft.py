@@ -297,13 +297,13 @@ def test_tool_schemas_and_sharegpt_weights_are_kept(tmp_path, tok):
 
 
 def _family_chats(family, n, seed=0):
-    from chat_families import random_conversation
+    from family_tokenizers import random_conversation
     rng = random.Random(seed)
     return [{'messages': random_conversation(rng, family)} for _ in range(n)]
 
 
 def test_directory_tokenizer_brings_its_chat_format_and_meta_records_it(tmp_path):
-    from chat_families import build_family_dir
+    from family_tokenizers import build_family_dir
     d = build_family_dir(tmp_path / 'tok', 'llama3')
     records = _family_chats('llama3', 12)
     path = write_jsonl(tmp_path / 'chat.jsonl', records)
@@ -322,7 +322,7 @@ def test_directory_tokenizer_brings_its_chat_format_and_meta_records_it(tmp_path
 
 
 def test_general_path_refusal_names_file_line_and_turn_or_is_skipped(tmp_path):
-    from chat_families import build_family_dir
+    from family_tokenizers import build_family_dir
     d = build_family_dir(tmp_path / 'tok', 'mistral')   # the official v0.3 template
     ok = {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]}
     moved = {'messages': [{'role': 'system', 'content': 'Be brief.'}] + ok['messages']}

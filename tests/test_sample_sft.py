@@ -101,7 +101,7 @@ def test_streamer_waits_for_whole_characters():
 def test_hf_directory_and_checkpoint_chat_in_their_own_format(tmp_path):
     import shutil
     transformers = pytest.importorskip('transformers')
-    from chat_families import build_family_dir
+    from family_tokenizers import build_family_dir
     from chat_format import get_format, resolve_format
     tok_dir = build_family_dir(tmp_path / 'tok', 'llama3')
     tok = load_tokenizer(tok_dir)

@@ -3,8 +3,7 @@ import os
 
 import pytest
 
-from chat_families import build_family_dir, hf_tokenizer
-from chat_format import encode_conversation
+from family_tokenizers import build_family_dir, hf_tokenizer
 from tokenizer import (QWEN3_SPECIALS, HFChatTokenizer, TiktokenChatTokenizer, load_tokenizer,
                        to_hf_tokenizer)
 

@@ -413,7 +413,7 @@ def _hf_llama_with_tokenizer(tmp_path, vocab_size=None):
     """A tiny Llama checkpoint directory that ships a Llama-3-style tokenizer (tests/chat_families)."""
     import shutil
     transformers = pytest.importorskip('transformers')
-    from chat_families import build_family_dir
+    from family_tokenizers import build_family_dir
     from tokenizer import load_tokenizer
     tok_dir = build_family_dir(tmp_path / 'tok', 'llama3')
     hf_cfg = transformers.LlamaConfig(vocab_size=vocab_size or load_tokenizer(tok_dir).vocab_size,
@@ -429,7 +429,7 @@ def _hf_llama_with_tokenizer(tmp_path, vocab_size=None):
 def _llama_jsonl(path, n=40):
     import json
     import random
-    from chat_families import random_conversation
+    from family_tokenizers import random_conversation
     rng = random.Random(0)
     with open(path, 'w') as f:
         for _ in range(n):

@@ -13,7 +13,8 @@ tokenizer.json), its tokenizer_config.json (named tokens, chat template), genera
 The BPE is trained (merges) on a fixed text, so it has one merge per token: these directories
 exercise the `tokenizers` encoder; tests of the tiktoken encoder convert the Qwen ranks instead.
 
-random_conversation(rng, family) draws a conversation the family's template is defined on.
+random_conversation(rng, family) draws a conversation the family's template is defined on; below
+it, what the chat test modules share (load_family, conversations, hf_ids, trained_spans ...).
 """
 from __future__ import annotations
 
@@ -216,3 +217,60 @@ def random_conversation(rng: random.Random, family: str, inject: bool = False) -
 MISTRAL_V03_OFFICIAL = template_text('mistral').replace(
     '{%- if message == user_messages[-1] and system_message is defined %}',
     '{%- if loop.last and system_message is defined %}')
+
+
+# ----------------------------------------------------------------------------------------------
+# What the chat tests share
+
+FAMILIES = ('llama3', 'mistral', 'qwen2.5', 'qwen3', 'chatml')
+N_CONVERSATIONS = 200
+IGNORE = -100
+
+
+def reference_template(name):
+    """The template each built-in must equal token for token: the directory's own (the official
+    one), except Mistral (the documented system-prompt placement, see chat_families) and ChatML
+    (no template in its directory)."""
+    return template_text(name) if name in ('mistral', 'chatml') else None
+
+
+def load_family(name, directory):
+    """(name, tokenizer, transformers tokenizer, auto-detected format) for a fresh family dir."""
+    from chat_format import resolve_format
+    from tokenizer import load_tokenizer
+    d = build_family_dir(directory, name)
+    tok = load_tokenizer(d)
+    return name, tok, hf_tokenizer(d), resolve_format(tok)
+
+
+def conversations(name, inject=False):
+    rng = random.Random(f'{name}-{inject}')
+    return [random_conversation(rng, name, inject) for _ in range(N_CONVERSATIONS)]
+
+
+def hf_ids(hf, msgs, template=None, **kw):
+    m, tools = for_hf(msgs)
+    return list(hf.apply_chat_template(m, tools=tools, chat_template=template, return_dict=False, **kw))
+
+
+def trained_spans(tok, ids, labels):
+    spans, cur = [], []
+    for i, l in zip(ids, labels):
+        if l != IGNORE:
+            assert l == i
+            cur.append(i)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tok.decode(cur))
+    return spans
+
+
+def moves_context(name, msgs) -> bool:
+    """Mistral puts the system prompt and [AVAILABLE_TOOLS] before the LAST user turn: replies
+    before it are trained without them, so their context is not their generation prompt."""
+    replies = [i for i, m in enumerate(msgs) if m['role'] == 'assistant']
+    last_user = max(i for i, m in enumerate(msgs) if m['role'] == 'user')
+    return (name == 'mistral' and (msgs[0]['role'] == 'system' or bool(msgs[0].get('tools')))
+            and replies[0] < last_user)
