@@ -116,18 +116,20 @@ class TemplateFormat(ChatFormat):
         return out, (mark(tools, everything) if tools else None)
 
     def _render(self, messages, tools, generation_prompt: bool, **kw) -> str:
+        from transformers.utils import chat_template_utils as ctu
         try:
-            from transformers.utils.chat_template_utils import render_jinja_template
-        except ImportError as e:   # pragma: no cover - transformers is a requirement
-            raise ValueError(f"chat_template='hf' needs transformers' chat-template renderer: {e}") from None
-        try:
-            rendered, _ = render_jinja_template(conversations=[messages], tools=tools,
-                                                chat_template=self.source,
-                                                add_generation_prompt=generation_prompt,
-                                                **self.variables, **kw)
+            if hasattr(ctu, 'render_jinja_template'):
+                rendered, _ = ctu.render_jinja_template(conversations=[messages], tools=tools,
+                                                        chat_template=self.source,
+                                                        add_generation_prompt=generation_prompt,
+                                                        **self.variables, **kw)
+                return rendered[0]
+            # older transformers (4.51) render inside apply_chat_template, from this compiled template
+            return ctu._compile_jinja_template(self.source).render(
+                messages=messages, tools=tools, documents=None, add_generation_prompt=generation_prompt,
+                **self.variables, **kw)
         except Exception as e:   # jinja raises TemplateError, UndefinedError, TypeError...
             raise TemplateError(f'chat template {self.label}: rendering failed: {type(e).__name__}: {e}') from None
-        return rendered[0]
 
     def _tokenize(self, text: str) -> list[int]:
         if MARK_START not in text and MARK_END not in text:
