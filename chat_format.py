@@ -78,6 +78,8 @@ class TemplateFormat(ChatFormat):
         self.end_id = tok.eos_id if tok.eos_id is not None else min(ends)
         self.ids = {}
         self.variables = {k: v for k, v in tok.named_tokens.items()}
+        self._special_re = re.compile('|'.join(re.escape(t) for t in sorted(tok.special_tokens, key=len, reverse=True)
+                                                if t not in tok.text_tokens) or '(?!)')
         sha = hashlib.sha256(self.source.encode()).hexdigest()
         self.label = f'{self.origin} (sha256 {sha[:12]})'
         if check:   # a template unusable for the simplest exchange is refused before any work
@@ -92,9 +94,7 @@ class TemplateFormat(ChatFormat):
 
     def _marked(self, messages):
         """Messages as the template sees them, with data strings marked (see the class doc)."""
-        everything, special = added_token_re(self.tok), self.tok.special_tokens
-        special_only = re.compile('|'.join(re.escape(t) for t in sorted(special, key=len, reverse=True)
-                                           if t not in self.tok.text_tokens) or '(?!)')
+        everything, special_only = added_token_re(self.tok), self._special_re
 
         def mark(x, pat):
             if isinstance(x, str):
@@ -270,6 +270,8 @@ def format_from_meta(tok: ChatTokenizer, meta: dict | None, fallback: str = 'cha
     """The format recorded by prepare_sft / train_sft (tokenizer meta 'chat_format')."""
     fmt = (meta or {}).get('chat_format') or {}
     name = fmt.get('name') or fallback
+    if name == 'auto':
+        return resolve_format(tok)
     return get_format(name, tok, fmt.get('template') if name == 'hf' else None)
 
 
