@@ -45,6 +45,7 @@ import sys
 import numpy as np
 
 from chat_records import FORMATS, DataError, iter_records
+from progress import Progress
 from sft_data import ShardWriter
 from chat_format import FORMATS as CHAT_FORMATS, get_format, resolve_format
 from tokenizer import load_tokenizer
@@ -149,7 +150,6 @@ def format_audit(stats: dict) -> str:
 
 
 def prepare(args) -> dict:
-    from tqdm import tqdm
     if not 0.0 <= args.val_fraction < 1.0:
         raise DataError(f'--val_fraction must be in [0, 1), got {args.val_fraction}')
     if args.max_length < 2:
@@ -186,7 +186,7 @@ def prepare(args) -> dict:
             pool = None
             _init_worker(*init)
             results = map(_encode_chunk, chunks)
-        bar = tqdm(total=len(records), desc='encoding', unit='ex', disable=None)
+        bar = Progress(len(records), 'encoding', 'ex', out=sys.stderr)
         try:
             for chunk_msgs, chunk_out in zip(chunks, results):
                 for (_, msgs), (ids, mask, info) in zip(chunk_msgs, chunk_out):

@@ -54,7 +54,7 @@ class TrainConfig:
     packing: bool = False             # False: pad to the longest row of the micro-batch; True: pack
     seed: int = 1337
     verify_data: bool = True          # check the shard files against meta.json's sha256 digests
-                                      # before training (~0.7 s per GB; False skips it for huge sets)
+                                      # before training (~1 s per GB; False skips it for huge sets)
     # model (init_from='scratch': a preset and/or explicit architecture keys)
     model_preset: str = 'tiny'        # a model_config.PRESETS name
     n_layer: int | None = None
@@ -352,11 +352,49 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
             model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
         except CheckpointError as e:
             raise TrainError(f"init_from={init}: {e}") from e
+    if init != 'scratch':
+        check_no_architecture_overrides(cfg, model.config)
     set_dropout(model, cfg.dropout)
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
     return model.to(device), ckpt
+
+
+ARCH_KEYS = {'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'kv_heads', 'n_embd': 'n_embd',
+             'head_dim': 'head_size', 'intermediate_size': 'ffn_size', 'vocab_size': 'vocab_size'}
+
+
+def check_no_architecture_overrides(cfg: TrainConfig, config) -> None:
+    """Architecture keys shape a model built from scratch; a checkpoint or HF start brings its own.
+    One that disagrees with it would be silently ignored: refuse it instead."""
+    clash = [f"{k}={getattr(cfg, k)} (the model has {getattr(config, attr)})" for k, attr in ARCH_KEYS.items()
+             if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(config, attr)]
+    if clash:
+        raise TrainError(f"init_from={cfg.init_from}: the architecture comes from the checkpoint / model "
+                         f"directory, so {', '.join(clash)} cannot apply; drop these keys (they shape "
+                         f"init_from='scratch' models only)")
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that silently train little or nothing (seen on short runs with the defaults)."""
+    out = []
+    if cfg.max_iters == 0:
+        return out
+    if cfg.decay_lr and cfg.warmup_iters >= cfg.max_iters:
+        out.append(f"warmup_iters={cfg.warmup_iters} >= max_iters={cfg.max_iters}: the learning rate "
+                   f"never reaches learning_rate={cfg.learning_rate:g} (the run ends "
+                   f"{100 * cfg.max_iters / (cfg.warmup_iters + 1):.0f}% of the way up the warmup); "
+                   f"lower warmup_iters")
+    if cfg.decay_lr and cfg.lr_decay_iters != cfg.max_iters:
+        how = (f"ends at step {cfg.lr_decay_iters}, then min_lr={cfg.min_lr:g} holds" if cfg.lr_decay_iters < cfg.max_iters
+               else f"is cut off at step {cfg.max_iters}, before it reaches min_lr={cfg.min_lr:g}")
+        out.append(f"lr_decay_iters={cfg.lr_decay_iters} differs from max_iters={cfg.max_iters}: the cosine "
+                   f"decay {how}; usually lr_decay_iters = max_iters")
+    if cfg.init_from == 'scratch' and cfg.learning_rate < 1e-4:
+        out.append(f"init_from='scratch' with learning_rate={cfg.learning_rate:g}, a fine-tuning rate: "
+                   f"training a model from random weights usually needs 3e-4 to 3e-3")
+    return out
 
 
 def set_dropout(model, p: float):
@@ -553,6 +591,8 @@ def train(cfg: TrainConfig) -> dict:
     G = rt.world * A * B
     rt.print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     rt.print0(f"world_size={rt.world} global batch={G} rows ({rt.world} x {A} accum x {B} rows)")
+    for w in schedule_warnings(cfg):
+        rt.print0(f"warning: {w}")
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
@@ -649,8 +689,9 @@ def train(cfg: TrainConfig) -> dict:
                                            'grad_norm': gn, 'tok_per_s': rec['tok_per_s']})
 
             if stop_now and iter_num < cfg.max_iters:
-                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting"
-                          f"{f' (signal {stop.signum})' if stop.signum else ''}")
+                if stop.signum:   # every rank that got the signal says so (not from the handler: see StopSignal)
+                    say(f"[rank {rt.rank}] got signal {stop.signum}: finishing this step, then saving ckpt.pt")
+                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
                 bar.write(save(step_file=False))
                 break
     bar.close()
