@@ -9,8 +9,9 @@ prepare_sft.py reads are scored on loss and format only.
 
 Metrics per checkpoint:
 - val loss / perplexity: mean cross-entropy over the trained (assistant) tokens of the whole file,
-  token-weighted, with exactly the tokens and masks training uses (tokenizer.encode_conversation);
-- format compliance: share of greedy replies that end with <|im_end|> within --max_new_tokens;
+  token-weighted, with exactly the tokens and masks training uses (chat_format.encode_conversation);
+- format compliance: share of greedy replies that end with the format's end-of-turn token (<|im_end|>,
+  <|eot_id|>, </s>, ...) within --max_new_tokens;
 - accuracy: exact match of the reply with `reference` after collapsing whitespace (GSM8K: the last
   number in the reply equals the #### number), over the conversations that have a reference.
 The prompt for generation is the conversation up to (without) its last assistant reply.
@@ -110,7 +111,7 @@ def is_correct(reply: str, reference: str, numeric: bool) -> bool:
 @torch.no_grad()
 def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple[float, int, int]:
     """-> (summed loss over trained tokens, trained tokens, truncated conversations)."""
-    from tokenizer import encode_conversation
+    from chat_format import encode_conversation
     block = model.config.block_size
     encoded, truncated = [], 0
     for r in records:
@@ -142,9 +143,9 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
 
 @torch.no_grad()
 def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_size, device):
-    """Greedy replies to every conversation's prompt. -> list of (text, stopped at <|im_end|>,
-    cut off: max_new_tokens reached before any stop token)."""
-    from tokenizer import encode_prompt
+    """Greedy replies to every conversation's prompt. -> list of (text, stopped at the format's
+    end-of-turn token, cut off: max_new_tokens reached before any stop token)."""
+    from chat_format import encode_prompt, get_format
     budget = model.config.block_size - max_new_tokens
     if budget <= 0:
         raise SystemExit(f'--max_new_tokens {max_new_tokens} >= block_size {model.config.block_size}')
@@ -157,7 +158,8 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
         prompts.append(ids[-budget:])  # keeps the question and generation prompt when too long
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
-    stops = tuple(i for i in (tok.im_end_id, tok.pad_id) if i is not None)
+    fmt = get_format(chat_template, tok)
+    stops = fmt.stop_ids
     bar = Progress(len(order), '  generate', 'conv', out=sys.stderr)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -165,7 +167,7 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
                              temperature=0.0, stop_ids=stops)
         for i, new in zip(idx, gen):
             stopped = bool(new) and new[-1] in stops
-            out[i] = (tok.decode(new[:-1] if stopped else new), stopped and new[-1] == tok.im_end_id,
+            out[i] = (tok.decode(new[:-1] if stopped else new), stopped and new[-1] == fmt.end_id,
                       not stopped)
         bar.update(len(idx))
     bar.close()
@@ -279,7 +281,7 @@ def main(argv=None) -> None:
         res = evaluate(path, records, args, label)
         for s in res['samples'][:args.show]:
             mark = '' if s['correct'] is None else (' ok' if s['correct'] else f" (want {s['reference']!r})")
-            print(f"  {s['prompt']!r} -> {s['reply']!r}{'' if s['ended_with_im_end'] else ' [no <|im_end|>]'}{mark}",
+            print(f"  {s['prompt']!r} -> {s['reply']!r}{'' if s['ended_with_im_end'] else ' [no end-of-turn token]'}{mark}",
                   file=sys.stderr)
         results.append(res)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')

@@ -43,9 +43,11 @@ class TrainConfig:
     wandb_run_name: str | None = None
     # data
     data_dir: str = 'data/my_sft'     # prepare_sft.py output dir, or a .jsonl file tokenized on the fly
-    tokenizer: str = 'qwen3'          # .jsonl data only: 'qwen3' or a local HF tokenizer dir
+    tokenizer: str = 'auto'           # .jsonl data only: 'qwen3', a local HF tokenizer dir, or 'auto'
+                                      # (init_from='hf:DIR': DIR's own if it has tokenizer.json)
     train_on: str = 'all'             # .jsonl data only: 'all' assistant turns or the 'last' one
-    chat_template: str = 'chatml'     # .jsonl data only: 'chatml' | 'qwen3'
+    chat_template: str = 'auto'       # .jsonl data only: auto | chatml | qwen3 | qwen2.5 | llama3 |
+                                      # mistral | hf (chat_format.py; auto: from the tokenizer)
     gradient_accumulation_steps: int = 4   # micro-steps per optimizer step, per process
     batch_size: int = 4               # rows per micro-step per process
     block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
@@ -275,7 +277,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, dict]:
     """The train and val splits as SFTDatasets, and the data's tokenizer description."""
-    train_split, val_split = (open_split(cfg.data_dir, s, cfg.tokenizer, cfg.train_on, cfg.chat_template,
+    tokenizer = jsonl_tokenizer(cfg)
+    train_split, val_split = (open_split(cfg.data_dir, s, tokenizer, cfg.train_on, cfg.chat_template,
                                          verify=cfg.verify_data) for s in ('train', 'val'))
     if cfg.verify_data and isinstance(train_split, ShardDataset) and not train_split.meta.get('sha256'):
         rt.print0(f"note: {cfg.data_dir}/meta.json has no shard digests (prepared by an older nanoSFT): "
@@ -286,6 +289,26 @@ def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, di
     val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
     rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
     return train_ds, val_ds, tok
+
+
+def jsonl_tokenizer(cfg: TrainConfig) -> str:
+    """The tokenizer of .jsonl data; with init_from='hf:DIR' it must fit DIR's model, which is
+    checked here, before any text is tokenized."""
+    name, hf_dir = cfg.tokenizer, cfg.init_from[3:] if cfg.init_from.startswith('hf:') else None
+    if name == 'auto':
+        name = hf_dir if hf_dir and os.path.isfile(os.path.join(hf_dir, 'tokenizer.json')) else 'qwen3'
+    if hf_dir and cfg.data_dir.endswith('.jsonl') and os.path.isfile(os.path.join(hf_dir, 'config.json')):
+        from tokenizer import load_tokenizer
+        with open(os.path.join(hf_dir, 'config.json')) as f:
+            vocab = json.load(f).get('vocab_size')
+        try:
+            size = load_tokenizer(name).vocab_size
+        except ValueError as e:
+            raise TrainError(f"tokenizer={name}: {e}") from None
+        if isinstance(vocab, int) and size > vocab:
+            raise TrainError(f"tokenizer/model mismatch: tokenizer {name} has {size} tokens but {hf_dir} "
+                             f"has vocab_size {vocab}; set tokenizer= to the model's own")
+    return name
 
 
 def data_tokenizer(meta: dict) -> dict:

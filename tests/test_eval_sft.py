@@ -11,7 +11,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import save_checkpoint  # noqa: E402
 from model_builder import ConfigurableGPT  # noqa: E402
 from model_config import ModelArchitectureConfig  # noqa: E402
-from tokenizer import encode_conversation, load_tokenizer  # noqa: E402
+from chat_format import encode_conversation  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 import eval_sft  # noqa: E402
 
 CONVS = [

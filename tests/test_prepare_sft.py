@@ -5,10 +5,10 @@ import random
 import pytest
 
 import prepare_sft
+from chat_format import encode_conversation
 from chat_records import DataError, load_records
 from prepare_sft import main
 from sft_data import ShardDataset
-from tokenizer import encode_conversation
 from tokenizer import load_tokenizer
 
 SHARDS = ('train.bin', 'train.mask', 'train.idx', 'val.bin', 'val.mask', 'val.idx', 'meta.json')
@@ -283,3 +283,56 @@ def test_a_run_that_keeps_no_example_leaves_no_output_directory(tmp_path):
     with pytest.raises(SystemExit, match='no example kept'):
         run('--input', path, '--out_dir', tmp_path / 'c', '--truncation', 'drop', '--max_length', 4)
     assert (tmp_path / 'c').is_dir() and not os.listdir(tmp_path / 'c')
+
+
+def _family_chats(family, n, seed=0):
+    from family_tokenizers import random_conversation
+    rng = random.Random(seed)
+    return [{'messages': random_conversation(rng, family)} for _ in range(n)]
+
+
+def test_directory_tokenizer_brings_its_chat_format_and_meta_records_it(tmp_path):
+    from family_tokenizers import build_family_dir
+    d = build_family_dir(tmp_path / 'tok', 'llama3')
+    records = _family_chats('llama3', 12)
+    path = write_jsonl(tmp_path / 'chat.jsonl', records)
+    meta = run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', d, '--val_fraction', 0)
+    tok = load_tokenizer(d)
+    fmt = meta['tokenizer']['chat_format']
+    assert meta['chat_template'] == fmt['name'] == 'llama3' and meta['token_dtype'] == 'uint16'
+    assert fmt['end_id'] == tok.special_tokens['<|eot_id|>'] and len(fmt['template_sha256']) == 64
+    assert meta['stats']['end_of_turn'] == '<|eot_id|>'
+    assert meta['stats']['turns_closed'] == meta['stats']['turns'] == sum(
+        m['role'] == 'assistant' for r in records for m in r['messages'])
+    ds = ShardDataset(tmp_path / 'out', 'train')
+    for i, rec in enumerate(load_records(path)):
+        ids, labels = encode_conversation(rec, tok, chat_template='llama3')
+        assert ds[i][0].tolist() == ids and ds[i][1].tolist() == labels
+
+
+def test_general_path_refusal_names_file_line_and_turn_or_is_skipped(tmp_path):
+    from family_tokenizers import build_family_dir
+    d = build_family_dir(tmp_path / 'tok', 'mistral')   # the official v0.3 template
+    ok = {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]}
+    moved = {'messages': [{'role': 'system', 'content': 'Be brief.'}] + ok['messages']}
+    path = write_jsonl(tmp_path / 'chat.jsonl', [ok, moved])
+    with pytest.raises(SystemExit, match=r'chat\.jsonl:2: chat template .* is not prefix-consistent at '
+                                         r'assistant turn 1 \(message 2\)'):
+        run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', d, '--chat_template', 'hf')
+    assert not (tmp_path / 'out').exists()
+    meta = run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', d, '--chat_template', 'hf',
+               '--skip_invalid', '--val_fraction', 0)
+    assert meta['stats']['invalid'] == 1 and meta['stats']['kept'] == 1
+    assert meta['tokenizer']['chat_format']['template'].startswith('{%- if messages[0]["role"] == "system" %}')
+    # the built-in format renders it (mistral-common's placement of the system prompt)
+    assert run('--input', path, '--out_dir', tmp_path / 'out2', '--tokenizer', d)['stats']['kept'] == 2
+
+
+def test_directory_without_a_tokenizer_or_a_missing_format_token_fails_before_any_work(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    path = write_jsonl(tmp_path / 'chat.jsonl', chats(2))
+    with pytest.raises(SystemExit, match=r'empty: no tokenizer\.json'):
+        run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', tmp_path / 'empty')
+    with pytest.raises(SystemExit, match=r"'llama3' needs the tokens <\|begin_of_text\|>"):
+        run('--input', path, '--out_dir', tmp_path / 'out', '--chat_template', 'llama3')
+    assert not (tmp_path / 'out').exists()

@@ -718,7 +718,8 @@ def test_special_token_strings_in_untrained_text_never_become_ids(tmp_path):
 
 
 def test_special_token_strings_in_tool_schemas_stay_text():
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
 
     def ids(desc):

@@ -124,7 +124,8 @@ def test_best_fit_fills_the_row_with_least_room_that_fits():
 def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024(gsm8k_train):
     import json
     path = gsm8k_train
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
     with open(path) as f:
         records = [json.loads(line) for line in f]

@@ -1,5 +1,6 @@
 """Tests for train_sft.py: loss normalization, the loop, resume, DDP (data: test_sft_data.py)."""
 import dataclasses
+import os
 import types
 
 import numpy as np
@@ -355,7 +356,8 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
 def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
     from chat_records import load_records
     from sft_data import open_split
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     jsonl = data_dir.parent / 'toy.jsonl'
     split = open_split(str(jsonl), 'train')
     records = load_records(str(jsonl))
@@ -479,3 +481,68 @@ def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_pat
     assert c.qk_norm and c.tie_word_embeddings  # the rest still comes from the 'tiny' preset
     with pytest.raises(train_sft.TrainError, match='bad model config'):
         train_sft.build_model(tiny_cfg(tmp_path, n_embd=96, n_head=5), 'cpu')
+
+
+def _hf_llama_with_tokenizer(tmp_path, vocab_size=None):
+    """A tiny Llama checkpoint directory that ships a Llama-3-style tokenizer (tests/chat_families)."""
+    import shutil
+    transformers = pytest.importorskip('transformers')
+    from family_tokenizers import build_family_dir
+    from tokenizer import load_tokenizer
+    tok_dir = build_family_dir(tmp_path / 'tok', 'llama3')
+    hf_cfg = transformers.LlamaConfig(vocab_size=vocab_size or load_tokenizer(tok_dir).vocab_size,
+                                      hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=256)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / 'hf')
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'):
+        shutil.copyfile(os.path.join(tok_dir, name), tmp_path / 'hf' / name)
+    return str(tmp_path / 'hf')
+
+
+def _llama_jsonl(path, n=40):
+    import json
+    import random
+    from family_tokenizers import random_conversation
+    rng = random.Random(0)
+    with open(path, 'w') as f:
+        for _ in range(n):
+            msgs = random_conversation(rng, 'llama3')
+            while msgs[0].get('tools') or any(m['role'] == 'tool' for m in msgs):
+                msgs = random_conversation(rng, 'llama3')
+            f.write(json.dumps({'messages': msgs}, ensure_ascii=False) + '\n')
+    return str(path)
+
+
+def test_hf_start_on_jsonl_data_uses_the_directorys_tokenizer_and_chat_format(tmp_path):
+    from chat_format import encode_conversation, get_format
+    from sft_data import open_split
+    from tokenizer import load_tokenizer
+    hf_dir = _hf_llama_with_tokenizer(tmp_path)
+    jsonl = _llama_jsonl(tmp_path / 'chat.jsonl')
+    cfg = tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl, block_size=256, max_iters=1,
+                   eval_interval=100, eval_iters=1)
+    assert cfg.tokenizer == 'auto' and cfg.chat_template == 'auto'
+    train_sft.train(cfg)
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    tok_meta = ckpt['tokenizer']
+    assert tok_meta['name'] == hf_dir and tok_meta['chat_format']['name'] == 'llama3'
+    tok = load_tokenizer(hf_dir)
+    assert tok_meta['chat_format']['stop_ids'] == list(get_format('llama3', tok).stop_ids)
+    split = open_split(jsonl, 'train', hf_dir)
+    from chat_records import load_records
+    assert split[0][0].tolist() == encode_conversation(load_records(jsonl)[0], tok, chat_template='llama3')[0]
+
+
+def test_hf_start_whose_vocabulary_the_tokenizer_overflows_fails_before_tokenizing(tmp_path, monkeypatch):
+    import sft_data
+    hf_dir = _hf_llama_with_tokenizer(tmp_path, vocab_size=100)
+    jsonl = _llama_jsonl(tmp_path / 'chat.jsonl', n=2)
+
+    def no_work(*a, **k):
+        raise AssertionError('the data was tokenized before the vocabulary check')
+    monkeypatch.setattr(sft_data, 'JsonlSplit', no_work)
+    with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch: tokenizer .* has \d+ tokens '
+                                                    r'but .* has vocab_size 100'):
+        train_sft.train(tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl))
+    assert not (tmp_path / 'out').exists()
