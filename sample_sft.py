@@ -19,13 +19,14 @@ import torch
 
 
 def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
-    """-> (model in eval mode, ChatTokenizer, chat_template). `path`: a checkpoint file written by
-    train_sft.py or a local Hugging Face model directory."""
+    """-> (model in eval mode, ChatTokenizer, chat_template). `path`: a checkpoint written by
+    train_sft.py (a file, or a sharded checkpoint's directory) or a local Hugging Face model directory."""
+    from checkpoint import is_sharded_checkpoint
     from tokenizer import load_tokenizer
     if not os.path.exists(path):
         raise SystemExit(f'{path}: no such checkpoint file or model directory')
     chat_template, meta = 'chatml', {}
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         from hf_interop import from_hf
         if not os.path.exists(os.path.join(path, 'config.json')):
             raise SystemExit(f'{path}: a directory without config.json is not a Hugging Face model')
