@@ -491,6 +491,48 @@ def test_checkpoints_of_both_formats_resume_across_world_sizes_and_sharded_ones_
         torch.testing.assert_close(osd['state'][k]['exp_avg_sq'], orf['state'][k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('localhost', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_as_users_do_match_one_process(tmp_path, data_dir):
+    """The README's multi-node command on localhost: two torchrun launchers (one per "node", one
+    worker each) meet through a c10d rendezvous and train over gloo, with DDP and with FSDP (whose
+    sharded checkpoints both nodes write into the shared out_dir): the same parameters as one
+    process with twice the accumulation."""
+    import os
+    import subprocess
+    import sys
+    common = dict(FSDP_COMMON, data_dir=str(data_dir), batch_size=2)
+    one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=4, **common)
+    train_sft.train(one)
+    ref = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt')
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    for parallel in ('ddp', 'fsdp'):
+        cfg = tiny_cfg(tmp_path / parallel, parallel=parallel, gradient_accumulation_steps=2, **common)
+        port = free_port()
+        # the README's command, with localhost for $MASTER_ADDR and one worker per node
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+               '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}', f'--rdzv_id=sft-{parallel}',
+               os.path.join(root, 'train_sft.py'), *cli_args(cfg)]
+        nodes = [subprocess.Popen(cmd, cwd=root, env={**os.environ, 'OMP_NUM_THREADS': '1'}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        logs = [p.communicate(timeout=300)[0] for p in nodes]
+        assert [p.returncode for p in nodes] == [0, 0], '\n'.join(log[-3000:] for log in logs)
+        assert sum('world_size=2 global batch=8 rows' in log for log in logs) == 1   # rank 0 prints
+        out = tmp_path / parallel / 'out'
+        if parallel == 'fsdp':
+            assert sorted(os.listdir(out / 'ckpt_000004')) == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt']
+        got = params_of(out / 'ckpt.pt')
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f'{parallel}: {k}')
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_bf16_compiled_cuda_run_follows_the_fp32_cpu_run(tmp_path, data_dir):
