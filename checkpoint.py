@@ -512,7 +512,11 @@ def verify_sharded_checkpoint(folder, digests: dict | None, ranks: tuple[int, in
     if world > 1:
         bad = sorted(b for part in _gather(bad) for b in part)
     if bad:
-        raise CheckpointError(f"{folder}: damaged sharded checkpoint: {'; '.join(bad[:3])}")
+        older = sorted(p.name for p in folder.parent.iterdir() if _STEP_DIR.fullmatch(p.name) and p.name < folder.name)
+        hint = (f"fall back to an older one: `ln -sfn {older[-1]} {folder.parent / 'ckpt.pt'}` then "
+                f"init_from='resume' (older ones: {', '.join(older[-4:])})" if older else
+                'no older ckpt_XXXXXX/ beside it to fall back to')
+        raise CheckpointError(f"{folder}: damaged sharded checkpoint: {'; '.join(bad[:3])}; {hint}")
 
 
 def _fsync_dir(folder: Path) -> None:

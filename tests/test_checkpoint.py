@@ -267,6 +267,9 @@ def test_sharded_saves_move_the_links_and_rotate_but_keep_what_they_point_at(tmp
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_000002', 'ckpt_000006', 'ckpt_best.pt']
     assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 6
     assert load_checkpoint(tmp_path / 'ckpt_best.pt')[1]['iter_num'] == 2
+    (tmp_path / 'ckpt_000006' / '.metadata').write_bytes(b'damaged')   # the error says where to go back to
+    with pytest.raises(CheckpointError, match=r'ckpt_000006: damaged .*`ln -sfn ckpt_000002 .*ckpt\.pt`'):
+        load_checkpoint(tmp_path / 'ckpt.pt')
 
 
 def test_failed_or_killed_sharded_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -317,7 +320,7 @@ def test_damaged_sharded_checkpoint_is_a_clear_error_naming_it(tmp_path):
     (d / where.relative_path).write_bytes(bytes(data))
     damaged, _ = load_checkpoint(d, verify=False)
     assert not _same_outputs(model, damaged)
-    with pytest.raises(CheckpointError, match=r'flipped: damaged sharded checkpoint: __0_0\.distcp does not match'):
+    with pytest.raises(CheckpointError, match=r'flipped: damaged sharded checkpoint: __0_0\.distcp does not match.*no older'):
         load_checkpoint(d)
     other = tmp_path / 'other'   # the right files, another model
     model2 = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=101, n_layer=3))
