@@ -332,6 +332,7 @@ def test_damaged_sharded_checkpoint_is_a_clear_error_naming_it(tmp_path):
         load_checkpoint(other / 'ckpt.pt')
 
 
+@pytest.mark.slow
 def test_export_and_sample_read_a_sharded_checkpoint(tmp_path):
     import export_hf
     import sample_sft
