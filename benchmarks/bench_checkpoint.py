@@ -55,7 +55,6 @@ def measure(fn) -> tuple[object, dict]:
 
 
 def checksum(model) -> float:
-    import torch
     return float(sum(p.detach().to_local().double().sum() if hasattr(p, 'to_local') else p.detach().double().sum()
                      for p in model.parameters()))
 
