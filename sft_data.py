@@ -22,8 +22,9 @@ import os
 import numpy as np
 import torch
 
-from chat_records import DataError, load_records
-from tokenizer import encode_conversation, load_tokenizer
+from chat_format import resolve_format
+from chat_records import DataError, iter_records
+from tokenizer import load_tokenizer
 
 IGNORE_INDEX = -100
 DEFAULT_PAD_ID = 151643      # <|endoftext|>
@@ -183,8 +184,8 @@ class ShardDataset:
 
 
 def verify_shards(data_dir: str, meta: dict, names) -> bool:
-    """Compare each file's sha256 with the digest prepare_sft.py recorded in meta.json (about 0.7 s
-    per GB on a 2-core VM). -> False when meta.json has no digests (a data dir from before them)."""
+    """Compare each file's sha256 with the digest prepare_sft.py recorded in meta.json (about 1 s per
+    GB on a 2-core VM). -> False when meta.json has no digests (a data dir from before them)."""
     digests = meta.get('sha256')
     if not digests:
         return False
@@ -206,19 +207,27 @@ def verify_shards(data_dir: str, meta: dict, names) -> bool:
 class JsonlSplit:
     """A .jsonl chat file tokenized once in memory; same (input_ids, labels) as the binary shards."""
 
-    def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='chatml'):
-        tok = load_tokenizer(tokenizer_name)
-        records = list(load_records(path))
+    def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='auto'):
+        try:
+            tok = load_tokenizer(tokenizer_name)
+            fmt = resolve_format(tok, chat_template)
+        except ValueError as e:
+            raise DataError(f'data_dir {path}: {e}') from None
+        records = list(iter_records(path))
         # Deterministic split without a val file: every 20th conversation is validation.
         if len(records) >= 20:
             keep = (lambda i: i % 20 == 19) if split == 'val' else (lambda i: i % 20 != 19)
             records = [r for i, r in enumerate(records) if keep(i)]
         self.examples = []
-        for messages in records:
-            ids, labels = encode_conversation(messages, tok, train_on=train_on, chat_template=chat_template)
+        for where, messages in records:
+            try:
+                ids, labels = fmt.encode(messages, train_on)
+            except ValueError as e:   # e.g. the general chat-template path refusing a conversation
+                raise DataError(f'{where}: {e}') from None
             self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
         self.lengths = np.array([len(e[0]) for e in self.examples], dtype=np.int64)
-        self.meta = {'tokenizer': tok.meta(), 'chat_template': chat_template, 'train_on': train_on}
+        self.meta = {'tokenizer': dict(tok.meta(), chat_format=fmt.meta()), 'chat_template': fmt.name,
+                     'train_on': train_on}
 
     def __len__(self):
         return len(self.examples)
@@ -227,7 +236,7 @@ class JsonlSplit:
         return self.examples[i]
 
 
-def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='chatml', verify=True):
+def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='auto', verify=True):
     """A prepare_sft.py data dir (ShardDataset, its files checked against their digests when verify),
     or a .jsonl file tokenized now (JsonlSplit: tokenizer, train_on and chat_template apply to it)."""
     if str(path).endswith('.jsonl'):

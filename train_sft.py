@@ -36,6 +36,10 @@ class TrainConfig:
     eval_iters: int = 20              # batches per split in each evaluation
     eval_only: bool = False           # evaluate the starting model once and exit
     keep_last_n: int = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
+    checkpoint_format: str = 'auto'   # 'file' (one torch.save file, gathered on rank 0) | 'sharded' (a
+                                      # directory, each rank writes its shard: torch.distributed.
+                                      # checkpoint) | 'auto' (sharded under parallel='fsdp', else file;
+                                      # LoRA checkpoints are always one file)
     init_from: str = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
     # wandb
     wandb_log: bool = False           # also log to Weights & Biases (if installed)
@@ -43,16 +47,18 @@ class TrainConfig:
     wandb_run_name: str | None = None
     # data
     data_dir: str = 'data/my_sft'     # prepare_sft.py output dir, or a .jsonl file tokenized on the fly
-    tokenizer: str = 'qwen3'          # .jsonl data only: 'qwen3' or a local HF tokenizer dir
+    tokenizer: str = 'auto'           # .jsonl data only: 'qwen3', a local HF tokenizer dir, or 'auto'
+                                      # (init_from='hf:DIR': DIR's own if it has tokenizer.json)
     train_on: str = 'all'             # .jsonl data only: 'all' assistant turns or the 'last' one
-    chat_template: str = 'chatml'     # .jsonl data only: 'chatml' | 'qwen3'
+    chat_template: str = 'auto'       # .jsonl data only: auto | chatml | qwen3 | qwen2.5 | llama3 |
+                                      # mistral | hf (chat_format.py; auto: from the tokenizer)
     gradient_accumulation_steps: int = 4   # micro-steps per optimizer step, per process
     batch_size: int = 4               # rows per micro-step per process
     block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
     packing: bool = False             # False: pad to the longest row of the micro-batch; True: pack
     seed: int = 1337
     verify_data: bool = True          # check the shard files against meta.json's sha256 digests
-                                      # before training (~0.7 s per GB; False skips it for huge sets)
+                                      # before training (~1 s per GB; False skips it for huge sets)
     # model (init_from='scratch': a preset and/or explicit architecture keys)
     model_preset: str = 'tiny'        # a model_config.PRESETS name
     n_layer: int | None = None
@@ -101,6 +107,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'), 'finetune': ('full', 'lora', 'qlora'),
+                   'checkpoint_format': ('auto', 'file', 'sharded'),
                    'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -138,8 +145,9 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat_records import DataError  # noqa: E402
-from checkpoint import (CheckpointError, base_source, load_checkpoint, lora_model,  # noqa: E402
-                        restore_training_state, save_training_state)
+from checkpoint import (CheckpointError, base_source, is_sharded_checkpoint, load_checkpoint,  # noqa: E402
+                        lora_model, materialize, open_sharded_checkpoint, restore_training_state,
+                        save_training_state)
 from lora import (LoRAConfig, LoRAError, apply_lora, base_fingerprint, check_qlora_device,  # noqa: E402
                   is_nf4, merge_lora, quantizer_version, read_peft_adapter)
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
@@ -291,7 +299,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, dict]:
     """The train and val splits as SFTDatasets, and the data's tokenizer description."""
-    train_split, val_split = (open_split(cfg.data_dir, s, cfg.tokenizer, cfg.train_on, cfg.chat_template,
+    tokenizer = jsonl_tokenizer(cfg)
+    train_split, val_split = (open_split(cfg.data_dir, s, tokenizer, cfg.train_on, cfg.chat_template,
                                          verify=cfg.verify_data) for s in ('train', 'val'))
     if cfg.verify_data and isinstance(train_split, ShardDataset) and not train_split.meta.get('sha256'):
         rt.print0(f"note: {cfg.data_dir}/meta.json has no shard digests (prepared by an older nanoSFT): "
@@ -302,6 +311,26 @@ def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, di
     val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
     rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
     return train_ds, val_ds, tok
+
+
+def jsonl_tokenizer(cfg: TrainConfig) -> str:
+    """The tokenizer of .jsonl data; with init_from='hf:DIR' it must fit DIR's model, which is
+    checked here, before any text is tokenized."""
+    name, hf_dir = cfg.tokenizer, cfg.init_from[3:] if cfg.init_from.startswith('hf:') else None
+    if name == 'auto':
+        name = hf_dir if hf_dir and os.path.isfile(os.path.join(hf_dir, 'tokenizer.json')) else 'qwen3'
+    if hf_dir and cfg.data_dir.endswith('.jsonl') and os.path.isfile(os.path.join(hf_dir, 'config.json')):
+        from tokenizer import load_tokenizer
+        with open(os.path.join(hf_dir, 'config.json')) as f:
+            vocab = json.load(f).get('vocab_size')
+        try:
+            size = load_tokenizer(name).vocab_size
+        except ValueError as e:
+            raise TrainError(f"tokenizer={name}: {e}") from None
+        if isinstance(vocab, int) and size > vocab:
+            raise TrainError(f"tokenizer/model mismatch: tokenizer {name} has {size} tokens but {hf_dir} "
+                             f"has vocab_size {vocab}; set tokenizer= to the model's own")
+    return name
 
 
 def data_tokenizer(meta: dict) -> dict:
@@ -362,9 +391,8 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
                                  f"base ('hf:/local/hf/dir' or a checkpoint)")
             peft_cfg, tensors = read_peft_adapter(init)
             peft_cfg = dataclasses.replace(peft_cfg, dropout=want.dropout, quantize=want.quantize)
-            src = base_source(cfg.lora_base)
-            model, base = lora_model(src, peft_cfg, adapters=tensors, peft=True, device=device,
-                                     seed=cfg.seed, where=init)
+            model, base = lora_model(base_source(cfg.lora_base), peft_cfg, adapters=tensors, peft=True,
+                                     device=device, seed=cfg.seed, where=init)
         elif init.startswith('hf:'):
             from hf_interop import from_hf
             if not os.path.isdir(init[3:]):
@@ -375,19 +403,29 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
                 raise TrainError(f"init_from={init}: {e}") from e
         else:
             path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 raise TrainError(f"init_from={init}: checkpoint not found: {path}")
-            # a LoRA checkpoint continues with this run's dropout; resumed, it keeps its base as it was
-            over = {'dropout': want.dropout} if lora_run else None
-            if lora_run and init != 'resume':
-                over['quantize'] = want.quantize
-            moved = base_source(cfg.lora_base) if cfg.lora_base else None
-            model, ckpt = load_checkpoint(path, device=device if lora_run else 'cpu', dropout=cfg.dropout,
-                                          base=moved, lora_overrides=over)
-            if ckpt.get('lora') is not None:
-                base = dict(ckpt.get('base') or {}, **({'source': moved} if moved else {}))
+            if init == 'resume' and is_sharded_checkpoint(path):
+                if lora_run:
+                    raise TrainError(f"init_from=resume: {path} is a sharded checkpoint of full fine-tuning; "
+                                     f"finetune={cfg.finetune!r} resumes LoRA checkpoints (one file)")
+                # an empty (meta) model: parallelize() allocates it, sharded or not, and
+                # restore_training_state reads each rank's part of the weights
+                model, ckpt = open_sharded_checkpoint(path, dropout=cfg.dropout)
+            else:
+                # a LoRA checkpoint continues with this run's dropout; resumed, it keeps its base as it was
+                over = {'dropout': want.dropout} if lora_run else None
+                if lora_run and init != 'resume':
+                    over['quantize'] = want.quantize
+                moved = base_source(cfg.lora_base) if cfg.lora_base else None
+                model, ckpt = load_checkpoint(path, device=device if lora_run else 'cpu', dropout=cfg.dropout,
+                                              base=moved, lora_overrides=over)
+                if ckpt.get('lora') is not None:
+                    base = dict(ckpt.get('base') or {}, **({'source': moved} if moved else {}))
     except (CheckpointError, LoRAError) as e:
         raise TrainError(f"init_from={init}: {e}") from e
+    if init != 'scratch':
+        check_no_architecture_overrides(cfg, model.config)
 
     adapted = getattr(model, 'lora_config', None)
     if adapted is not None and not lora_run:
@@ -404,7 +442,7 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
         theirs = {k: getattr(adapted, k) for k in mine}
         if mine != theirs:
             log(f"note: continuing the adapters of {init} as they are ({theirs}); lora_* settings "
-                      f"that differ ({ {k: v for k, v in mine.items() if v != theirs[k]} }) do not apply")
+                f"that differ ({ {k: v for k, v in mine.items() if v != theirs[k]} }) do not apply")
     elif lora_run:
         base = {'source': base_source(init), **base_fingerprint(model)}
         if want.quantize:
@@ -417,7 +455,47 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
-    return model.to(device), ckpt, base
+    return (model if is_empty(model) else model.to(device)), ckpt, base
+
+
+def is_empty(model) -> bool:
+    return next(model.parameters()).is_meta
+
+
+ARCH_KEYS = {'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'kv_heads', 'n_embd': 'n_embd',
+             'head_dim': 'head_size', 'intermediate_size': 'ffn_size', 'vocab_size': 'vocab_size'}
+
+
+def check_no_architecture_overrides(cfg: TrainConfig, config) -> None:
+    """Architecture keys shape a model built from scratch; a checkpoint or HF start brings its own.
+    One that disagrees with it would be silently ignored: refuse it instead."""
+    clash = [f"{k}={getattr(cfg, k)} (the model has {getattr(config, attr)})" for k, attr in ARCH_KEYS.items()
+             if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(config, attr)]
+    if clash:
+        raise TrainError(f"init_from={cfg.init_from}: the architecture comes from the checkpoint / model "
+                         f"directory, so {', '.join(clash)} cannot apply; drop these keys (they shape "
+                         f"init_from='scratch' models only)")
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that silently train little or nothing (seen on short runs with the defaults)."""
+    out = []
+    if cfg.max_iters == 0:
+        return out
+    if cfg.decay_lr and cfg.warmup_iters >= cfg.max_iters:
+        out.append(f"warmup_iters={cfg.warmup_iters} >= max_iters={cfg.max_iters}: the learning rate "
+                   f"never reaches learning_rate={cfg.learning_rate:g} (the run ends "
+                   f"{100 * cfg.max_iters / (cfg.warmup_iters + 1):.0f}% of the way up the warmup); "
+                   f"lower warmup_iters")
+    if cfg.decay_lr and cfg.lr_decay_iters != cfg.max_iters:
+        how = (f"ends at step {cfg.lr_decay_iters}, then min_lr={cfg.min_lr:g} holds" if cfg.lr_decay_iters < cfg.max_iters
+               else f"is cut off at step {cfg.max_iters}, before it reaches min_lr={cfg.min_lr:g}")
+        out.append(f"lr_decay_iters={cfg.lr_decay_iters} differs from max_iters={cfg.max_iters}: the cosine "
+                   f"decay {how}; usually lr_decay_iters = max_iters")
+    if cfg.init_from == 'scratch' and cfg.learning_rate < 1e-4:
+        out.append(f"init_from='scratch' with learning_rate={cfg.learning_rate:g}, a fine-tuning rate: "
+                   f"training a model from random weights usually needs 3e-4 to 3e-3")
+    return out
 
 
 def set_dropout(model, p: float):
@@ -465,6 +543,7 @@ def parallelize(cfg: TrainConfig, rt: Runtime, model, ckpt, sampler, global_batc
     and wrap (DDP). -> (model to call, the unwrapped model, optimizer, scaler, iter_num,
     best_val_loss, resumed_at)."""
     lora = getattr(model, 'lora_config', None)
+    empty = is_empty(model)   # resuming from a sharded checkpoint: the weights come with the training state
     if rt.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, rt.dtype), reduce_dtype=torch.float32) \
@@ -472,14 +551,15 @@ def parallelize(cfg: TrainConfig, rt: Runtime, model, ckpt, sampler, global_batc
         # DDP broadcasts rank 0's weights at wrap time, FSDP does not: ranks seeded differently would
         # each keep a shard of their own random init. A LoRA model needs no broadcast: every rank
         # loaded the same base (its hash checked) and drew the adapters from the same seeded generator.
-        if lora is None:
-            for v in model.state_dict().values():
-                dist.broadcast(v, src=0)
+        for v in model.state_dict().values() if not empty and lora is None else ():
+            dist.broadcast(v, src=0)
         if lora is not None and lora.quantize:
             check_nf4_shardable(model, rt.world)
         for block in model.transformer.h:   # the frozen base is sharded like the rest (NF4 too)
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
+    if empty:   # after fully_shard: each rank allocates only its shard
+        materialize(model, rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
@@ -631,10 +711,15 @@ def train(cfg: TrainConfig) -> dict:
     G = rt.world * A * B
     rt.print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     rt.print0(f"world_size={rt.world} global batch={G} rows ({rt.world} x {A} accum x {B} rows)")
+    for w in schedule_warnings(cfg):
+        rt.print0(f"warning: {w}")
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
     if cfg.finetune != 'full':   # before anything is loaded
+        if cfg.checkpoint_format == 'sharded':
+            raise TrainError(f"finetune={cfg.finetune!r} saves one-file checkpoints (the adapters are small, "
+                             f"the base is named, not stored): checkpoint_format='auto' or 'file'")
         try:
             check_qlora_device(lora_config(cfg), getattr(torch, rt.dtype), rt.device_type)
         except LoRAError as e:
@@ -660,7 +745,9 @@ def train(cfg: TrainConfig) -> dict:
             state['scaler'] = scaler.state_dict()
         return save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
                                    best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
-                                   keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
+                                   keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state,
+                                   sharded=cfg.checkpoint_format == 'sharded' or (cfg.checkpoint_format == 'auto'
+                                                                                  and rt.fsdp and base is None))
 
     meter = StepMeter(cfg, rt, raw_model)
     bar = Progress(cfg.max_iters, 'sft', 'step', initial=iter_num, every=None, enabled=rt.master)
@@ -736,8 +823,9 @@ def train(cfg: TrainConfig) -> dict:
                                            'grad_norm': gn, 'tok_per_s': rec['tok_per_s']})
 
             if stop_now and iter_num < cfg.max_iters:
-                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting"
-                          f"{f' (signal {stop.signum})' if stop.signum else ''}")
+                if stop.signum:   # every rank that got the signal says so (not from the handler: see StopSignal)
+                    say(f"[rank {rt.rank}] got signal {stop.signum}: finishing this step, then saving ckpt.pt")
+                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
                 bar.write(save(step_file=False))
                 break
     bar.close()

@@ -163,7 +163,8 @@ def child_nanosft(args, name):
     torch, device = _setup_torch(args)
     import torch.nn.functional as F
     from hf_interop import from_hf
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     from train_sft import SFTDataset, forward_backward
     full_logits = args.full_logits or name == 'nanosft_full_logits'
     packed = name != 'nanosft_padded'
@@ -360,7 +361,8 @@ def gsm8k_padding_report(args) -> dict:
     packing of the same shuffled order would give."""
     common.ensure_repo_on_path()
     import numpy as np
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     from train_sft import SFTDataset
     tok = load_tokenizer('qwen3')
     B = args.padding_block_size

@@ -205,6 +205,35 @@ def test_kills_and_signals_at_random_moments_never_corrupt_and_resume_bit_exact(
           f'stray temp files left by kills: {stray}')
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('stdout', ['closed_pipe', 'full_disk'])
+def test_a_stop_saves_and_exits_0_when_stdout_is_gone(world, tmp_path, stdout):
+    """`python train_sft.py ... | tee log` and Ctrl-C: the same Ctrl-C ends tee, so every later print
+    hits a closed pipe. Or the log's disk is full (/dev/full). Either way the stop must save ckpt.pt."""
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'train_sft.py', *argv(cfg_for(world['data'], out, max_iters=100_000,
+                                                         eval_interval=100_000, lr_decay_iters=100_000))]
+    if stdout == 'closed_pipe':
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            if line.startswith('iter 3:'):
+                break
+        proc.stdout.close()   # the reader is gone: the next write raises BrokenPipeError
+    else:
+        with open('/dev/full', 'w') as full:   # every write fails with ENOSPC
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=full, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while not list(out.glob('run_*.json')) and time.time() - t0 < 120:   # training has started
+            assert proc.poll() is None, f'exited early with {proc.returncode}'
+            time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    _, ck = load_checkpoint(out / 'ckpt.pt')
+    assert ck['iter_num'] >= (3 if stdout == 'closed_pipe' else 1) and not ck['evaluated']
+
+
 def test_next_save_removes_temp_files_of_killed_saves_only(tmp_path):
     from checkpoint import save_checkpoint
     from model_builder import ConfigurableGPT
@@ -689,7 +718,8 @@ def test_special_token_strings_in_untrained_text_never_become_ids(tmp_path):
 
 
 def test_special_token_strings_in_tool_schemas_stay_text():
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
 
     def ids(desc):
@@ -811,6 +841,61 @@ def test_ranks_stay_in_lockstep_on_uneven_data_and_only_rank0_writes(world, tmp_
     assert not [w for w in writes[1] if w.startswith(str(out))], writes[1]
     names = sorted(p.name for p in out.iterdir())
     assert names[:4] == ['ckpt.pt', 'ckpt_000005.pt', 'ckpt_000010.pt', 'ckpt_best.pt'] and len(names) == 5
+
+
+@pytest.mark.slow
+def test_sigkill_of_every_rank_during_sharded_saves_keeps_the_previous_checkpoint_and_resumes_bit_exact(world, tmp_path):
+    """FSDP on 2 gloo ranks with sharded checkpoints (each rank writes its part into one directory):
+    in each of 3 runs the first save completes, then the whole job (torchrun and both workers, as when
+    a node dies) is SIGKILLed at a seeded moment inside the second save, slowed down to ~1.3 s. After
+    each kill ckpt.pt links to the previous complete checkpoint, equal to the uninterrupted run's of
+    that step; the run resumed after the last kill ends bit-identical to the uninterrupted one."""
+    from test_train_sft import saved_state
+    rng = random.Random(15)
+    over = dict(parallel='fsdp', backend='gloo', max_iters=8, eval_interval=2)
+    ref, out, events = tmp_path / 'ref', tmp_path / 'out', tmp_path / 'ev'
+    proc = spawn(cfg_for(world['data'], ref, **over), torchrun=True)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    saved = []
+
+    def kill_job(proc):
+        for pid in [int(e[1]) for r in (0, 1) for e in read_events(events, r) if e[0] == 'pid'] + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate(timeout=60)
+
+    def sharded_saves(ev, what):   # (save_checkpoint's own events are meta.pt's)
+        return sum(e[0] == what and e[1] == str(out) for e in ev)
+    for trial in range(3):
+        for f in tmp_path.glob('ev.*'):
+            f.unlink()
+        proc = spawn(cfg_for(world['data'], out, init_from='resume' if saved else 'scratch', **over), events,
+                     torchrun=True, RELIAB_SLOW_SAVE=0.6)
+        try:
+            wait_for(proc, events, lambda ev: sharded_saves(ev, 'save_begin') >= 2, timeout=150)
+            time.sleep(rng.uniform(0.0, 1.0))
+            ev = read_events(events)
+            assert proc.poll() is None and sharded_saves(ev, 'save_end') == 1, (trial, ev[-4:])  # mid-save
+        finally:
+            kill_job(proc)
+        model, ck = load_checkpoint(out / 'ckpt.pt')   # the first save of this run, complete and loadable
+        saved.append(ck['iter_num'])
+        assert os.path.isdir(out / 'ckpt.pt') and ck['iter_num'] == 2 * (trial + 1), (trial, saved)
+        assert_same_params(model.state_dict(), load_checkpoint(ref / f'ckpt_{saved[-1]:06d}')[0].state_dict(),
+                           f'ckpt.pt at {saved[-1]}')
+    assert [p.name for p in out.iterdir() if '.tmp' in p.name]   # what the killed saves left behind
+    proc = spawn(cfg_for(world['data'], out, init_from='resume', **over), torchrun=True)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert not [p.name for p in out.iterdir() if '.tmp' in p.name]   # removed by the next save
+    (ma, oa, _), (mb, ob, _) = saved_state(out / 'ckpt.pt'), saved_state(ref / 'ckpt.pt')
+    assert_same_params(ma, mb, 'final parameters')
+    for k in ob['state']:
+        for name in ('exp_avg', 'exp_avg_sq'):
+            assert torch.equal(oa['state'][k][name], ob['state'][k][name]), (k, name)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Tests for train_sft.py: loss normalization, the loop, resume, DDP (data: test_sft_data.py)."""
 import dataclasses
+import os
 import types
 
 import numpy as np
@@ -72,8 +73,34 @@ def data_dir(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp('shards') / 'data')
 
 
+def saved_state(path):
+    """(model state, optimizer state, the other keys) of a checkpoint of either format, read whole in
+    this process: a file, or a sharded checkpoint's directory (or ckpt.pt linking to one)."""
+    import os
+    import warnings
+    if os.path.isdir(path):
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        with warnings.catch_warnings():   # "assuming the intent is to load in a single process": yes
+            warnings.simplefilter('ignore')
+            sd = _load_state_dict_from_keys(checkpoint_id=os.path.realpath(path))
+        return sd['model'], sd['optimizer'], torch.load(os.path.join(path, 'meta.pt'), weights_only=False)
+    ck = torch.load(path, map_location='cpu', weights_only=False)
+    return ck.pop('model'), ck.pop('optimizer'), ck
+
+
 def params_of(path):
-    return torch.load(path, map_location='cpu', weights_only=False)['model']
+    return saved_state(path)[0]
+
+
+def assert_same_state(a, b, what):
+    """Two checkpoints hold bit-identical model and optimizer state."""
+    (ma, oa, _), (mb, ob, _) = saved_state(a), saved_state(b)
+    assert ma.keys() == mb.keys() and oa['state'].keys() == ob['state'].keys(), what
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), f'{what}: {k}'
+    for k, s in oa['state'].items():
+        for name, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob['state'][k][name])), f'{what}: {k}.{name}'
 
 
 @pytest.mark.slow
@@ -191,6 +218,80 @@ def test_help_lists_every_key(capsys):
     assert all(f'--{f.name}=' in out for f in dataclasses.fields(train_sft.TrainConfig))
 
 
+def test_help_answers_without_importing_torch_and_shows_values_after_the_config_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+    fake = tmp_path / 'torch'
+    fake.mkdir()
+    (fake / '__init__.py').write_text("raise ImportError('torch was imported by --help')\n")
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    proc = subprocess.run([sys.executable, 'train_sft.py', 'configs/sft_demo_cpu.py', '--max_iters=7', '--help'],
+                          cwd=root, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    line = {ln.split('=')[0].strip(): ln for ln in proc.stdout.splitlines() if ln.strip().startswith('--')}
+    assert "--out_dir='out-demo'" in line['--out_dir']                 # from the config file
+    assert '--max_iters=7' in line['--max_iters'] and 'optimizer steps' in line['--max_iters']
+    assert 'keep only the newest n' in line['--keep_last_n']
+
+
+def test_a_jsonl_data_dir_with_a_bad_record_or_no_record_is_a_clear_error(tmp_path):
+    import json
+    good = json.dumps({'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]})
+    bad, empty = tmp_path / 'bad.jsonl', tmp_path / 'empty.jsonl'
+    bad.write_text(good + '\n{"messages": [{"role": "user", "content": 1}]}\n')
+    empty.write_text('')
+    for path, what in ((bad, ':2: messages[0].content: must be a string, got int'),
+                       (empty, ':1: empty file (no records)')):
+        with pytest.raises(SystemExit) as e:
+            train_sft.main([f'--data_dir={path}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+        assert e.value.code == f'error: {path}{what}', e.value.code
+    assert not (tmp_path / 'out').exists()
+
+
+def test_architecture_keys_that_disagree_with_a_resumed_model_are_refused_by_name(tmp_path, data_dir):
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=2, eval_interval=2, n_layer=2)
+    train_sft.train(cfg)
+    with pytest.raises(train_sft.TrainError, match=r"n_layer=4 \(the model has 2\), n_embd=32 \(the model has "):
+        train_sft.build_model(dataclasses.replace(cfg, init_from='resume', n_layer=4, n_embd=32), 'cpu')
+    model, _ = train_sft.build_model(dataclasses.replace(cfg, init_from='resume'), 'cpu')   # same keys: fine
+    assert model.config.n_layer == 2
+
+
+def test_settings_that_train_nothing_on_a_short_run_are_warned_about_once(tmp_path, data_dir, capsys):
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=3, warmup_iters=100,
+                             lr_decay_iters=3000, learning_rate=2e-5, eval_interval=100))
+    out = capsys.readouterr().out
+    for text in ('warning: warmup_iters=100 >= max_iters=3', 'warning: lr_decay_iters=3000 differs from max_iters=3',
+                 "warning: init_from='scratch' with learning_rate=2e-05"):
+        assert out.count(text) == 1, (text, out[:2000])
+    capsys.readouterr()
+    train_sft.train(tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), max_iters=3, warmup_iters=1,
+                             lr_decay_iters=3, eval_interval=100))
+    assert 'warning' not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_log_redirected_to_a_file_has_whole_lines_with_elapsed_time_and_eta(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=6, eval_interval=3, log_interval=2)
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    with open(tmp_path / 'log.txt', 'w') as log:
+        proc = subprocess.run([sys.executable, 'train_sft.py', *cli_args(cfg)], cwd=root, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    text = (tmp_path / 'log.txt').read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert '\r' not in text and '\x1b' not in text          # no progress bar redraws in a file
+    lines = text.splitlines()
+    assert [ln.split(':')[0] for ln in lines if ln.startswith('eval iter')] == ['eval iter 0', 'eval iter 3',
+                                                                                'eval iter 6']
+    steps = [ln for ln in lines if ln.startswith('iter ')]
+    assert len(steps) == 3 and all('elapsed' in ln for ln in steps) and 'ETA' in steps[0]
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"data_dir: directory not found: .*nope"):
         train_sft.main([f'--data_dir={tmp_path / "nope"}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
@@ -281,7 +382,8 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
 def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
     from chat_records import load_records
     from sft_data import open_split
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     jsonl = data_dir.parent / 'toy.jsonl'
     split = open_split(str(jsonl), 'train')
     records = load_records(str(jsonl))
@@ -318,7 +420,7 @@ def test_fsdp_matches_one_process_and_saves_a_plain_checkpoint(tmp_path, data_di
     # 2 ranks x 2 micro-steps (gradient sync only on the last) vs 1 process x 4 micro-steps: the same
     # global batch, so the same parameters (DDP is checked against the same reference above).
     fsdp = tiny_cfg(tmp_path / 'fsdp', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2,
-                    **FSDP_COMMON)
+                    checkpoint_format='file', **FSDP_COMMON)
     one = tiny_cfg(tmp_path / 'one', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON)
     torchrun2(fsdp)
     train_sft.train(one)
@@ -346,38 +448,91 @@ def test_fsdp_resume_matches_uninterrupted_fsdp_run(tmp_path, data_dir):
     part = dataclasses.replace(full, out_dir=str(tmp_path / 'part' / 'out'), max_iters=2)
     torchrun2(part)
     torchrun2(dataclasses.replace(part, init_from='resume', max_iters=4))
-    a, b = params_of(tmp_path / 'full' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'part' / 'out' / 'ckpt.pt')
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
-    oa = torch.load(tmp_path / 'full' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
-    ob = torch.load(tmp_path / 'part' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
-    for k in oa['state']:
-        torch.testing.assert_close(oa['state'][k]['exp_avg'], ob['state'][k]['exp_avg'], atol=1e-6, rtol=1e-6)
+    # under FSDP checkpoints are sharded (checkpoint_format='auto'): each rank saved and restored its part
+    assert (tmp_path / 'part' / 'out' / 'ckpt_000002' / '__1_0.distcp').is_file()
+    assert_same_state(tmp_path / 'full' / 'out' / 'ckpt.pt', tmp_path / 'part' / 'out' / 'ckpt.pt', 'resumed')
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_across_one_process_and_fsdp(tmp_path, data_dir):
-    """The optimizer state is saved by parameter name, so an FSDP checkpoint resumes in one process
-    (or under DDP) and the other way round, both ending where an uninterrupted process does."""
-    half = dict(FSDP_COMMON, max_iters=2)
-    ref = tiny_cfg(tmp_path / 'ref', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON)
-    train_sft.train(ref)
+def test_checkpoints_of_both_formats_resume_across_world_sizes_and_sharded_ones_bit_exactly(tmp_path, data_dir):
+    """One run continued on other world sizes and modes, FSDP x 2 -> DDP x 2 -> one process ->
+    FSDP x 2, once with sharded checkpoints and once with one-file ones. DCP reshards each sharded
+    checkpoint for the next link, and every link ends bit-identical to its one-file twin (model,
+    AdamW state, RNG states, data cursor); the chain ends where an uninterrupted process does."""
+    import os
     # the same global batch (4 rows) throughout: 2 ranks x 2 micro-steps or 1 process x 4
-    a = tiny_cfg(tmp_path / 'a', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2, **half)
-    torchrun2(a)
-    train_sft.train(dataclasses.replace(a, init_from='resume', max_iters=4, parallel='ddp', gradient_accumulation_steps=4))
-    b = tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), gradient_accumulation_steps=4, **half)
-    train_sft.train(b)
-    torchrun2(dataclasses.replace(b, init_from='resume', max_iters=4, parallel='fsdp', gradient_accumulation_steps=2))
-    ckpts = {n: torch.load(tmp_path / n / 'out' / 'ckpt.pt', weights_only=False) for n in ('ref', 'a', 'b')}
-    for n in ('a', 'b'):
-        assert ckpts[n]['iter_num'] == 4
-        for k, v in ckpts['ref']['model'].items():
-            torch.testing.assert_close(ckpts[n]['model'][k], v, atol=1e-5, rtol=1e-5, msg=f'{n}: {k}')
-        ref_state, state = ckpts['ref']['optimizer']['state'], ckpts[n]['optimizer']['state']
-        assert sorted(state) == sorted(ref_state) and set(state) <= set(ckpts['ref']['model'])
-        for k in ref_state:
-            torch.testing.assert_close(state[k]['exp_avg_sq'], ref_state[k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
+    common = dict(FSDP_COMMON, data_dir=str(data_dir), max_iters=5, lr_decay_iters=5)
+    links = [(2, 'fsdp', 2), (3, 'ddp', 2), (4, 'ddp', 1), (5, 'fsdp', 2)]   # (stop at, parallel, ranks)
+    for fmt in ('sharded', 'file'):
+        for n, (it, parallel, ranks) in enumerate(links):
+            cfg = tiny_cfg(tmp_path / fmt, checkpoint_format=fmt, init_from='resume' if n else 'scratch',
+                           max_iters=it, parallel=parallel, gradient_accumulation_steps=4 // ranks,
+                           **{k: v for k, v in common.items() if k != 'max_iters'})
+            torchrun2(cfg) if ranks == 2 else train_sft.train(cfg)
+    sharded, file = tmp_path / 'sharded' / 'out', tmp_path / 'file' / 'out'
+    # the layout: one directory per checkpoint, one file per rank that wrote it, ckpt.pt a link to the newest
+    assert sorted(os.listdir(sharded / 'ckpt_000002')) == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt']
+    assert sorted(os.listdir(sharded / 'ckpt_000004')) == ['.metadata', '__0_0.distcp', 'meta.pt']
+    assert os.readlink(sharded / 'ckpt.pt') == 'ckpt_000005' and not list(sharded.glob('.*'))
+    # FSDP: each rank wrote about half of the state, nothing gathered (~3% is the metadata)
+    assert (sharded / 'ckpt_000002' / '__0_0.distcp').stat().st_size < 0.6 * (file / 'ckpt_000002.pt').stat().st_size
+    for it, _, _ in links:
+        what = f'iter {it}'
+        assert_same_state(sharded / f'ckpt_{it:06d}', file / f'ckpt_{it:06d}.pt', what)
+        ms, mf = saved_state(sharded / f'ckpt_{it:06d}')[2], saved_state(file / f'ckpt_{it:06d}.pt')[2]
+        assert ms['iter_num'] == mf['iter_num'] == it and ms['data_state'] == mf['data_state'], what
+        assert len(ms['rng']) == len(mf['rng']) == (1 if it == 4 else 2)
+        for a, b in zip(ms['rng'], mf['rng']):
+            assert torch.equal(a['torch'], b['torch']) and a['numpy'] == b['numpy'], what
+    ref = tiny_cfg(tmp_path / 'ref', gradient_accumulation_steps=4, **common)
+    train_sft.train(ref)
+    (mr, orf, _), (ms, osd, _) = saved_state(tmp_path / 'ref' / 'out' / 'ckpt.pt'), saved_state(sharded / 'ckpt.pt')
+    for k in mr:
+        torch.testing.assert_close(ms[k], mr[k], atol=1e-5, rtol=1e-5, msg=k)
+    for k in orf['state']:
+        torch.testing.assert_close(osd['state'][k]['exp_avg_sq'], orf['state'][k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('localhost', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_as_users_do_match_one_process(tmp_path, data_dir):
+    """The README's multi-node command on localhost: two torchrun launchers (one per "node", one
+    worker each) meet through a c10d rendezvous and train over gloo, with DDP and with FSDP (whose
+    sharded checkpoints both nodes write into the shared out_dir): the same parameters as one
+    process with twice the accumulation."""
+    import os
+    import subprocess
+    import sys
+    common = dict(FSDP_COMMON, data_dir=str(data_dir), batch_size=2)
+    one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=4, **common)
+    train_sft.train(one)
+    ref = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt')
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    for parallel in ('ddp', 'fsdp'):
+        cfg = tiny_cfg(tmp_path / parallel, parallel=parallel, gradient_accumulation_steps=2, **common)
+        port = free_port()
+        # the README's command, with localhost for $MASTER_ADDR and one worker per node
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+               '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}', f'--rdzv_id=sft-{parallel}',
+               os.path.join(root, 'train_sft.py'), *cli_args(cfg)]
+        nodes = [subprocess.Popen(cmd, cwd=root, env={**os.environ, 'OMP_NUM_THREADS': '1'}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        logs = [p.communicate(timeout=300)[0] for p in nodes]
+        assert [p.returncode for p in nodes] == [0, 0], '\n'.join(log[-3000:] for log in logs)
+        assert sum('world_size=2 global batch=8 rows' in log for log in logs) == 1   # rank 0 prints
+        out = tmp_path / parallel / 'out'
+        if parallel == 'fsdp':
+            assert sorted(os.listdir(out / 'ckpt_000004')) == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt']
+        got = params_of(out / 'ckpt.pt')
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f'{parallel}: {k}')
 
 
 @pytest.mark.gpu
@@ -405,6 +560,71 @@ def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_pat
     assert c.qk_norm and c.tie_word_embeddings  # the rest still comes from the 'tiny' preset
     with pytest.raises(train_sft.TrainError, match='bad model config'):
         train_sft.build_model(tiny_cfg(tmp_path, n_embd=96, n_head=5), 'cpu')
+
+
+def _hf_llama_with_tokenizer(tmp_path, vocab_size=None):
+    """A tiny Llama checkpoint directory that ships a Llama-3-style tokenizer (tests/chat_families)."""
+    import shutil
+    transformers = pytest.importorskip('transformers')
+    from family_tokenizers import build_family_dir
+    from tokenizer import load_tokenizer
+    tok_dir = build_family_dir(tmp_path / 'tok', 'llama3')
+    hf_cfg = transformers.LlamaConfig(vocab_size=vocab_size or load_tokenizer(tok_dir).vocab_size,
+                                      hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=256)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / 'hf')
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'):
+        shutil.copyfile(os.path.join(tok_dir, name), tmp_path / 'hf' / name)
+    return str(tmp_path / 'hf')
+
+
+def _llama_jsonl(path, n=40):
+    import json
+    import random
+    from family_tokenizers import random_conversation
+    rng = random.Random(0)
+    with open(path, 'w') as f:
+        for _ in range(n):
+            msgs = random_conversation(rng, 'llama3')
+            while msgs[0].get('tools') or any(m['role'] == 'tool' for m in msgs):
+                msgs = random_conversation(rng, 'llama3')
+            f.write(json.dumps({'messages': msgs}, ensure_ascii=False) + '\n')
+    return str(path)
+
+
+def test_hf_start_on_jsonl_data_uses_the_directorys_tokenizer_and_chat_format(tmp_path):
+    from chat_format import encode_conversation, get_format
+    from sft_data import open_split
+    from tokenizer import load_tokenizer
+    hf_dir = _hf_llama_with_tokenizer(tmp_path)
+    jsonl = _llama_jsonl(tmp_path / 'chat.jsonl')
+    cfg = tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl, block_size=256, max_iters=1,
+                   eval_interval=100, eval_iters=1)
+    assert cfg.tokenizer == 'auto' and cfg.chat_template == 'auto'
+    train_sft.train(cfg)
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    tok_meta = ckpt['tokenizer']
+    assert tok_meta['name'] == hf_dir and tok_meta['chat_format']['name'] == 'llama3'
+    tok = load_tokenizer(hf_dir)
+    assert tok_meta['chat_format']['stop_ids'] == list(get_format('llama3', tok).stop_ids)
+    split = open_split(jsonl, 'train', hf_dir)
+    from chat_records import load_records
+    assert split[0][0].tolist() == encode_conversation(load_records(jsonl)[0], tok, chat_template='llama3')[0]
+
+
+def test_hf_start_whose_vocabulary_the_tokenizer_overflows_fails_before_tokenizing(tmp_path, monkeypatch):
+    import sft_data
+    hf_dir = _hf_llama_with_tokenizer(tmp_path, vocab_size=100)
+    jsonl = _llama_jsonl(tmp_path / 'chat.jsonl', n=2)
+
+    def no_work(*a, **k):
+        raise AssertionError('the data was tokenized before the vocabulary check')
+    monkeypatch.setattr(sft_data, 'JsonlSplit', no_work)
+    with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch: tokenizer .* has \d+ tokens '
+                                                    r'but .* has vocab_size 100'):
+        train_sft.train(tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl))
+    assert not (tmp_path / 'out').exists()
 
 
 # ---------------------------------------------------------------- LoRA / QLoRA (lora.py)
