@@ -117,7 +117,8 @@ def child_nanosft(args, name):
     import lora
     from hf_interop import from_hf
     from sft_data import SFTDataset
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     from train_sft import forward_backward
     tok = load_tokenizer('qwen3')
     seqs = [encode_conversation(c, tok) for c in _conversations(args)]
@@ -128,6 +129,12 @@ def child_nanosft(args, name):
         raise SystemExit(f'{name}: only {len(units)} packed rows for {n_steps} steps')
     t0 = time.process_time()
     model = from_hf(args.model_dir)
+    want = _model_arch(args)
+    shape = ('n_layer', 'n_embd', 'n_head', 'kv_heads', 'head_size', 'ffn_size', 'vocab_size', 'tie_word_embeddings')
+    diff = {k: (getattr(model.config, k), getattr(want, k)) for k in shape
+            if getattr(model.config, k) != getattr(want, k)}
+    if diff:   # the shared model directory must have the preset's shape
+        raise SystemExit(f'{name}: the model differs from the {args.preset} preset: {diff}')
     # what the same base holds in bf16 (tied: counted once), split as the QLoRA report needs it
     numel = {n: p.numel() for n, p in model.named_parameters()}
     proj = [f'{path}.weight' for path in lora.projection_layout(model)]
@@ -245,7 +252,7 @@ def run_child(args):
 def write_model(args, path):
     arch = _model_arch(args)
     common.write_random_qwen3(path, arch.n_layer, arch.n_embd, arch.n_head, arch.kv_heads,
-                              arch.ffn_size, arch.vocab_size)
+                              arch.ffn_size, arch.vocab_size, head_dim=arch.head_size)
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -362,7 +369,9 @@ def main(argv=None):
                   f'{r["train_peak_rss_bytes"] / 2**20:,.0f} MiB, {time.time() - t0:.0f} s', file=sys.stderr)
     med = summarize(runs)
     arch = _model_arch(args)
-    head = (f"model: {args.preset} shape ({arch.n_layer} layers, width {arch.n_embd}, vocab {arch.vocab_size}), "
+    head = (f"model: {args.preset} shape ({arch.n_layer} layers, width {arch.n_embd}, heads {arch.n_head}/"
+            f"{arch.kv_heads} x {arch.head_size}, SwiGLU {arch.ffn_size}, vocab {arch.vocab_size}, "
+            f"{arch.num_params(non_embedding=False) / 1e6:.0f}M parameters), "
             f"random weights, fp32; GSM8K packed rows of {args.block_size}, 1 row/step, {args.warmup} warm-up + "
             f"{args.steps} timed steps; LoRA rank {args.rank}, alpha {args.alpha:g}, {len(PROJECTIONS)} projections; "
             f"{args.threads} threads; {args.repeats} interleaved repeats (medians); {common.machine_description()}; "

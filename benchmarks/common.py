@@ -84,14 +84,15 @@ def hf_encode(tok, messages, max_length: int) -> tuple[list[int], list[int]]:
 
 
 def write_random_qwen3(path: str, n_layer: int, n_embd: int, n_head: int, n_kv_head: int,
-                       intermediate: int, vocab_size: int = 151936, seed: int = 0) -> None:
+                       intermediate: int, vocab_size: int = 151936, seed: int = 0,
+                       head_dim: int | None = None) -> None:
     """A random Qwen3ForCausalLM (fp32, tied embeddings like Qwen3-0.6B) saved once; every
     contender starts from these exact weights."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate,
                       num_hidden_layers=n_layer, num_attention_heads=n_head,
-                      num_key_value_heads=n_kv_head, head_dim=n_embd // n_head,
+                      num_key_value_heads=n_kv_head, head_dim=head_dim or n_embd // n_head,
                       max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                       tie_word_embeddings=True, attention_dropout=0.0,
                       bos_token_id=QWEN3_SPECIAL_START, eos_token_id=QWEN3_SPECIAL_START + 2,
