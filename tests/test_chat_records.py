@@ -8,9 +8,6 @@ import pytest
 
 from chat_records import DataError, check_input, conversation_key, iter_records, load_records
 
-pa = pytest.importorskip('pyarrow')
-pq = pytest.importorskip('pyarrow.parquet')
-
 U = {'role': 'user', 'content': 'What is 6*7?'}
 A = {'role': 'assistant', 'content': '42'}
 RECORDS = {   # one record per format, as JSON; each becomes [U, A] (+ the extras noted)
@@ -25,6 +22,8 @@ RECORDS = {   # one record per format, as JSON; each becomes [U, A] (+ the extra
 
 
 def write_arrow(path, records, kind):
+    pa = pytest.importorskip('pyarrow')   # optional at run time; requirements-dev.txt installs it
+    import pyarrow.parquet as pq
     table = pa.Table.from_pylist(records)
     if kind == 'parquet':
         pq.write_table(table, path, row_group_size=1)

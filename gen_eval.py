@@ -1,0 +1,160 @@
+"""Generation evals: greedy replies to a held-out set, scored for format and exact match.
+
+    records = load_eval_records('data/demo/test.jsonl')           # DataError on bad input
+    replies = generate_replies(model, tok, records, 'chatml', max_new_tokens=32, batch_size=64)
+    counts = score_replies(records, replies); metrics(counts)      # {'format_compliance', 'accuracy', ...}
+
+The one scoring code of nanoSFT: eval_sft.py (offline, any checkpoint) and train_sft.py (every
+gen_eval_interval steps, each rank a slice, counts summed over ranks) both call it.
+
+Input: messages JSONL (an optional `reference` = the expected last reply, optional `task`), or
+GSM8K JSONL (`question`/`answer`: the reference is the number after `####`). Other formats that
+prepare_sft.py reads are scored on format only (no reference).
+- format compliance: share of greedy replies that end with <|im_end|> within max_new_tokens;
+- accuracy: exact match of the reply with `reference` after collapsing whitespace (GSM8K: the last
+  number in the reply equals the #### number), over the conversations that have a reference.
+The prompt is the conversation up to (without) its last assistant reply, rendered as in training.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from chat_records import DataError, load_records
+from tokenizer import encode_prompt
+
+NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
+
+
+def normalize(text: str) -> str:
+    return ' '.join(text.split())
+
+
+def to_number(s: str) -> float | None:
+    try:
+        return float(s.replace(',', ''))
+    except ValueError:
+        return None
+
+
+def is_correct(reply: str, reference: str, numeric: bool) -> bool:
+    if numeric:
+        nums = NUMBER.findall(reply)
+        want, got = to_number(reference), to_number(nums[-1]) if nums else None
+        return want is not None and got is not None and abs(got - want) < 1e-6
+    return normalize(reply) == normalize(reference)
+
+
+def load_eval_records(path: str, limit: int | None = None) -> list[dict]:
+    """-> [{'messages', 'reference' (str|None), 'numeric' (bool), 'task'}]; DataError `file:line:`."""
+    recs: list[dict] = []
+    try:
+        f = open(path, encoding='utf-8')
+    except OSError as e:
+        raise DataError(f'{path}: cannot read: {e.strerror}') from None
+    with f:
+        first = f.read(1)
+        f.seek(0)
+        if first == '[':  # a JSON array: leave the formats to the records reader
+            return _via_records(path, limit)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
+            if not isinstance(rec, dict):
+                raise DataError(f'{path}:{lineno}: expected a JSON object per line')
+            if 'question' in rec and 'answer' in rec:
+                ans = str(rec['answer'])
+                if '####' not in ans:
+                    raise DataError(f"{path}:{lineno}: GSM8K 'answer' has no '#### <number>'")
+                recs.append({'messages': [{'role': 'user', 'content': str(rec['question'])},
+                                          {'role': 'assistant', 'content': ans}],
+                             'reference': ans.split('####')[-1].strip(), 'numeric': True,
+                             'task': 'gsm8k'})
+            elif 'messages' in rec:
+                msgs = rec['messages']
+                if (not isinstance(msgs, list) or not msgs
+                        or not all(isinstance(m, dict) and 'role' in m and 'content' in m for m in msgs)):
+                    raise DataError(f"{path}:{lineno}: 'messages' must be a non-empty list of "
+                                    '{role, content} objects')
+                ref = rec.get('reference')
+                recs.append({'messages': msgs, 'reference': None if ref is None else str(ref),
+                             'numeric': False, 'task': str(rec.get('task', 'all'))})
+            else:
+                return _via_records(path, limit)
+            if limit is not None and len(recs) >= limit:
+                break
+    if not recs:
+        raise DataError(f'{path}: no conversations')
+    return recs
+
+
+def _via_records(path: str, limit: int | None) -> list[dict]:
+    convs = load_records(path)
+    convs = convs[:limit] if limit is not None else convs
+    return [{'messages': m, 'reference': None, 'numeric': False, 'task': 'all'} for m in convs]
+
+
+@torch.no_grad()
+def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_size, device=None,
+                     progress: bool = True):
+    """Greedy replies to every conversation's prompt, batched (similar lengths together) with the
+    KV cache. -> list of (text, stopped at <|im_end|>)."""
+    from tqdm import tqdm
+    budget = model.config.block_size - max_new_tokens
+    if budget <= 0:
+        raise DataError(f'max_new_tokens {max_new_tokens} >= block_size {model.config.block_size}')
+    prompts = []
+    for r in records:
+        msgs = r['messages']
+        if msgs[-1]['role'] == 'assistant':
+            msgs = msgs[:-1]
+        ids = encode_prompt(msgs, tok, chat_template=chat_template)
+        prompts.append(ids[-budget:])  # keeps the question and generation prompt when too long
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list = [None] * len(prompts)
+    stops = tuple(i for i in (tok.im_end_id, tok.pad_id) if i is not None)
+    for s in tqdm(range(0, len(order), batch_size), desc='  generate', leave=False,
+                  disable=None if progress else True):
+        idx = order[s:s + batch_size]
+        gen = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                             temperature=0.0, stop_ids=stops)
+        for i, new in zip(idx, gen):
+            ended = bool(new) and new[-1] == tok.im_end_id
+            body = new[:-1] if new and new[-1] in stops else new
+            out[i] = (tok.decode(body), ended)
+    return out
+
+
+def score_replies(records, replies) -> dict:
+    """-> counts: n, ended (replies that closed with <|im_end|>), with_reference, correct, per_task
+    {task: [correct, with_reference]}, and per reply its verdict `correct_each` (None: no reference).
+    Counts, not shares, so ranks that each scored a slice can sum them."""
+    c = {'n': len(records), 'ended': 0, 'with_reference': 0, 'correct': 0, 'per_task': {},
+         'correct_each': []}
+    for r, (text, ended) in zip(records, replies):
+        c['ended'] += bool(ended)
+        ok = None
+        if r['reference'] is not None:
+            ok = is_correct(text, r['reference'], r['numeric'])
+            c['with_reference'] += 1
+            c['correct'] += ok
+            t = c['per_task'].setdefault(r['task'], [0, 0])
+            t[0] += ok
+            t[1] += 1
+        c['correct_each'].append(ok)
+    return c
+
+
+def metrics(counts: dict) -> dict:
+    """Counts (of one process, or summed over ranks) -> format_compliance, accuracy (None without
+    references) and accuracy_per_task."""
+    n, n_ref = counts['n'], counts['with_reference']
+    return {'format_compliance': counts['ended'] / n if n else None,
+            'accuracy': counts['correct'] / n_ref if n_ref else None,
+            'accuracy_per_task': {k: v[0] / v[1] for k, v in sorted(counts['per_task'].items()) if v[1]}}
