@@ -34,8 +34,18 @@ class TrainConfig:
     log_interval: int = 1             # a log line every this many steps
     eval_iters: int = 20              # batches per split in each evaluation
     eval_only: bool = False           # evaluate the starting model once and exit
+    best_metric: str = 'val_loss'     # what ckpt_best.pt and early stopping follow: 'val_loss' |
+                                      # 'accuracy' | 'format' (the generation evals' metrics)
+    early_stopping_patience: int = 0  # stop after this many evaluations without a new best
+                                      # best_metric (0 = never)
     keep_last_n: int = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
     init_from: str = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
+    # generation evals: greedy replies scored for format and exact match (gen_eval.py, as eval_sft.py)
+    gen_eval_data: str = ''           # held-out JSONL with `reference`s (or GSM8K); '' = off
+    gen_eval_interval: int = 0        # every this many steps (0 = every eval_interval)
+    gen_eval_limit: int = 0           # the first N conversations only (0 = all)
+    gen_eval_max_new_tokens: int = 32
+    gen_eval_batch_size: int = 64     # prompts per batched generate call, per process
     # wandb
     wandb_log: bool = False           # also log to Weights & Biases (if installed)
     wandb_project: str = 'nanosft'
@@ -45,6 +55,9 @@ class TrainConfig:
     tokenizer: str = 'qwen3'          # .jsonl data only: 'qwen3' or a local HF tokenizer dir
     train_on: str = 'all'             # .jsonl data only: 'all' assistant turns or the 'last' one
     chat_template: str = 'chatml'     # .jsonl data only: 'chatml' | 'qwen3'
+    mixture_by: str = ''              # weighted sources (prepare_sft.py --input a:0.7 b:0.3): the
+                                      # weights are shares of 'examples' | 'tokens' (trained); '' =
+                                      # as prepared (meta.json mixture_by)
     gradient_accumulation_steps: int = 4   # micro-steps per optimizer step, per process
     batch_size: int = 4               # rows per micro-step per process
     block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
@@ -85,7 +98,9 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'),
-                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16')}
+                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
+                   'mixture_by': ('', 'examples', 'tokens'),
+                   'best_metric': ('val_loss', 'accuracy', 'format')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -97,6 +112,20 @@ class TrainConfig:
             raise ConfigError(f"block_size={self.block_size}: must be >= 2")
         if self.eval_iters < 0 or self.max_iters < 0 or self.keep_last_n < 0:
             raise ConfigError("eval_iters, max_iters and keep_last_n must be >= 0")
+        for key in ('gen_eval_interval', 'gen_eval_limit', 'early_stopping_patience'):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.gen_eval_batch_size < 1 or not 1 <= self.gen_eval_max_new_tokens < self.block_size:
+            raise ConfigError("gen_eval_batch_size must be >= 1 and gen_eval_max_new_tokens in "
+                              f"[1, block_size={self.block_size})")
+        if self.best_metric != 'val_loss':
+            if not self.gen_eval_data:
+                raise ConfigError(f"best_metric={self.best_metric!r} is a generation-eval metric: "
+                                  "set gen_eval_data too")
+            if self.eval_interval % (self.gen_eval_interval or self.eval_interval):
+                raise ConfigError(f"best_metric={self.best_metric!r}: the generation evals must run at "
+                                  f"every checkpoint, so eval_interval={self.eval_interval} must be a "
+                                  f"multiple of gen_eval_interval={self.gen_eval_interval}")
 
 
 USAGE = 'usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]'
@@ -122,10 +151,12 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat_records import DataError  # noqa: E402
+from gen_eval import generate_replies, load_eval_records, metrics, score_replies  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset,  # noqa: E402
-                      check_token_ids, eval_batches, open_split)
+                      check_token_ids, eval_batches, mixture_of, open_split)
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 class TrainError(RuntimeError):
@@ -199,6 +230,109 @@ def estimate_loss(model, datasets: dict, cfg: TrainConfig, rt: 'Runtime') -> dic
         out[name] = (acc[0] / acc[1]).item() if acc[1] > 0 else float('nan')
     model.train()
     return out
+
+
+@dataclass
+class GenEval:
+    """The held-out set of the generation evals and what renders it as the training data is."""
+    path: str
+    records: list
+    tok: object
+    chat_template: str
+    tasks: list
+
+
+@torch.no_grad()
+def generation_eval(model, gen: GenEval, cfg: TrainConfig, rt: 'Runtime') -> dict:
+    """Greedy replies (batched, KV cache) to the held-out prompts, scored by gen_eval.py. Each rank
+    replies to its slice records[rank::world]; the counts are summed over ranks (every rank calls
+    the all-reduce), so every rank gets the same metrics and takes the same decisions on them."""
+    t0 = time.time()
+    mine = gen.records[rt.rank::rt.world]
+    model.eval()
+    with (fsdp_unsharded(model) if rt.fsdp else nullcontext()):
+        replies = generate_replies(model, gen.tok, mine, gen.chat_template, cfg.gen_eval_max_new_tokens,
+                                   cfg.gen_eval_batch_size, progress=False) if mine else []
+    model.train()
+    c = score_replies(mine, replies)
+    vec = [c['n'], c['ended'], c['with_reference'], c['correct']]
+    for t in gen.tasks:
+        vec += c['per_task'].get(t, [0, 0])
+    total = rt.all_reduce(torch.tensor(vec, dtype=torch.float64, device=rt.device)).tolist()
+    summed = dict(zip(('n', 'ended', 'with_reference', 'correct'), (int(v) for v in total[:4])))
+    summed['per_task'] = {t: [int(total[4 + 2 * k]), int(total[5 + 2 * k])] for k, t in enumerate(gen.tasks)}
+    # rank 0 always holds the first conversation: its reply, logged, shows what the model says
+    sample = {'prompt': _last_user(gen.records[0]), 'reply': replies[0][0] if replies else None,
+              'reference': gen.records[0]['reference']}
+    return {**metrics(summed), 'correct': summed['correct'], 'with_reference': summed['with_reference'],
+            'sample': sample, 'gen_eval_s': time.time() - t0}
+
+
+def _last_user(record) -> str:
+    msgs = record['messages'][:-1] if record['messages'][-1]['role'] == 'assistant' else record['messages']
+    return msgs[-1]['content'] if msgs else ''
+
+
+
+class fsdp_unsharded:
+    """FSDP2 keeps each rank's shard of the weights and gathers a block's only inside its forward,
+    and generation calls the blocks step by step, a different number of times on each rank: gather
+    every parameter group once (a collective all ranks run), generate locally, shard again."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.model = model
+        self.groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        # FSDP initializes its state in the first forward through the root module; generation
+        # enters at the blocks, so one token goes through the root first (every rank, same calls).
+        device = next(self.model.parameters()).device
+        self.model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        for m in self.groups:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+
+    def __exit__(self, *exc):
+        for m in self.groups:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+METRIC_KEYS = {'val_loss': 'val_loss', 'accuracy': 'accuracy', 'format': 'format_compliance'}
+
+
+def mixture_spec(ds: SFTDataset) -> dict | None:
+    """What the sample order of a mixture depends on besides (seed, cursor): kept in the data
+    state, so a resume that changed it says so."""
+    m = ds.mixture
+    return None if m is None else {'by': m.by, 'names': m.names, 'weights': m.weights.tolist()}
+
+
+class BestMetric:
+    """best_metric's best value so far and the evaluations since it (early stopping's patience);
+    its state travels in the checkpoint, so a resumed run keeps counting."""
+
+    def __init__(self, name: str):
+        self.name, self.value, self.since = name, None, 0
+
+    def update(self, value) -> bool:
+        """Record this evaluation's value; True when it is a new best."""
+        ok = value is not None and math.isfinite(value)
+        better = ok and (self.value is None or
+                         (value < self.value if self.name == 'val_loss' else value > self.value))
+        if better:
+            self.value, self.since = value, 0
+        else:
+            self.since += 1
+        return better
+
+    def state_dict(self) -> dict:
+        return {'name': self.name, 'value': self.value, 'since': self.since}
+
+    def load_state_dict(self, state: dict | None):
+        if state and state.get('name') == self.name:
+            self.value, self.since = state.get('value'), state.get('since', 0)
 
 
 def get_lr(it: int, cfg) -> float:
@@ -276,10 +410,39 @@ def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, di
                               for s in ('train', 'val'))
     tok = data_tokenizer(getattr(train_split, 'meta', None) or {})
     pad_id = int(tok['pad_id'] if tok.get('pad_id') is not None else DEFAULT_PAD_ID)
-    train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed)
+    mixture = mixture_of(train_split, cfg.mixture_by, cfg.seed)
+    train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, mixture=mixture)
     val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
     rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
+    if mixture is not None:
+        rt.print0(f"mixture by {mixture.by} (an epoch = the split's {mixture.by}; epoch 0 realizes):")
+        for r in mixture.report(0):
+            rt.print0(f"  {r['name']}: weight {r['weight']:.3f} -> {100 * r['example_share']:.2f}% of examples, "
+                      f"{100 * r['token_share']:.2f}% of trained tokens, {r['passes']:.2f} passes/epoch "
+                      f"over its {r['examples']} examples")
+    elif cfg.mixture_by:
+        rt.print0(f"note: mixture_by={cfg.mixture_by!r} has no effect: {cfg.data_dir} has no weighted sources")
     return train_ds, val_ds, tok
+
+
+def load_gen_eval(cfg: TrainConfig, tok: dict, meta: dict) -> GenEval | None:
+    """The generation evals' held-out set, checked now (before any work): readable, with
+    references, and the data's tokenizer loadable here (the prompts are rendered with it)."""
+    if not cfg.gen_eval_data:
+        return None
+    records = load_eval_records(cfg.gen_eval_data, cfg.gen_eval_limit or None)
+    if not any(r['reference'] is not None for r in records):
+        raise DataError(f"gen_eval_data {cfg.gen_eval_data}: no conversation has a `reference` (or a GSM8K "
+                        "answer), so accuracy cannot be measured; add references or turn gen_eval_data off")
+    try:
+        tokenizer = load_tokenizer(tok.get('name') or cfg.tokenizer)
+    except ValueError as e:
+        raise TrainError(f"gen_eval_data: cannot load the data's tokenizer to render prompts: {e}") from e
+    if tok.get('hash') and tokenizer.hash != tok['hash']:
+        raise TrainError(f"gen_eval_data: the tokenizer {tok.get('name')!r} found here (hash {tokenizer.hash[:12]}) "
+                         f"is not the one the data was prepared with (hash {tok['hash'][:12]})")
+    tasks = sorted({r['task'] for r in records if r['reference'] is not None})
+    return GenEval(cfg.gen_eval_data, records, tokenizer, meta.get('chat_template') or cfg.chat_template, tasks)
 
 
 def data_tokenizer(meta: dict) -> dict:
@@ -482,6 +645,10 @@ def train(cfg: TrainConfig) -> dict:
     rt.print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     rt.print0(f"world_size={rt.world} global batch={G} rows ({rt.world} x {A} accum x {B} rows)")
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
+    gen = load_gen_eval(cfg, tok, train_ds.data.meta)       # the held-out set too
+    if gen is not None:
+        rt.print0(f"generation evals: {len(gen.records)} conversations from {gen.path} every "
+                  f"{cfg.gen_eval_interval or cfg.eval_interval} steps ({rt.world} rank(s) share them)")
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
     model, ckpt = build_model(cfg, rt.device)
@@ -491,12 +658,20 @@ def train(cfg: TrainConfig) -> dict:
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
+    best = BestMetric(cfg.best_metric)
+    if cfg.init_from == 'resume':
+        best.load_state_dict(ckpt.get('best_metric'))
+        if ((ckpt.get('data_state') or {}).get('mixture') or None) != mixture_spec(train_ds):
+            rt.print0("warning: the data mixture (sources, weights or mixture_by) changed since the "
+                      "checkpoint: the sample order will differ from an uninterrupted run")
     ckpt = None  # free the checkpoint's tensors
     run_log = RunLog(cfg, rt)
     extra = {'config': dataclasses.asdict(cfg), 'tokenizer': tok}
 
     def save(step_file, is_best=False):
-        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed})
+        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed,
+                                        'mixture': mixture_spec(train_ds)},
+                     best_metric=best.state_dict())
         if scaler.is_enabled():
             state['scaler'] = scaler.state_dict()
         msg = save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
@@ -513,28 +688,55 @@ def train(cfg: TrainConfig) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_iters, initial=iter_num, dynamic_ncols=True, desc='sft')
     nan_streak, skipped, last_val, last_loss = 0, 0, None, None
+    early_stop, gen_time = False, 0.0
     # (loss sum, trained tokens, all tokens) summed on device since the last log line: no per-step sync
     acc = torch.zeros(3, dtype=torch.float64, device=rt.device)
     t_start = t_log = time.time()
     with StopSignal(rt.rank) as stop:
         while True:
-            # ---- evaluate and save a step checkpoint (not again at the iteration we resumed from)
-            at_end = iter_num >= cfg.max_iters
-            if (iter_num % cfg.eval_interval == 0 and iter_num != resumed_at) or at_end or cfg.eval_only:
-                losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
-                last_val = losses['val']
-                rt.print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                run_log.log('evals', {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': last_val},
-                            {'iter': iter_num, 'train/eval_loss': losses['train'], 'val/loss': last_val})
+            # ---- evaluate (loss, and greedy replies when gen_eval_data is set) and save a step
+            # checkpoint; not again at the iteration we resumed from
+            at_end, fresh = iter_num >= cfg.max_iters, iter_num != resumed_at
+            do_loss = (iter_num % cfg.eval_interval == 0 and fresh) or at_end or cfg.eval_only
+            do_gen = gen is not None and (
+                (iter_num % (cfg.gen_eval_interval or cfg.eval_interval) == 0 and fresh) or at_end or cfg.eval_only)
+            if do_loss or do_gen:
+                record, wb = {'iter': iter_num}, {'iter': iter_num}
+                if do_loss:
+                    losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
+                    last_val = losses['val']
+                    rt.print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    record.update(train_loss=losses['train'], val_loss=last_val)
+                    wb.update({'train/eval_loss': losses['train'], 'val/loss': last_val})
+                if do_gen:
+                    g = generation_eval(raw_model, gen, cfg, rt)
+                    gen_time += g['gen_eval_s']
+                    rt.print0(f"gen eval iter {iter_num}: accuracy {100 * g['accuracy']:.1f}% "
+                              f"({g['correct']}/{g['with_reference']}), format {100 * g['format_compliance']:.1f}%"
+                              f" ({g['gen_eval_s']:.1f} s); {g['sample']['prompt'][:40]!r} -> "
+                              f"{(g['sample']['reply'] or '')[:40]!r}")
+                    record.update(g)
+                    wb.update({'val/accuracy': g['accuracy'], 'val/format_compliance': g['format_compliance']})
+                run_log.log('evals', record, wb)
                 if cfg.eval_only:
                     break
                 # Iteration 0 is saved only by a 0-step run: the starting model as a checkpoint (an HF
                 # import, or the demo's untrained base model to compare against).
-                if (iter_num > 0 or at_end) and iter_num != resumed_at:
-                    is_best = math.isfinite(last_val) and last_val < best_val_loss
-                    best_val_loss = last_val if is_best else best_val_loss
+                if do_loss and (iter_num > 0 or at_end) and fresh:
+                    if math.isfinite(last_val):
+                        best_val_loss = min(best_val_loss, last_val)
+                    is_best = best.update(record.get(METRIC_KEYS[cfg.best_metric]))
                     save(step_file=True, is_best=is_best)
+                    # rank-uniform: the metrics are all-reduced, and the flag is agreed on over ranks
+                    patience_out = cfg.early_stopping_patience and best.since >= cfg.early_stopping_patience
+                    early_stop = rt.all_reduce(torch.tensor([float(patience_out)], device=rt.device),
+                                               dist.ReduceOp.MAX).item() > 0
                 run_log.write()
+                if early_stop and not at_end:
+                    rt.print0(f"early stopping at iter {iter_num}: {cfg.best_metric} has not improved on "
+                              f"{best.value:.4g} for {best.since} evaluations (early_stopping_patience="
+                              f"{cfg.early_stopping_patience})")
+                    break
             if at_end:
                 break
 
@@ -608,10 +810,16 @@ def train(cfg: TrainConfig) -> dict:
     if bar:
         bar.close()
 
+    wall = time.time() - t_start
     summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
                'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
                'truncated_examples': train_ds.truncated, 'world_size': rt.world,
-               'wall_time_s': time.time() - t_start, 'stopped_early': iter_num < cfg.max_iters}
+               'wall_time_s': wall, 'stopped_early': iter_num < cfg.max_iters,
+               'early_stopped': early_stop and iter_num < cfg.max_iters, 'best_metric': cfg.best_metric,
+               'best_metric_value': best.value}
+    if gen is not None:
+        summary.update(gen_eval_time_s=gen_time, gen_eval_share=gen_time / wall if wall > 0 else None)
+        rt.print0(f"generation evals took {gen_time:.1f} s of {wall:.1f} s ({100 * gen_time / max(wall, 1e-9):.1f}%)")
     run_log.write(summary)
     if train_ds.truncated:
         rt.print0(f"note: {train_ds.truncated} training examples were longer than block_size "
