@@ -72,6 +72,27 @@ def data_dir(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp('shards') / 'data')
 
 
+@pytest.fixture(scope='module')
+def mix_dir(tmp_path_factory):
+    """Two sources of the toy task weighted 0.7 / 0.3 by trained tokens (the small one upsampled)."""
+    import json
+
+    import prepare_sft
+    tmp = tmp_path_factory.mktemp('mix')
+    rng = np.random.default_rng(4)
+    paths = []
+    for name, n in (('big', 80), ('small', 16)):
+        paths.append(tmp / f'{name}.jsonl')
+        with open(paths[-1], 'w') as f:
+            for _ in range(n):
+                words = ' '.join(rng.choice(WORDS, int(rng.integers(2, 8))))
+                f.write(json.dumps({'messages': [{'role': 'user', 'content': f'{name}: {words}'},
+                                                 {'role': 'assistant', 'content': words}]}) + '\n')
+    prepare_sft.main(['--input', f'{paths[0]}:0.7', f'{paths[1]}:0.3', '--out_dir', str(tmp / 'data'),
+                      '--mix_by', 'tokens', '--val_fraction', '0.2', '--max_length', '64'])
+    return tmp / 'data'
+
+
 def params_of(path):
     return torch.load(path, map_location='cpu', weights_only=False)['model']
 
@@ -414,13 +435,14 @@ def test_compute_sft_loss_matches_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_path, data_dir):
+def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_path, mix_dir):
     import os
     import subprocess
     import sys
     # Adam turns float noise in near-zero gradients into ~lr-sized steps, so a small lr keeps
     # the expected (summation-order) differences under the 1e-5 tolerance.
-    common = dict(data_dir=str(data_dir), max_iters=5, lr_decay_iters=5, eval_interval=100, eval_iters=1,
+    # a weighted mixture of two sources: the mixture's order is the same on 1 and 2 ranks too
+    common = dict(data_dir=str(mix_dir), max_iters=5, lr_decay_iters=5, eval_interval=100, eval_iters=1,
                   batch_size=2, packing=False, log_interval=5, learning_rate=3e-4, min_lr=3e-5,
                   gen_eval_data=toy_gen_set(tmp_path / 'gen.jsonl', n=9), gen_eval_max_new_tokens=6,
                   gen_eval_batch_size=3)
