@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from configurator import ConfigError, configure, help_text
+from progress import Progress, say
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class TrainConfig:
     block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
     packing: bool = False             # False: pad to the longest row of the micro-batch; True: pack
     seed: int = 1337
+    verify_data: bool = True          # check the shard files against meta.json's sha256 digests
+                                      # before training (~0.7 s per GB; False skips it for huge sets)
     # model (init_from='scratch': a preset and/or explicit architecture keys)
     model_preset: str = 'tiny'        # a model_config.PRESETS name
     n_layer: int | None = None
@@ -154,7 +157,7 @@ from chat_records import DataError  # noqa: E402
 from gen_eval import generate_replies, load_eval_records, metrics, score_replies  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
-from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset,  # noqa: E402
+from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
                       check_token_ids, eval_batches, mixture_of, open_split)
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -230,6 +233,26 @@ def estimate_loss(model, datasets: dict, cfg: TrainConfig, rt: 'Runtime') -> dic
         out[name] = (acc[0] / acc[1]).item() if acc[1] > 0 else float('nan')
     model.train()
     return out
+
+
+def evaluate(model, raw_model, train_ds, val_ds, gen, cfg: TrainConfig, rt: 'Runtime', iter_num: int,
+             do_loss: bool, do_gen: bool, say) -> tuple[dict, dict]:
+    """This iteration's evaluations (every rank): the loss of both splits and / or the generation
+    evals. -> (the run log's record, the wandb record); says one line for each."""
+    record, wb = {'iter': iter_num}, {'iter': iter_num}
+    if do_loss:
+        losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
+        say(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        record.update(train_loss=losses['train'], val_loss=losses['val'])
+        wb.update({'train/eval_loss': losses['train'], 'val/loss': losses['val']})
+    if do_gen:
+        g = generation_eval(raw_model, gen, cfg, rt)
+        say(f"gen eval iter {iter_num}: accuracy {100 * g['accuracy']:.1f}% ({g['correct']}/{g['with_reference']}), "
+            f"format {100 * g['format_compliance']:.1f}% ({g['gen_eval_s']:.1f} s); "
+            f"{g['sample']['prompt'][:40]!r} -> {(g['sample']['reply'] or '')[:40]!r}")
+        record.update(g)
+        wb.update({'val/accuracy': g['accuracy'], 'val/format_compliance': g['format_compliance']})
+    return record, wb
 
 
 @dataclass
@@ -369,7 +392,7 @@ class Runtime:
 
     def print0(self, *a):
         if self.master:
-            print(*a, flush=True)
+            say(*a)
 
     def all_reduce(self, t, op=dist.ReduceOp.SUM):
         if self.ddp:
@@ -406,8 +429,11 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, dict]:
     """The train and val splits as SFTDatasets, and the data's tokenizer description."""
-    train_split, val_split = (open_split(cfg.data_dir, s, cfg.tokenizer, cfg.train_on, cfg.chat_template)
-                              for s in ('train', 'val'))
+    train_split, val_split = (open_split(cfg.data_dir, s, cfg.tokenizer, cfg.train_on, cfg.chat_template,
+                                         verify=cfg.verify_data) for s in ('train', 'val'))
+    if cfg.verify_data and isinstance(train_split, ShardDataset) and not train_split.meta.get('sha256'):
+        rt.print0(f"note: {cfg.data_dir}/meta.json has no shard digests (prepared by an older nanoSFT): "
+                  f"the shards are not verified")
     tok = data_tokenizer(getattr(train_split, 'meta', None) or {})
     pad_id = int(tok['pad_id'] if tok.get('pad_id') is not None else DEFAULT_PAD_ID)
     mixture = mixture_of(train_split, cfg.mixture_by, cfg.seed)
@@ -604,14 +630,19 @@ class RunLog:
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag (the loop finishes its step, saves ckpt.pt and exits); a context
-    manager that restores the previous handlers. Signals can only be caught in the main thread."""
+    manager that restores the previous handlers. Signals can only be caught in the main thread.
+    The handler only records the signal: printing from it could raise (a reentrant write to a stdout
+    the loop is writing, or a pipe the same Ctrl-C has closed) and lose the save."""
 
-    def __init__(self, rank: int):
-        self.rank, self.requested, self.old = rank, False, {}
+    def __init__(self):
+        self.signum, self.old = 0, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def _on_signal(self, signum, frame):
-        self.requested = True
-        print(f"[rank {self.rank}] got signal {signum}: finishing this step, then saving ckpt.pt", flush=True)
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -621,6 +652,44 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+class StepMeter:
+    """(loss sum, trained tokens, all tokens) summed on the device since the last log line, so the
+    loop makes no host sync per step for them; read() all-reduces (a collective: every rank)."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model):
+        self.rt, self.acc = rt, torch.zeros(3, dtype=torch.float64, device=rt.device)
+        self.flops_per_token = model.config.flops_per_token(cfg.block_size)
+        self.peak = cfg.peak_flops or guess_peak_flops(rt.device_type)
+        if rt.device_type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        self.t_start = self.t_last = time.time()
+
+    def add(self, step_stats):
+        self.acc += step_stats
+
+    def read(self, iter_num, lr, grad_norm) -> dict:
+        stats = self.rt.all_reduce(self.acc.clone())
+        self.acc.zero_()
+        now = time.time()
+        dt, self.t_last = now - self.t_last, now
+        trained, total = stats[1].item(), stats[2].item()
+        rec = {'iter': iter_num, 'loss': stats[0].item() / max(trained, 1.0), 'lr': lr, 'grad_norm': grad_norm,
+               'tokens': int(total), 'trained_tokens': int(trained), 'tok_per_s': total / dt,
+               'trained_tok_per_s': trained / dt, 'time': now - self.t_start}
+        if self.rt.device_type == 'cuda':
+            rec['mfu'] = self.flops_per_token * total / dt / self.rt.world / self.peak if self.peak else 0.0
+            rec['peak_mem_gib'] = torch.cuda.max_memory_allocated() / 2**30
+        return rec
+
+    @staticmethod
+    def line(r: dict) -> str:
+        line = (f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.3e}, grad norm {r['grad_norm']:.3f}, "
+                f"tok/s {r['trained_tok_per_s']:,.0f} trained / {r['tok_per_s']:,.0f} total")
+        if 'mfu' in r:
+            line += f", mfu {100 * r['mfu']:.1f}%, peak mem {r['peak_mem_gib']:.1f} GiB"
+        return line
 
 
 def guess_peak_flops(device_type):
@@ -674,25 +743,15 @@ def train(cfg: TrainConfig) -> dict:
                      best_metric=best.state_dict())
         if scaler.is_enabled():
             state['scaler'] = scaler.state_dict()
-        msg = save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
-                                  best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
-                                  keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
-        rt.print0(msg)
+        return save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
+                                   best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
+                                   keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
 
-    flops_per_token = raw_model.config.flops_per_token(cfg.block_size)
-    peak = cfg.peak_flops or guess_peak_flops(rt.device_type)
-    if rt.device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    bar = None
-    if rt.master:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_iters, initial=iter_num, dynamic_ncols=True, desc='sft')
+    meter = StepMeter(cfg, rt, raw_model)
+    bar = Progress(cfg.max_iters, 'sft', 'step', initial=iter_num, every=None, enabled=rt.master)
     nan_streak, skipped, last_val, last_loss = 0, 0, None, None
     early_stop, gen_time = False, 0.0
-    # (loss sum, trained tokens, all tokens) summed on device since the last log line: no per-step sync
-    acc = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    t_start = t_log = time.time()
-    with StopSignal(rt.rank) as stop:
+    with StopSignal() as stop:
         while True:
             # ---- evaluate (loss, and greedy replies when gen_eval_data is set) and save a step
             # checkpoint; not again at the iteration we resumed from
@@ -701,22 +760,10 @@ def train(cfg: TrainConfig) -> dict:
             do_gen = gen is not None and (
                 (iter_num % (cfg.gen_eval_interval or cfg.eval_interval) == 0 and fresh) or at_end or cfg.eval_only)
             if do_loss or do_gen:
-                record, wb = {'iter': iter_num}, {'iter': iter_num}
-                if do_loss:
-                    losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
-                    last_val = losses['val']
-                    rt.print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    record.update(train_loss=losses['train'], val_loss=last_val)
-                    wb.update({'train/eval_loss': losses['train'], 'val/loss': last_val})
-                if do_gen:
-                    g = generation_eval(raw_model, gen, cfg, rt)
-                    gen_time += g['gen_eval_s']
-                    rt.print0(f"gen eval iter {iter_num}: accuracy {100 * g['accuracy']:.1f}% "
-                              f"({g['correct']}/{g['with_reference']}), format {100 * g['format_compliance']:.1f}%"
-                              f" ({g['gen_eval_s']:.1f} s); {g['sample']['prompt'][:40]!r} -> "
-                              f"{(g['sample']['reply'] or '')[:40]!r}")
-                    record.update(g)
-                    wb.update({'val/accuracy': g['accuracy'], 'val/format_compliance': g['format_compliance']})
+                record, wb = evaluate(model, raw_model, train_ds, val_ds, gen, cfg, rt, iter_num, do_loss, do_gen,
+                                      bar.write)
+                last_val = record.get('val_loss', last_val)
+                gen_time += record.get('gen_eval_s', 0.0)
                 run_log.log('evals', record, wb)
                 if cfg.eval_only:
                     break
@@ -726,14 +773,14 @@ def train(cfg: TrainConfig) -> dict:
                     if math.isfinite(last_val):
                         best_val_loss = min(best_val_loss, last_val)
                     is_best = best.update(record.get(METRIC_KEYS[cfg.best_metric]))
-                    save(step_file=True, is_best=is_best)
+                    bar.write(save(step_file=True, is_best=is_best))
                     # rank-uniform: the metrics are all-reduced, and the flag is agreed on over ranks
                     patience_out = cfg.early_stopping_patience and best.since >= cfg.early_stopping_patience
                     early_stop = rt.all_reduce(torch.tensor([float(patience_out)], device=rt.device),
                                                dist.ReduceOp.MAX).item() > 0
                 run_log.write()
                 if early_stop and not at_end:
-                    rt.print0(f"early stopping at iter {iter_num}: {cfg.best_metric} has not improved on "
+                    bar.write(f"early stopping at iter {iter_num}: {cfg.best_metric} has not improved on "
                               f"{best.value:.4g} for {best.since} evaluations (early_stopping_patience="
                               f"{cfg.early_stopping_patience})")
                     break
@@ -765,7 +812,7 @@ def train(cfg: TrainConfig) -> dict:
                 nan_streak, skipped = nan_streak + 1, skipped + 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()   # fp16: closes this step's unscale_ (a no-op without a scaler)
-                rt.print0(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
+                bar.write(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
                           f"({nan_streak} in a row, max_nan_steps={cfg.max_nan_steps})")
                 if nan_streak >= cfg.max_nan_steps:
                     raise TrainError(f"aborting: {nan_streak} non-finite steps in a row (iter {iter_num}); "
@@ -775,42 +822,27 @@ def train(cfg: TrainConfig) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                acc += step_stats   # a skipped NaN step stays out of the logged loss
+                meter.add(step_stats)   # a skipped NaN step stays out of the logged loss
             iter_num += 1
-            if bar:
-                bar.update(1)
+            bar.update(1)
 
-            # ---- log: loss per trained token, throughput, MFU on CUDA
+            # ---- log: loss per trained token, throughput (MFU and memory on CUDA), time left
             if iter_num % cfg.log_interval == 0 or stop_now or iter_num >= cfg.max_iters:
-                stats = rt.all_reduce(acc.clone())
-                dt = time.time() - t_log
-                trained, total = stats[1].item(), stats[2].item()
-                last_loss = stats[0].item() / max(trained, 1.0)
-                line = (f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.3e}, grad norm {gn:.3f}, "
-                        f"tok/s {trained / dt:,.0f} trained / {total / dt:,.0f} total")
-                if rt.device_type == 'cuda':
-                    mfu = flops_per_token * total / dt / rt.world / peak if peak else 0.0
-                    line += (f", mfu {100 * mfu:.1f}%, "
-                             f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-                if bar:
-                    bar.write(line)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                run_log.log('iters', {'iter': iter_num, 'loss': last_loss, 'lr': lr, 'grad_norm': gn,
-                                      'tokens': int(total), 'trained_tokens': int(trained),
-                                      'tok_per_s': total / dt, 'time': time.time() - t_start},
-                            {'iter': iter_num, 'train/loss': last_loss, 'lr': lr, 'grad_norm': gn,
-                             'tok_per_s': total / dt})
-                acc.zero_()
-                t_log = time.time()
+                rec = meter.read(iter_num, lr, gn)   # a collective: every rank
+                last_loss = rec['loss']
+                bar.write(f"{meter.line(rec)}, {bar.eta()}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                run_log.log('iters', rec, {'iter': iter_num, 'train/loss': last_loss, 'lr': lr,
+                                           'grad_norm': gn, 'tok_per_s': rec['tok_per_s']})
 
             if stop_now and iter_num < cfg.max_iters:
-                rt.print0(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
-                save(step_file=False)
+                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting"
+                          f"{f' (signal {stop.signum})' if stop.signum else ''}")
+                bar.write(save(step_file=False))
                 break
-    if bar:
-        bar.close()
+    bar.close()
 
-    wall = time.time() - t_start
+    wall = time.time() - meter.t_start
     summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
                'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
                'truncated_examples': train_ds.truncated, 'world_size': rt.world,

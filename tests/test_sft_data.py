@@ -7,7 +7,7 @@ from sft_data import IGNORE_INDEX, GlobalSampler, Mixture, SFTDataset, pack_best
 
 
 class ListSplit:
-    """In-memory stand-in for prepare_sft.ShardDataset."""
+    """In-memory stand-in for sft_data.ShardDataset."""
 
     def __init__(self, examples):
         self.examples = [(np.asarray(i, dtype=np.int64), np.asarray(l, dtype=np.int64)) for i, l in examples]
@@ -224,3 +224,26 @@ def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024():
     rows = pack_best_fit(order, lengths, 1024)
     padding = 1 - lengths.sum() / (len(rows) * 1024)
     assert padding < 0.05, f"padding share {padding:.2%}"
+
+
+def test_shard_writer_records_digests_that_catch_a_flipped_byte(tmp_path):
+    from sft_data import ShardDataset, ShardWriter
+    with ShardWriter(str(tmp_path / 'd'), np.uint16) as w:
+        for n in (3, 5, 4):
+            w.add('train', np.arange(n), np.ones(n, dtype=np.uint8))
+        w.add('val', np.arange(2), np.ones(2, dtype=np.uint8))
+        meta = w.commit({'tokenizer': {'name': 't'}})
+    assert sorted(meta['sha256']) == sorted(f'{s}.{e}' for s in ('train', 'val') for e in ('bin', 'mask', 'idx', 'src'))
+    assert len(ShardDataset(str(tmp_path / 'd'), 'train', verify=True)) == 3
+    data = bytearray((tmp_path / 'd' / 'train.mask').read_bytes())
+    data[4] ^= 1                               # a trained token becomes masked: same size, same range
+    (tmp_path / 'd' / 'train.mask').write_bytes(bytes(data))
+    assert len(ShardDataset(str(tmp_path / 'd'), 'train')) == 3   # the structure checks cannot see it
+    with pytest.raises(DataError, match=r'train\.mask: damaged shard'):
+        ShardDataset(str(tmp_path / 'd'), 'train', verify=True)
+    assert len(ShardDataset(str(tmp_path / 'd'), 'val', verify=True)) == 1   # per split
+    data = bytearray((tmp_path / 'd' / 'val.src').read_bytes())
+    data[0] ^= 1                               # an example moved to another source: caught too
+    (tmp_path / 'd' / 'val.src').write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r'val\.src: damaged shard'):
+        ShardDataset(str(tmp_path / 'd'), 'val', verify=True)
