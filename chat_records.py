@@ -156,7 +156,7 @@ def to_messages(rec, fmt: str = 'auto') -> list[dict]:
         for k, turn in enumerate(conv):
             if not isinstance(turn, dict) or 'from' not in turn or 'value' not in turn:
                 raise ValueError(f'conversations[{k}]: needs "from" and "value"')
-            role = SHAREGPT_ROLES.get(turn['from'])
+            role = SHAREGPT_ROLES.get(turn['from']) if isinstance(turn['from'], str) else None
             if role is None:
                 raise ValueError(f'conversations[{k}].from: unknown role {turn["from"]!r} '
                                  f'(expected one of {", ".join(SHAREGPT_ROLES)})')

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import secrets
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -46,9 +46,11 @@ def save_checkpoint(path, checkpoint: dict) -> None:
     if 'model' in checkpoint:
         checkpoint['model'] = clean_state_dict(checkpoint['model'])
     _remove_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
+    # Not mkstemp: it makes the file 0600 whatever the umask, and a serving container or another user
+    # could not read the checkpoint. 'xb' creates it with the modes the user's umask gives.
+    tmp = path.parent / f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp, 'xb') as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())

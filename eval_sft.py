@@ -23,10 +23,10 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 from chat_records import DataError
-from gen_eval import generate_replies, load_eval_records, metrics, score_replies
+from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies
+from progress import Progress
 
 
 @torch.no_grad()
@@ -42,9 +42,10 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
         encoded.append((ids, labels))
     encoded.sort(key=lambda e: len(e[0]))  # similar lengths per batch: little padding
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(encoded), batch_size), desc='  loss', leave=False,
-                  disable=None):
+    bar = Progress(len(encoded), '  loss', 'conv', out=sys.stderr)
+    for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
+        bar.update(len(chunk))
         T = max(len(e[0]) for e in chunk)
         x = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
         y = torch.full((len(chunk), T), -100, dtype=torch.long)
@@ -57,42 +58,47 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
         _, loss = model(x.to(device), labels=y.to(device), reduction='sum')
         total += float(loss)
         count += n
+    bar.close()
     return total, count, truncated
 
 
 def evaluate(model_path, records, args, label=None) -> dict:
     from sample_sft import load_model
     model, tok, chat_template = load_model(model_path, args.device, args.tokenizer)
+    max_new = args.max_new_tokens or default_max_new_tokens(records, tok, model.config.block_size)
     loss_sum, n_tok, truncated = masked_loss(model, tok, records, chat_template,
                                              args.batch_size, args.device)
-    replies = generate_replies(model, tok, records, chat_template, args.max_new_tokens,
-                               args.batch_size, args.device)
+    replies = generate_replies(model, tok, records, chat_template, max_new, args.batch_size, args.device)
     counts = score_replies(records, replies)
+    if counts['cut'] > len(replies) / 2:
+        print(f"warning: {counts['cut']} of {len(replies)} replies reached --max_new_tokens {max_new} before "
+              f"ending: format compliance and accuracy measure cut-off text; raise --max_new_tokens",
+              file=sys.stderr)
     samples = []
-    for r, (text, ended), ok in zip(records, replies, counts['correct_each']):
+    for r, (text, ended, cut), ok in zip(records, replies, counts['correct_each']):
         if len(samples) >= args.n_samples:
             break
         samples.append({'prompt': r['messages'][-2]['content'] if len(r['messages']) > 1
                         else r['messages'][-1]['content'],
-                        'reply': text, 'ended_with_im_end': ended,
+                        'reply': text, 'ended_with_im_end': ended, 'cut_off': cut,
                         'reference': r['reference'], 'correct': ok})
     val_loss = loss_sum / n_tok if n_tok else float('nan')
     return {
         'model': model_path, 'label': label or model_path,
         'n': len(records), 'trained_tokens': n_tok, 'truncated': truncated,
         'val_loss': val_loss, 'perplexity': math.exp(min(val_loss, 50)) if n_tok else float('nan'),
-        **metrics(counts), 'n_with_reference': counts['with_reference'],
+        **metrics(counts), 'max_new_tokens': max_new, 'n_with_reference': counts['with_reference'],
         'samples': samples,
     }
 
 
 def markdown_table(results: list[dict]) -> str:
     pct = lambda v: '-' if v is None else f'{100 * v:.1f}%'
-    rows = ['| model | val loss | perplexity | format compliance | accuracy |',
-            '|---|---:|---:|---:|---:|']
+    rows = ['| model | val loss | perplexity | format compliance | accuracy | cut off |',
+            '|---|---:|---:|---:|---:|---:|']
     for r in results:
         rows.append(f"| {r['label']} | {r['val_loss']:.3f} | {r['perplexity']:.2f} | "
-                    f"{pct(r['format_compliance'])} | {pct(r['accuracy'])} |")
+                    f"{pct(r['format_compliance'])} | {pct(r['accuracy'])} | {pct(r['cut_off'])} |")
     tasks = sorted({t for r in results for t in r['accuracy_per_task']})
     if len(tasks) > 1:
         rows += ['', '| accuracy per task | ' + ' | '.join(tasks) + ' |',
@@ -119,7 +125,9 @@ def main(argv=None) -> None:
     p.add_argument('--out', default=None, help='JSON report path (default: eval.json next to the '
                                                'last model)')
     p.add_argument('--limit', type=int, default=None, help='first N conversations only')
-    p.add_argument('--max_new_tokens', type=int, default=32)
+    p.add_argument('--max_new_tokens', type=int, default=None,
+                   help='reply length limit (default: the longest held-out reply + 16 tokens, at '
+                        'most half the block); replies cut off by it count as wrong and are reported')
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--n_samples', type=int, default=5, help='replies kept in the JSON per model')
     p.add_argument('--show', type=int, default=0, help='print this many prompts and replies')
@@ -150,7 +158,7 @@ def main(argv=None) -> None:
                   file=sys.stderr)
         results.append(res)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
-    write_json(out, {'data': args.data, 'max_new_tokens': args.max_new_tokens, 'results': results})
+    write_json(out, {'data': args.data, 'results': results})
     print(markdown_table(results))
     print(f'\nwrote {out}', file=sys.stderr)
 

@@ -12,17 +12,21 @@ GSM8K JSONL (`question`/`answer`: the reference is the number after `####`). Oth
 prepare_sft.py reads are scored on format only (no reference).
 - format compliance: share of greedy replies that end with <|im_end|> within max_new_tokens;
 - accuracy: exact match of the reply with `reference` after collapsing whitespace (GSM8K: the last
-  number in the reply equals the #### number), over the conversations that have a reference.
+  number in the reply equals the #### number), over the conversations that have a reference; a reply
+  cut off by max_new_tokens is wrong (its last number is no answer);
+- cut off: share of replies that reached max_new_tokens before any stop token.
 The prompt is the conversation up to (without) its last assistant reply, rendered as in training.
 """
 from __future__ import annotations
 
 import json
 import re
+import sys
 
 import torch
 
 from chat_records import DataError, load_records
+from progress import Progress
 from tokenizer import encode_prompt
 
 NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
@@ -100,12 +104,20 @@ def _via_records(path: str, limit: int | None) -> list[dict]:
     return [{'messages': m, 'reference': None, 'numeric': False, 'task': 'all'} for m in convs]
 
 
+def default_max_new_tokens(records, tok, block_size: int) -> int:
+    """Room for the longest held-out reply (the last assistant message, as training encodes it) plus
+    16 tokens, at most half the block: a limit shorter than the replies scores cut-off text."""
+    longest = max((len(tok.encode(r['messages'][-1]['content'])) for r in records
+                   if r['messages'][-1]['role'] == 'assistant'), default=240)
+    return max(1, min(longest + 16, block_size // 2))
+
+
 @torch.no_grad()
 def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_size, device=None,
                      progress: bool = True):
     """Greedy replies to every conversation's prompt, batched (similar lengths together) with the
-    KV cache. -> list of (text, stopped at <|im_end|>)."""
-    from tqdm import tqdm
+    KV cache. -> list of (text, stopped at <|im_end|>, cut off: max_new_tokens reached before any
+    stop token)."""
     budget = model.config.block_size - max_new_tokens
     if budget <= 0:
         raise DataError(f'max_new_tokens {max_new_tokens} >= block_size {model.config.block_size}')
@@ -119,29 +131,34 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
     stops = tuple(i for i in (tok.im_end_id, tok.pad_id) if i is not None)
-    for s in tqdm(range(0, len(order), batch_size), desc='  generate', leave=False,
-                  disable=None if progress else True):
+    bar = Progress(len(order), '  generate', 'conv', out=sys.stderr, enabled=progress)
+    for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         gen = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                              temperature=0.0, stop_ids=stops)
         for i, new in zip(idx, gen):
-            ended = bool(new) and new[-1] == tok.im_end_id
-            body = new[:-1] if new and new[-1] in stops else new
-            out[i] = (tok.decode(body), ended)
+            stopped = bool(new) and new[-1] in stops
+            out[i] = (tok.decode(new[:-1] if stopped else new), stopped and new[-1] == tok.im_end_id,
+                      not stopped)
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
 def score_replies(records, replies) -> dict:
-    """-> counts: n, ended (replies that closed with <|im_end|>), with_reference, correct, per_task
-    {task: [correct, with_reference]}, and per reply its verdict `correct_each` (None: no reference).
-    Counts, not shares, so ranks that each scored a slice can sum them."""
-    c = {'n': len(records), 'ended': 0, 'with_reference': 0, 'correct': 0, 'per_task': {},
+    """-> counts: n, ended (replies that closed with <|im_end|>), cut (cut off by max_new_tokens),
+    with_reference, correct, per_task {task: [correct, with_reference]}, and per reply its verdict
+    `correct_each` (None: no reference). Counts, not shares, so ranks that each scored a slice can
+    sum them."""
+    c = {'n': len(records), 'ended': 0, 'cut': 0, 'with_reference': 0, 'correct': 0, 'per_task': {},
          'correct_each': []}
-    for r, (text, ended) in zip(records, replies):
+    for r, (text, ended, cut) in zip(records, replies):
         c['ended'] += bool(ended)
+        c['cut'] += bool(cut)
         ok = None
         if r['reference'] is not None:
-            ok = is_correct(text, r['reference'], r['numeric'])
+            # a cut-off reply has no final answer: its last number is not one
+            ok = not cut and is_correct(text, r['reference'], r['numeric'])
             c['with_reference'] += 1
             c['correct'] += ok
             t = c['per_task'].setdefault(r['task'], [0, 0])
@@ -152,9 +169,10 @@ def score_replies(records, replies) -> dict:
 
 
 def metrics(counts: dict) -> dict:
-    """Counts (of one process, or summed over ranks) -> format_compliance, accuracy (None without
-    references) and accuracy_per_task."""
+    """Counts (of one process, or summed over ranks) -> format_compliance, cut_off, accuracy (None
+    without references) and accuracy_per_task."""
     n, n_ref = counts['n'], counts['with_reference']
     return {'format_compliance': counts['ended'] / n if n else None,
+            'cut_off': counts['cut'] / n if n else None,
             'accuracy': counts['correct'] / n_ref if n_ref else None,
             'accuracy_per_task': {k: v[0] / v[1] for k, v in sorted(counts['per_task'].items()) if v[1]}}

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chat_records import FORMATS, DataError, check_input, conversation_key, iter_records
+from progress import Progress
 from sft_data import MIXTURE_BY, SOURCE_DTYPE, Mixture, ShardWriter
 from tokenizer import encode_conversation, load_tokenizer
 
@@ -311,7 +312,6 @@ def source_report(sources: list[Source], per: list[dict], mixture_by: str | None
 # The CLI
 
 def prepare(args) -> dict:
-    from tqdm import tqdm
     if not 0.0 <= args.val_fraction < 1.0:
         raise DataError(f'--val_fraction must be in [0, 1), got {args.val_fraction}')
     if args.max_length < 2:
@@ -351,7 +351,7 @@ def prepare(args) -> dict:
             pool = None
             _init_worker(*init)
             results = map(_encode_chunk, chunks)
-        bar = tqdm(desc='encoding', unit='ex', disable=None)
+        bar = Progress(None, 'encoding', 'ex', out=sys.stderr)   # streaming: the total is not known
         try:
             for chunk_out in results:
                 for k, ids, mask, info, split, key in chunk_out:

@@ -41,12 +41,13 @@ def fmt_seconds(s: float) -> str:
 
 class Progress:
     """A tqdm bar at a terminal, plain periodic lines otherwise (every=None: no periodic lines, for
-    loops that print their own). write() prints a line of its own in both cases. enabled=False (a
+    loops that print their own; total=None: a count without a total, for streamed input). write() prints a line of its own in both cases. enabled=False (a
     rank other than 0): silent."""
 
-    def __init__(self, total: int, desc: str, unit: str = 'it', initial: int = 0,
-                 every: float | None = 30.0, enabled: bool = True):
+    def __init__(self, total: int | None, desc: str, unit: str = 'it', initial: int = 0,
+                 every: float | None = 30.0, enabled: bool = True, out=None):
         self.total, self.desc, self.unit, self.n, self.every = total, desc, unit, initial, every
+        self.out = out   # where plain lines go (default stdout)
         self.enabled, self.bar = enabled, None
         self.t0 = self.t_last = time.time()
         self.start = initial
@@ -61,21 +62,22 @@ class Progress:
                 self.bar.update(n)
             except OSError:
                 self.bar = None
-        elif self.enabled and self.every is not None and time.time() - self.t_last >= self.every:
-            self.t_last = time.time()
-            say(self.status())
+        elif self.enabled and self.every is not None and (now := time.time()) - self.t_last >= self.every:
+            self.t_last = now
+            say(self.status(now), file=self.out)
 
-    def status(self) -> str:
+    def status(self, now: float | None = None) -> str:
         """'desc: 120/400 it (30%), 12.5 it/s, elapsed 0:09, ETA 0:22'."""
-        dt = time.time() - self.t0
-        line = f'{self.desc}: {self.n:,}/{self.total:,} {self.unit}'
+        now = time.time() if now is None else now
+        line = f'{self.desc}: {self.n:,}' + (f'/{self.total:,}' if self.total else '') + f' {self.unit}'
         if self.total:
             line += f' ({100 * self.n / self.total:.0f}%)'
-        return line + f', {(self.n - self.start) / max(dt, 1e-9):,.1f} {self.unit}/s, {self.eta()}'
+        rate = (self.n - self.start) / max(now - self.t0, 1e-9)
+        return line + f', {rate:,.1f} {self.unit}/s, {self.eta(now)}'
 
-    def eta(self) -> str:
+    def eta(self, now: float | None = None) -> str:
         """'elapsed 0:09, ETA 0:22' (no ETA before the first unit or after the last)."""
-        dt, done = time.time() - self.t0, self.n - self.start
+        dt, done = (time.time() if now is None else now) - self.t0, self.n - self.start
         if done <= 0 or not self.total or self.n >= self.total:
             return f'elapsed {fmt_seconds(dt)}'
         return f'elapsed {fmt_seconds(dt)}, ETA {fmt_seconds((self.total - self.n) * dt / done)}'
@@ -89,7 +91,7 @@ class Progress:
                 return
             except OSError:
                 self.bar = None
-        say(line)
+        say(line, file=self.out)
 
     def set_postfix(self, **kw) -> None:
         if self.bar is not None:
@@ -103,7 +105,7 @@ class Progress:
                 pass
             self.bar = None
         elif self.enabled and self.every is not None:
-            say(self.status())
+            say(self.status(), file=self.out)
         self.every = None   # closed: write() still prints, nothing else does
 
     def __enter__(self):

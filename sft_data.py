@@ -212,8 +212,8 @@ class ShardDataset:
 
 
 def verify_shards(data_dir: str, meta: dict, names) -> bool:
-    """Compare each file's sha256 with the digest prepare_sft.py recorded in meta.json (about 0.7 s
-    per GB on a 2-core VM). -> False when meta.json has no digests (a data dir from before them)."""
+    """Compare each file's sha256 with the digest prepare_sft.py recorded in meta.json (about 1 s per
+    GB on a 2-core VM). -> False when meta.json has no digests (a data dir from before them)."""
     digests = meta.get('sha256')
     if not digests:
         return False

@@ -45,7 +45,8 @@ class TrainConfig:
     gen_eval_data: str = ''           # held-out JSONL with `reference`s (or GSM8K); '' = off
     gen_eval_interval: int = 0        # every this many steps (0 = every eval_interval)
     gen_eval_limit: int = 0           # the first N conversations only (0 = all)
-    gen_eval_max_new_tokens: int = 32
+    gen_eval_max_new_tokens: int = 0  # reply limit (0 = the longest held-out reply + 16 tokens, at
+                                      # most half the block, as eval_sft.py); cut-off replies are wrong
     gen_eval_batch_size: int = 64     # prompts per batched generate call, per process
     # wandb
     wandb_log: bool = False           # also log to Weights & Biases (if installed)
@@ -65,7 +66,7 @@ class TrainConfig:
     packing: bool = False             # False: pad to the longest row of the micro-batch; True: pack
     seed: int = 1337
     verify_data: bool = True          # check the shard files against meta.json's sha256 digests
-                                      # before training (~0.7 s per GB; False skips it for huge sets)
+                                      # before training (~1 s per GB; False skips it for huge sets)
     # model (init_from='scratch': a preset and/or explicit architecture keys)
     model_preset: str = 'tiny'        # a model_config.PRESETS name
     n_layer: int | None = None
@@ -118,9 +119,9 @@ class TrainConfig:
         for key in ('gen_eval_interval', 'gen_eval_limit', 'early_stopping_patience'):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
-        if self.gen_eval_batch_size < 1 or not 1 <= self.gen_eval_max_new_tokens < self.block_size:
+        if self.gen_eval_batch_size < 1 or not 0 <= self.gen_eval_max_new_tokens < self.block_size:
             raise ConfigError("gen_eval_batch_size must be >= 1 and gen_eval_max_new_tokens in "
-                              f"[1, block_size={self.block_size})")
+                              f"[0, block_size={self.block_size})")
         if self.best_metric != 'val_loss':
             if not self.gen_eval_data:
                 raise ConfigError(f"best_metric={self.best_metric!r} is a generation-eval metric: "
@@ -154,7 +155,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat_records import DataError  # noqa: E402
-from gen_eval import generate_replies, load_eval_records, metrics, score_replies  # noqa: E402
+from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
@@ -263,6 +264,7 @@ class GenEval:
     tok: object
     chat_template: str
     tasks: list
+    max_new_tokens: int
 
 
 @torch.no_grad()
@@ -274,16 +276,17 @@ def generation_eval(model, gen: GenEval, cfg: TrainConfig, rt: 'Runtime') -> dic
     mine = gen.records[rt.rank::rt.world]
     model.eval()
     with (fsdp_unsharded(model) if rt.fsdp else nullcontext()):
-        replies = generate_replies(model, gen.tok, mine, gen.chat_template, cfg.gen_eval_max_new_tokens,
+        replies = generate_replies(model, gen.tok, mine, gen.chat_template, gen.max_new_tokens,
                                    cfg.gen_eval_batch_size, progress=False) if mine else []
     model.train()
     c = score_replies(mine, replies)
-    vec = [c['n'], c['ended'], c['with_reference'], c['correct']]
+    keys = ('n', 'ended', 'cut', 'with_reference', 'correct')
+    vec = [c[k] for k in keys]
     for t in gen.tasks:
         vec += c['per_task'].get(t, [0, 0])
-    total = rt.all_reduce(torch.tensor(vec, dtype=torch.float64, device=rt.device)).tolist()
-    summed = dict(zip(('n', 'ended', 'with_reference', 'correct'), (int(v) for v in total[:4])))
-    summed['per_task'] = {t: [int(total[4 + 2 * k]), int(total[5 + 2 * k])] for k, t in enumerate(gen.tasks)}
+    total = [int(v) for v in rt.all_reduce(torch.tensor(vec, dtype=torch.float64, device=rt.device)).tolist()]
+    summed = dict(zip(keys, total))
+    summed['per_task'] = {t: total[len(keys) + 2 * k:len(keys) + 2 * k + 2] for k, t in enumerate(gen.tasks)}
     # rank 0 always holds the first conversation: its reply, logged, shows what the model says
     sample = {'prompt': _last_user(gen.records[0]), 'reply': replies[0][0] if replies else None,
               'reference': gen.records[0]['reference']}
@@ -468,7 +471,9 @@ def load_gen_eval(cfg: TrainConfig, tok: dict, meta: dict) -> GenEval | None:
         raise TrainError(f"gen_eval_data: the tokenizer {tok.get('name')!r} found here (hash {tokenizer.hash[:12]}) "
                          f"is not the one the data was prepared with (hash {tok['hash'][:12]})")
     tasks = sorted({r['task'] for r in records if r['reference'] is not None})
-    return GenEval(cfg.gen_eval_data, records, tokenizer, meta.get('chat_template') or cfg.chat_template, tasks)
+    max_new = cfg.gen_eval_max_new_tokens or default_max_new_tokens(records, tokenizer, cfg.block_size)
+    return GenEval(cfg.gen_eval_data, records, tokenizer, meta.get('chat_template') or cfg.chat_template, tasks,
+                   max_new)
 
 
 def data_tokenizer(meta: dict) -> dict:
@@ -512,11 +517,49 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
             model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
         except CheckpointError as e:
             raise TrainError(f"init_from={init}: {e}") from e
+    if init != 'scratch':
+        check_no_architecture_overrides(cfg, model.config)
     set_dropout(model, cfg.dropout)
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
     return model.to(device), ckpt
+
+
+ARCH_KEYS = {'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'kv_heads', 'n_embd': 'n_embd',
+             'head_dim': 'head_size', 'intermediate_size': 'ffn_size', 'vocab_size': 'vocab_size'}
+
+
+def check_no_architecture_overrides(cfg: TrainConfig, config) -> None:
+    """Architecture keys shape a model built from scratch; a checkpoint or HF start brings its own.
+    One that disagrees with it would be silently ignored: refuse it instead."""
+    clash = [f"{k}={getattr(cfg, k)} (the model has {getattr(config, attr)})" for k, attr in ARCH_KEYS.items()
+             if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(config, attr)]
+    if clash:
+        raise TrainError(f"init_from={cfg.init_from}: the architecture comes from the checkpoint / model "
+                         f"directory, so {', '.join(clash)} cannot apply; drop these keys (they shape "
+                         f"init_from='scratch' models only)")
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that silently train little or nothing (seen on short runs with the defaults)."""
+    out = []
+    if cfg.max_iters == 0:
+        return out
+    if cfg.decay_lr and cfg.warmup_iters >= cfg.max_iters:
+        out.append(f"warmup_iters={cfg.warmup_iters} >= max_iters={cfg.max_iters}: the learning rate "
+                   f"never reaches learning_rate={cfg.learning_rate:g} (the run ends "
+                   f"{100 * cfg.max_iters / (cfg.warmup_iters + 1):.0f}% of the way up the warmup); "
+                   f"lower warmup_iters")
+    if cfg.decay_lr and cfg.lr_decay_iters != cfg.max_iters:
+        how = (f"ends at step {cfg.lr_decay_iters}, then min_lr={cfg.min_lr:g} holds" if cfg.lr_decay_iters < cfg.max_iters
+               else f"is cut off at step {cfg.max_iters}, before it reaches min_lr={cfg.min_lr:g}")
+        out.append(f"lr_decay_iters={cfg.lr_decay_iters} differs from max_iters={cfg.max_iters}: the cosine "
+                   f"decay {how}; usually lr_decay_iters = max_iters")
+    if cfg.init_from == 'scratch' and cfg.learning_rate < 1e-4:
+        out.append(f"init_from='scratch' with learning_rate={cfg.learning_rate:g}, a fine-tuning rate: "
+                   f"training a model from random weights usually needs 3e-4 to 3e-3")
+    return out
 
 
 def set_dropout(model, p: float):
@@ -713,11 +756,14 @@ def train(cfg: TrainConfig) -> dict:
     G = rt.world * A * B
     rt.print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     rt.print0(f"world_size={rt.world} global batch={G} rows ({rt.world} x {A} accum x {B} rows)")
+    for w in schedule_warnings(cfg):
+        rt.print0(f"warning: {w}")
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
     gen = load_gen_eval(cfg, tok, train_ds.data.meta)       # the held-out set too
     if gen is not None:
         rt.print0(f"generation evals: {len(gen.records)} conversations from {gen.path} every "
-                  f"{cfg.gen_eval_interval or cfg.eval_interval} steps ({rt.world} rank(s) share them)")
+                  f"{cfg.gen_eval_interval or cfg.eval_interval} steps, replies up to {gen.max_new_tokens} "
+                  f"tokens ({rt.world} rank(s) share them)")
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
     model, ckpt = build_model(cfg, rt.device)
@@ -836,8 +882,9 @@ def train(cfg: TrainConfig) -> dict:
                                            'grad_norm': gn, 'tok_per_s': rec['tok_per_s']})
 
             if stop_now and iter_num < cfg.max_iters:
-                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting"
-                          f"{f' (signal {stop.signum})' if stop.signum else ''}")
+                if stop.signum:   # every rank that got the signal says so (not from the handler: see StopSignal)
+                    say(f"[rank {rt.rank}] got signal {stop.signum}: finishing this step, then saving ckpt.pt")
+                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
                 bar.write(save(step_file=False))
                 break
     bar.close()

@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GSM8K = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k', 'train.jsonl')
+# GSM8K stays in the shared data folder (never copied into the repo); NANOSFT_GSM8K_DIR overrides it.
+GSM8K_DIR = os.environ.get('NANOSFT_GSM8K_DIR') or os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k')
+GSM8K = os.path.join(GSM8K_DIR, 'train.jsonl')
 
 # ChatML exactly as nanoSFT renders it (tokenizer.py, chat_template='chatml'): the assistant content
 # and its <|im_end|> are trained, the '\n' after it is not. {% generation %} gives the peers the same mask.

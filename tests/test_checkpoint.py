@@ -185,3 +185,15 @@ def test_a_damaged_byte_inside_a_tensor_is_caught_by_the_crc_check_naming_the_fi
     assert any(not torch.equal(a, b) for a, b in zip(damaged.state_dict().values(), model.state_dict().values()))
     with pytest.raises(CheckpointError, match=r'ckpt\.pt: damaged checkpoint .*CRC.*ckpt_000004\.pt'):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_checkpoints_get_the_file_modes_the_umask_gives(tmp_path, umask):
+    import stat
+    model = _model()
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / 'ckpt.pt', {'model': model.state_dict(), 'model_args': model.config.to_dict()})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / 'ckpt.pt').st_mode) == 0o666 & ~umask

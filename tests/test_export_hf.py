@@ -90,3 +90,21 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='nope.pt'):
         export_hf.main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')])
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_the_export_gets_the_modes_the_umask_gives_not_private_ones(tmp_path, umask):
+    import stat
+    torch.manual_seed(0)
+    cfg = ModelArchitectureConfig.from_preset('tiny', vocab_size=320, n_layer=1)
+    save_checkpoint(tmp_path / 'ckpt.pt', {'model': ConfigurableGPT(cfg).state_dict(), 'model_args': cfg.to_dict()})
+    old = os.umask(umask)
+    try:
+        out = export_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+    files = os.listdir(out)
+    assert 'model.safetensors' in files and 'tokenizer.json' in files
+    for name in files:
+        assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o666 & ~umask, name

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from chat_records import DataError
-from gen_eval import generate_replies, is_correct, load_eval_records, metrics, score_replies
+from gen_eval import (default_max_new_tokens, generate_replies, is_correct, load_eval_records, metrics,
+                      score_replies)
 from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
 from tokenizer import load_tokenizer
@@ -43,20 +44,31 @@ def test_batched_greedy_generation_matches_one_by_one(data):
 
 def test_scores_are_counts_that_sum_over_slices_to_the_whole(data):
     recs = load_eval_records(data)
-    replies = [('4', True), ('{"answer":  6}', False), ('3 2 1', True)]
+    replies = [('4', True, False), ('{"answer":  6}', False, False), ('3 2 1', True, False)]
     whole = score_replies(recs, replies)
-    assert (whole['n'], whole['ended'], whole['with_reference'], whole['correct']) == (3, 2, 2, 2)
+    assert (whole['n'], whole['ended'], whole['cut'], whole['with_reference'], whole['correct']) == (3, 2, 0, 2, 2)
     assert whole['correct_each'] == [True, True, None]   # whitespace-normalized exact match
     m = metrics(whole)
-    assert m == {'format_compliance': pytest.approx(2 / 3), 'accuracy': 1.0,
+    assert m == {'format_compliance': pytest.approx(2 / 3), 'cut_off': 0.0, 'accuracy': 1.0,
                  'accuracy_per_task': {'add': 1.0, 'followup': 1.0}}
     # two ranks, each a slice: summing their counts gives the same metrics
     parts = [score_replies(recs[r::2], replies[r::2]) for r in range(2)]
-    summed = {k: sum(p[k] for p in parts) for k in ('n', 'ended', 'with_reference', 'correct')}
+    summed = {k: sum(p[k] for p in parts) for k in ('n', 'ended', 'cut', 'with_reference', 'correct')}
     summed['per_task'] = {t: [sum(p['per_task'].get(t, [0, 0])[i] for p in parts) for i in (0, 1)]
                           for t in whole['per_task']}
     assert metrics(summed) == m
     assert metrics(score_replies(recs[2:], replies[2:]))['accuracy'] is None
+    # a reply cut off by max_new_tokens is wrong even when its text matches: it has no final answer
+    cut = score_replies(recs[:1], [('4', False, True)])
+    assert (cut['cut'], cut['correct'], cut['correct_each']) == (1, 0, [False])
+
+
+def test_default_reply_limit_fits_the_longest_held_out_reply():
+    tok = load_tokenizer('qwen3')
+    recs = [{'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'word ' * n}]}
+            for n in (3, 120, 40)]
+    assert default_max_new_tokens(recs, tok, 2048) == len(tok.encode('word ' * 120)) + 16
+    assert default_max_new_tokens(recs, tok, 128) == 64   # at most half the block
 
 
 def test_gsm8k_reference_is_the_number_after_hashes(tmp_path):

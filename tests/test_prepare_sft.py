@@ -12,7 +12,6 @@ from sft_data import ShardDataset
 from tokenizer import encode_conversation
 from tokenizer import load_tokenizer
 
-GSM8K = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
 SHARDS = ('train.bin', 'train.mask', 'train.idx', 'train.src', 'val.bin', 'val.mask', 'val.idx', 'val.src',
           'meta.json')
 
@@ -44,42 +43,6 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
-def test_every_format_parses_to_the_same_messages(tmp_path):
-    sys_, q, a = 'Be kind.', 'What is 6*7?', 'It is 42.\n#### 42'
-    expected = [{'role': 'system', 'content': sys_}, {'role': 'user', 'content': q},
-                {'role': 'assistant', 'content': a}]
-    records = {
-        'messages': {'messages': expected},
-        'sharegpt': {'conversations': [{'from': 'system', 'value': sys_}, {'from': 'human', 'value': q},
-                                       {'from': 'gpt', 'value': a}]},
-        'alpaca': {'system': sys_, 'instruction': q, 'input': '', 'output': a},
-        'prompt_completion': {'prompt': expected[:2], 'completion': [expected[2]]},
-    }
-    for fmt, rec in records.items():
-        path = write_jsonl(tmp_path / f'{fmt}.jsonl', [rec])
-        assert load_records(path) == [expected], fmt
-        assert load_records(path, fmt=fmt) == [expected], fmt
-    # formats without a system prompt
-    no_sys = expected[1:]
-    for fmt, rec in {'prompt_completion': {'prompt': q, 'completion': a},
-                     'gsm8k': {'question': q, 'answer': a},
-                     'alpaca': {'instruction': q, 'output': a}}.items():
-        path = write_jsonl(tmp_path / f'{fmt}2.jsonl', [rec])
-        assert load_records(path) == [no_sys] == load_records(path, fmt=fmt), fmt
-    path = write_jsonl(tmp_path / 'alpaca_input.jsonl', [{'instruction': 'Sum:', 'input': '1 2', 'output': '3'}])
-    assert load_records(path)[0][0]['content'] == 'Sum:\n\n1 2'
-
-
-def test_json_array_bom_and_crlf_are_read(tmp_path):
-    recs = chats(3)
-    arr = tmp_path / 'a.json'
-    arr.write_bytes(b'\xef\xbb\xbf' + json.dumps(recs, indent=2).replace('\n', '\r\n').encode())
-    jl = tmp_path / 'b.jsonl'
-    jl.write_bytes(b'\xef\xbb\xbf' + b'\r\n'.join(json.dumps(r).encode() for r in recs) + b'\r\n\r\n')
-    expected = [r['messages'] for r in recs]
-    assert load_records(str(arr)) == expected == load_records(str(jl))
-
-
 GOOD = json.dumps({'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]})
 BAD_RECORDS = {
     'invalid_json': ('{"messages": [', 'invalid JSON'),
@@ -93,6 +56,8 @@ BAD_RECORDS = {
     'empty_messages': ('{"messages": []}', 'non-empty list'),
     'missing_output': ('{"instruction": "x", "input": "y"}', 'unrecognised record'),
     'sharegpt_unknown_from': ('{"conversations": [{"from": "alien", "value": "x"}]}', "unknown role 'alien'"),
+    'sharegpt_from_a_list': ('{"conversations": [{"from": ["human"], "value": "x"}]}', "unknown role ['human']"),
+    'sharegpt_from_an_object': ('{"conversations": [{"from": {"r": 1}, "value": "x"}]}', 'conversations[0].from'),
     'gsm8k_non_string': ('{"question": "x", "answer": 4}', '"answer" must be a string'),
     'train_on_user': ('{"messages": [{"role": "user", "content": "x", "train": true}, '
                       '{"role": "assistant", "content": "y"}]}', 'only assistant messages'),
@@ -252,9 +217,8 @@ def test_show_highlights_trained_tokens_and_prints_the_audit(tmp_path, capsys):
         assert row in out
 
 
-@pytest.mark.skipif(not os.path.exists(GSM8K), reason='GSM8K not available')
-def test_gsm8k_slice_shards_match_encode_conversation_with_two_processes(tmp_path, tok):
-    with open(GSM8K, encoding='utf-8') as f:
+def test_gsm8k_slice_shards_match_encode_conversation_with_two_processes(tmp_path, tok, gsm8k_train):
+    with open(gsm8k_train, encoding='utf-8') as f:
         lines = [next(f) for _ in range(200)]
     path = tmp_path / 'gsm8k.jsonl'
     path.write_text(''.join(lines), encoding='utf-8')
@@ -296,6 +260,31 @@ def test_tool_schemas_and_sharegpt_weights_are_kept(tmp_path, tok):
     bad = write_jsonl(tmp_path / 'bad.jsonl', [{'tools': '{nope', 'messages': recs[0]['messages']}])
     with pytest.raises(SystemExit, match=rf'{bad}:1: "tools": not valid JSON'):
         run('--input', bad, '--out_dir', tmp_path / 'o')
+
+
+def test_out_dir_that_is_a_file_or_lies_under_one_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / 'd.jsonl', chats(5))
+    afile = tmp_path / 'afile'
+    afile.write_text('keep me')
+    for out in (afile, afile / 'sub'):
+        with pytest.raises(SystemExit, match=rf'prepare_sft: --out_dir {out}: cannot create the directory'):
+            run('--input', path, '--out_dir', out)
+    assert afile.read_text() == 'keep me'
+
+
+def test_a_run_that_keeps_no_example_leaves_no_output_directory(tmp_path):
+    path = write_jsonl(tmp_path / 'd.jsonl', chats(6))
+    with pytest.raises(SystemExit, match='no example kept'):
+        run('--input', path, '--out_dir', tmp_path / 'a', '--truncation', 'drop', '--max_length', 4)
+    untrained = [{'messages': [dict(m, train=False) if m['role'] == 'assistant' else m for m in r['messages']]}
+                 for r in chats(6)]
+    with pytest.raises(SystemExit, match='no example kept'):
+        run('--input', write_jsonl(tmp_path / 'u.jsonl', untrained), '--out_dir', tmp_path / 'b')
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+    (tmp_path / 'c').mkdir()   # a directory the user made stays, empty as it was
+    with pytest.raises(SystemExit, match='no example kept'):
+        run('--input', path, '--out_dir', tmp_path / 'c', '--truncation', 'drop', '--max_length', 4)
+    assert (tmp_path / 'c').is_dir() and not os.listdir(tmp_path / 'c')
 
 
 # ---------------------------------------------------------------- sources, mixtures, dedup, streaming

@@ -205,6 +205,35 @@ def test_kills_and_signals_at_random_moments_never_corrupt_and_resume_bit_exact(
           f'stray temp files left by kills: {stray}')
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('stdout', ['closed_pipe', 'full_disk'])
+def test_a_stop_saves_and_exits_0_when_stdout_is_gone(world, tmp_path, stdout):
+    """`python train_sft.py ... | tee log` and Ctrl-C: the same Ctrl-C ends tee, so every later print
+    hits a closed pipe. Or the log's disk is full (/dev/full). Either way the stop must save ckpt.pt."""
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'train_sft.py', *argv(cfg_for(world['data'], out, max_iters=100_000,
+                                                         eval_interval=100_000, lr_decay_iters=100_000))]
+    if stdout == 'closed_pipe':
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            if line.startswith('iter 3:'):
+                break
+        proc.stdout.close()   # the reader is gone: the next write raises BrokenPipeError
+    else:
+        with open('/dev/full', 'w') as full:   # every write fails with ENOSPC
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=full, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while not list(out.glob('run_*.json')) and time.time() - t0 < 120:   # training has started
+            assert proc.poll() is None, f'exited early with {proc.returncode}'
+            time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    _, ck = load_checkpoint(out / 'ckpt.pt')
+    assert ck['iter_num'] >= (3 if stdout == 'closed_pipe' else 1) and not ck['evaluated']
+
+
 def test_next_save_removes_temp_files_of_killed_saves_only(tmp_path):
     from checkpoint import save_checkpoint
     from model_builder import ConfigurableGPT

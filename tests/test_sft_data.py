@@ -207,12 +207,9 @@ def test_best_fit_fills_the_row_with_least_room_that_fits():
     assert all(sum(min(int(lengths[i]), 256) for i in r) <= 256 for r in rows)
 
 
-def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024():
+def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024(gsm8k_train):
     import json
-    import os
-    path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
-    if not os.path.exists(path):
-        pytest.skip('GSM8K not available (../shared/data/gsm8k)')
+    path = gsm8k_train
     from tokenizer import encode_conversation, load_tokenizer
     tok = load_tokenizer('qwen3')
     with open(path) as f:

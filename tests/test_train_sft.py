@@ -374,6 +374,80 @@ def test_generation_eval_settings_and_sets_are_checked_before_training(tmp_path,
         assert not (tmp_path / 'out').exists()
 
 
+def test_help_answers_without_importing_torch_and_shows_values_after_the_config_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+    fake = tmp_path / 'torch'
+    fake.mkdir()
+    (fake / '__init__.py').write_text("raise ImportError('torch was imported by --help')\n")
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    proc = subprocess.run([sys.executable, 'train_sft.py', 'configs/sft_demo_cpu.py', '--max_iters=7', '--help'],
+                          cwd=root, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    line = {ln.split('=')[0].strip(): ln for ln in proc.stdout.splitlines() if ln.strip().startswith('--')}
+    assert "--out_dir='out-demo'" in line['--out_dir']                 # from the config file
+    assert '--max_iters=7' in line['--max_iters'] and 'optimizer steps' in line['--max_iters']
+    assert 'keep only the newest n' in line['--keep_last_n']
+
+
+def test_a_jsonl_data_dir_with_a_bad_record_or_no_record_is_a_clear_error(tmp_path):
+    import json
+    good = json.dumps({'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]})
+    bad, empty = tmp_path / 'bad.jsonl', tmp_path / 'empty.jsonl'
+    bad.write_text(good + '\n{"messages": [{"role": "user", "content": 1}]}\n')
+    empty.write_text('')
+    for path, what in ((bad, ':2: messages[0].content: must be a string, got int'),
+                       (empty, ':1: empty file (no records)')):
+        with pytest.raises(SystemExit) as e:
+            train_sft.main([f'--data_dir={path}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+        assert e.value.code == f'error: {path}{what}', e.value.code
+    assert not (tmp_path / 'out').exists()
+
+
+def test_architecture_keys_that_disagree_with_a_resumed_model_are_refused_by_name(tmp_path, data_dir):
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=2, eval_interval=2, n_layer=2)
+    train_sft.train(cfg)
+    with pytest.raises(train_sft.TrainError, match=r"n_layer=4 \(the model has 2\), n_embd=32 \(the model has "):
+        train_sft.build_model(dataclasses.replace(cfg, init_from='resume', n_layer=4, n_embd=32), 'cpu')
+    model, _ = train_sft.build_model(dataclasses.replace(cfg, init_from='resume'), 'cpu')   # same keys: fine
+    assert model.config.n_layer == 2
+
+
+def test_settings_that_train_nothing_on_a_short_run_are_warned_about_once(tmp_path, data_dir, capsys):
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=3, warmup_iters=100,
+                             lr_decay_iters=3000, learning_rate=2e-5, eval_interval=100))
+    out = capsys.readouterr().out
+    for text in ('warning: warmup_iters=100 >= max_iters=3', 'warning: lr_decay_iters=3000 differs from max_iters=3',
+                 "warning: init_from='scratch' with learning_rate=2e-05"):
+        assert out.count(text) == 1, (text, out[:2000])
+    capsys.readouterr()
+    train_sft.train(tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), max_iters=3, warmup_iters=1,
+                             lr_decay_iters=3, eval_interval=100))
+    assert 'warning' not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_log_redirected_to_a_file_has_whole_lines_with_elapsed_time_and_eta(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=6, eval_interval=3, log_interval=2)
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    with open(tmp_path / 'log.txt', 'w') as log:
+        proc = subprocess.run([sys.executable, 'train_sft.py', *cli_args(cfg)], cwd=root, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    text = (tmp_path / 'log.txt').read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert '\r' not in text and '\x1b' not in text          # no progress bar redraws in a file
+    lines = text.splitlines()
+    assert [ln.split(':')[0] for ln in lines if ln.startswith('eval iter')] == ['eval iter 0', 'eval iter 3',
+                                                                                'eval iter 6']
+    steps = [ln for ln in lines if ln.startswith('iter ')]
+    assert len(steps) == 3 and all('elapsed' in ln for ln in steps) and 'ETA' in steps[0]
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"data_dir: directory not found: .*nope"):
         train_sft.main([f'--data_dir={tmp_path / "nope"}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
