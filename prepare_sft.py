@@ -289,8 +289,8 @@ def source_report(sources: list[Source], per: list[dict], mixture_by: str | None
     total_tr = max(sum(p['train_trained_tokens'] for p in per), 1)
     realized = None
     if mixture_by:
-        mix = Mixture(np.frombuffer(train_src, dtype=SOURCE_DTYPE), [s.weight for s in sources],
-                      mixture_by, np.frombuffer(train_trained, dtype=np.uint32),
+        mix = Mixture(np.frombuffer(train_src, dtype=f'u{train_src.itemsize}'), [s.weight for s in sources],
+                      mixture_by, np.frombuffer(train_trained, dtype=f'u{train_trained.itemsize}'),
                       names=[s.name for s in sources])
         realized = mix.report(0)
     out = []
