@@ -3,9 +3,10 @@
     records = load_eval_records('data/demo/test.jsonl')           # DataError on bad input
     replies = generate_replies(model, tok, records, 'chatml', max_new_tokens=32, batch_size=64)
     counts = score_replies(records, replies); metrics(counts)      # {'format_compliance', 'accuracy', ...}
+    held = load_held_out(path, ...); sharded_eval(model, held, batch_size, rank, world, all_reduce)
 
 The one scoring code of nanoSFT: eval_sft.py (offline, any checkpoint) and train_sft.py (every
-gen_eval_interval steps, each rank a slice, counts summed over ranks) both call it.
+gen_eval_interval steps: sharded_eval, each rank a slice, counts summed over ranks) both call it.
 
 Input: messages JSONL (an optional `reference` = the expected last reply, optional `task`), or
 GSM8K JSONL (`question`/`answer`: the reference is the number after `####`). Other formats that
@@ -19,15 +20,18 @@ The prompt is the conversation up to (without) its last assistant reply, rendere
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 
 from chat_records import DataError, load_records
 from progress import Progress
-from tokenizer import encode_prompt
+from tokenizer import encode_prompt, load_tokenizer
 
 NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
 
@@ -176,3 +180,94 @@ def metrics(counts: dict) -> dict:
             'cut_off': counts['cut'] / n if n else None,
             'accuracy': counts['correct'] / n_ref if n_ref else None,
             'accuracy_per_task': {k: v[0] / v[1] for k, v in sorted(counts['per_task'].items()) if v[1]}}
+
+
+# ----------------------------------------------------------------------------------------------
+# During training: every rank replies to a slice, the counts are summed
+
+@dataclass
+class HeldOut:
+    """A held-out set with references and what renders it exactly as the training data."""
+    path: str
+    records: list
+    tok: object
+    chat_template: str
+    tasks: list
+    max_new_tokens: int
+
+
+def load_held_out(path: str, tokenizer: str, tokenizer_hash: str | None, chat_template: str,
+                  block_size: int, max_new_tokens: int = 0, limit: int | None = None) -> HeldOut:
+    """The set checked up front: readable, with references (else accuracy means nothing), and the
+    data's tokenizer loadable here with the hash the data was prepared with. max_new_tokens=0: the
+    default limit (default_max_new_tokens)."""
+    records = load_eval_records(path, limit)
+    if not any(r['reference'] is not None for r in records):
+        raise DataError(f"gen_eval_data {path}: no conversation has a `reference` (or a GSM8K answer), so "
+                        "accuracy cannot be measured; add references or turn gen_eval_data off")
+    try:
+        tok = load_tokenizer(tokenizer)
+    except ValueError as e:
+        raise DataError(f"gen_eval_data: cannot load the data's tokenizer to render prompts: {e}") from None
+    if tokenizer_hash and tok.hash != tokenizer_hash:
+        raise DataError(f"gen_eval_data: the tokenizer {tokenizer!r} found here (hash {tok.hash[:12]}) is not "
+                        f"the one the data was prepared with (hash {tokenizer_hash[:12]})")
+    tasks = sorted({r['task'] for r in records if r['reference'] is not None})
+    return HeldOut(path, records, tok, chat_template, tasks,
+                   max_new_tokens or default_max_new_tokens(records, tok, block_size))
+
+
+@torch.no_grad()
+def sharded_eval(model, held: HeldOut, batch_size: int, rank: int = 0, world: int = 1,
+                 all_reduce=lambda t: t, fsdp: bool = False) -> dict:
+    """Greedy replies to held.records[rank::world] and their scores summed over ranks (every rank
+    must call it: the sum is a collective), so every rank gets the same metrics and takes the same
+    decisions on them. -> metrics + correct, with_reference, a sample (the reply to the first
+    conversation, which rank 0 always holds) and gen_eval_s (seconds)."""
+    t0 = time.time()
+    mine = held.records[rank::world]
+    model.eval()
+    with fsdp_unsharded(model) if fsdp else contextlib.nullcontext():
+        replies = generate_replies(model, held.tok, mine, held.chat_template, held.max_new_tokens,
+                                   batch_size, progress=False) if mine else []
+    model.train()
+    c = score_replies(mine, replies)
+    keys = ('n', 'ended', 'cut', 'with_reference', 'correct')
+    vec = [c[k] for k in keys]
+    for t in held.tasks:
+        vec += c['per_task'].get(t, [0, 0])
+    device = next(model.parameters()).device
+    total = [int(v) for v in all_reduce(torch.tensor(vec, dtype=torch.float64, device=device)).tolist()]
+    summed = dict(zip(keys, total))
+    summed['per_task'] = {t: total[len(keys) + 2 * k:len(keys) + 2 * k + 2] for k, t in enumerate(held.tasks)}
+    first = held.records[0]['messages']
+    prompt = first[:-1] if first[-1]['role'] == 'assistant' else first
+    sample = {'prompt': prompt[-1]['content'] if prompt else '', 'reply': replies[0][0] if replies else None,
+              'reference': held.records[0]['reference']}
+    return {**metrics(summed), 'correct': summed['correct'], 'with_reference': summed['with_reference'],
+            'sample': sample, 'gen_eval_s': time.time() - t0}
+
+
+class fsdp_unsharded:
+    """FSDP2 keeps each rank's shard of the weights and gathers a block's only inside its forward,
+    and generation calls the blocks step by step, a different number of times on each rank: gather
+    every parameter group once (a collective all ranks run), generate locally, shard again."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.model = model
+        self.groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        # FSDP initializes its state in the first forward through the root module; generation
+        # enters at the blocks, so one token goes through the root first (every rank, same calls).
+        device = next(self.model.parameters()).device
+        self.model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        for m in self.groups:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+
+    def __exit__(self, *exc):
+        for m in self.groups:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)

@@ -155,12 +155,11 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat_records import DataError  # noqa: E402
-from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies  # noqa: E402
+from gen_eval import HeldOut, load_held_out, sharded_eval  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
                       check_token_ids, eval_batches, mixture_of, open_split)
-from tokenizer import load_tokenizer  # noqa: E402
 
 
 class TrainError(RuntimeError):
@@ -247,82 +246,13 @@ def evaluate(model, raw_model, train_ds, val_ds, gen, cfg: TrainConfig, rt: 'Run
         record.update(train_loss=losses['train'], val_loss=losses['val'])
         wb.update({'train/eval_loss': losses['train'], 'val/loss': losses['val']})
     if do_gen:
-        g = generation_eval(raw_model, gen, cfg, rt)
+        g = sharded_eval(raw_model, gen, cfg.gen_eval_batch_size, rt.rank, rt.world, rt.all_reduce, rt.fsdp)
         say(f"gen eval iter {iter_num}: accuracy {100 * g['accuracy']:.1f}% ({g['correct']}/{g['with_reference']}), "
             f"format {100 * g['format_compliance']:.1f}% ({g['gen_eval_s']:.1f} s); "
             f"{g['sample']['prompt'][:40]!r} -> {(g['sample']['reply'] or '')[:40]!r}")
         record.update(g)
         wb.update({'val/accuracy': g['accuracy'], 'val/format_compliance': g['format_compliance']})
     return record, wb
-
-
-@dataclass
-class GenEval:
-    """The held-out set of the generation evals and what renders it as the training data is."""
-    path: str
-    records: list
-    tok: object
-    chat_template: str
-    tasks: list
-    max_new_tokens: int
-
-
-@torch.no_grad()
-def generation_eval(model, gen: GenEval, cfg: TrainConfig, rt: 'Runtime') -> dict:
-    """Greedy replies (batched, KV cache) to the held-out prompts, scored by gen_eval.py. Each rank
-    replies to its slice records[rank::world]; the counts are summed over ranks (every rank calls
-    the all-reduce), so every rank gets the same metrics and takes the same decisions on them."""
-    t0 = time.time()
-    mine = gen.records[rt.rank::rt.world]
-    model.eval()
-    with (fsdp_unsharded(model) if rt.fsdp else nullcontext()):
-        replies = generate_replies(model, gen.tok, mine, gen.chat_template, gen.max_new_tokens,
-                                   cfg.gen_eval_batch_size, progress=False) if mine else []
-    model.train()
-    c = score_replies(mine, replies)
-    keys = ('n', 'ended', 'cut', 'with_reference', 'correct')
-    vec = [c[k] for k in keys]
-    for t in gen.tasks:
-        vec += c['per_task'].get(t, [0, 0])
-    total = [int(v) for v in rt.all_reduce(torch.tensor(vec, dtype=torch.float64, device=rt.device)).tolist()]
-    summed = dict(zip(keys, total))
-    summed['per_task'] = {t: total[len(keys) + 2 * k:len(keys) + 2 * k + 2] for k, t in enumerate(gen.tasks)}
-    # rank 0 always holds the first conversation: its reply, logged, shows what the model says
-    sample = {'prompt': _last_user(gen.records[0]), 'reply': replies[0][0] if replies else None,
-              'reference': gen.records[0]['reference']}
-    return {**metrics(summed), 'correct': summed['correct'], 'with_reference': summed['with_reference'],
-            'sample': sample, 'gen_eval_s': time.time() - t0}
-
-
-def _last_user(record) -> str:
-    msgs = record['messages'][:-1] if record['messages'][-1]['role'] == 'assistant' else record['messages']
-    return msgs[-1]['content'] if msgs else ''
-
-
-
-class fsdp_unsharded:
-    """FSDP2 keeps each rank's shard of the weights and gathers a block's only inside its forward,
-    and generation calls the blocks step by step, a different number of times on each rank: gather
-    every parameter group once (a collective all ranks run), generate locally, shard again."""
-
-    def __init__(self, model):
-        from torch.distributed.fsdp import FSDPModule
-        self.model = model
-        self.groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-    def __enter__(self):
-        # FSDP initializes its state in the first forward through the root module; generation
-        # enters at the blocks, so one token goes through the root first (every rank, same calls).
-        device = next(self.model.parameters()).device
-        self.model(torch.zeros(1, 1, dtype=torch.long, device=device))
-        for m in self.groups:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-
-    def __exit__(self, *exc):
-        for m in self.groups:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
 
 
 METRIC_KEYS = {'val_loss': 'val_loss', 'accuracy': 'accuracy', 'format': 'format_compliance'}
@@ -454,26 +384,13 @@ def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, di
     return train_ds, val_ds, tok
 
 
-def load_gen_eval(cfg: TrainConfig, tok: dict, meta: dict) -> GenEval | None:
-    """The generation evals' held-out set, checked now (before any work): readable, with
-    references, and the data's tokenizer loadable here (the prompts are rendered with it)."""
+def load_gen_eval(cfg: TrainConfig, tok: dict, meta: dict) -> HeldOut | None:
+    """The generation evals' held-out set, checked now, before any work (see gen_eval.load_held_out)."""
     if not cfg.gen_eval_data:
         return None
-    records = load_eval_records(cfg.gen_eval_data, cfg.gen_eval_limit or None)
-    if not any(r['reference'] is not None for r in records):
-        raise DataError(f"gen_eval_data {cfg.gen_eval_data}: no conversation has a `reference` (or a GSM8K "
-                        "answer), so accuracy cannot be measured; add references or turn gen_eval_data off")
-    try:
-        tokenizer = load_tokenizer(tok.get('name') or cfg.tokenizer)
-    except ValueError as e:
-        raise TrainError(f"gen_eval_data: cannot load the data's tokenizer to render prompts: {e}") from e
-    if tok.get('hash') and tokenizer.hash != tok['hash']:
-        raise TrainError(f"gen_eval_data: the tokenizer {tok.get('name')!r} found here (hash {tokenizer.hash[:12]}) "
-                         f"is not the one the data was prepared with (hash {tok['hash'][:12]})")
-    tasks = sorted({r['task'] for r in records if r['reference'] is not None})
-    max_new = cfg.gen_eval_max_new_tokens or default_max_new_tokens(records, tokenizer, cfg.block_size)
-    return GenEval(cfg.gen_eval_data, records, tokenizer, meta.get('chat_template') or cfg.chat_template, tasks,
-                   max_new)
+    return load_held_out(cfg.gen_eval_data, tok.get('name') or cfg.tokenizer, tok.get('hash'),
+                         meta.get('chat_template') or cfg.chat_template, cfg.block_size,
+                         cfg.gen_eval_max_new_tokens, cfg.gen_eval_limit or None)
 
 
 def data_tokenizer(meta: dict) -> dict:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from chat_records import DataError
-from gen_eval import (default_max_new_tokens, generate_replies, is_correct, load_eval_records, metrics,
-                      score_replies)
+from gen_eval import (default_max_new_tokens, fsdp_unsharded, generate_replies, is_correct, load_eval_records,
+                      load_held_out, metrics, score_replies, sharded_eval)
 from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
 from tokenizer import load_tokenizer
@@ -92,3 +92,54 @@ def test_bad_input_names_file_and_line(tmp_path):
         load_eval_records(str(p))
     with pytest.raises(DataError, match='missing.jsonl: cannot read'):
         load_eval_records(str(tmp_path / 'missing.jsonl'))
+
+
+def test_generation_on_an_fsdp_sharded_model_gives_the_plain_models_tokens(tmp_path):
+    """fsdp_unsharded gathers every parameter group for generate() (which calls the blocks step by
+    step, outside FSDP's forward hooks), then shards them again for training."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny'))
+    with torch.no_grad():   # large random weights: varied replies, not one repeated token
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    expected = model.generate(prompts, max_new_tokens=8, temperature=0.0)
+    assert len({tuple(r) for r in expected}) == 3 and len(set(expected[0])) > 2
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        before = {k: type(v) for k, v in model.state_dict().items()}
+        with fsdp_unsharded(model):
+            assert model.generate(prompts, max_new_tokens=8, temperature=0.0) == expected
+        assert {k: type(v) for k, v in model.state_dict().items()} == before   # sharded again
+        _, loss = model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+        loss.backward()   # and FSDP's own forward/backward still work
+    finally:
+        dist.destroy_process_group()
+
+
+def test_held_out_set_without_references_or_with_another_tokenizer_is_refused(tmp_path, data):
+    no_ref = tmp_path / 'noref.jsonl'
+    no_ref.write_text(json.dumps({'messages': CONVS[2]['messages']}) + '\n')
+    with pytest.raises(DataError, match='noref.jsonl: no conversation has a `reference`'):
+        load_held_out(str(no_ref), 'qwen3', None, 'chatml', 256)
+    with pytest.raises(DataError, match='is not the one the data was prepared with'):
+        load_held_out(data, 'qwen3', 'f' * 64, 'chatml', 256)
+    held = load_held_out(data, 'qwen3', load_tokenizer('qwen3').hash, 'chatml', 256, limit=2)
+    assert len(held.records) == 2 and held.tasks == ['add', 'followup'] and held.max_new_tokens > 0
+
+
+def test_one_process_sharded_eval_scores_like_the_offline_path(data):
+    torch.manual_seed(0)
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny')).eval()
+    held = load_held_out(data, 'qwen3', None, 'chatml', 256, max_new_tokens=5)
+    offline = metrics(score_replies(held.records, generate_replies(model, held.tok, held.records, 'chatml', 5, 2)))
+    got = sharded_eval(model, held, batch_size=2)
+    assert {k: got[k] for k in offline} == offline
+    assert got['sample']['prompt'] == 'What is 2 + 2?' and got['with_reference'] == 2
+    assert model.training   # back in training mode for the next step

@@ -241,47 +241,16 @@ def test_generation_evals_are_logged_with_the_loss_evals_and_timed(tmp_path, dat
 
 
 def scripted_accuracy(monkeypatch, values):
-    """generation_eval replaced by a script: the n-th call reports values[n]."""
+    """sharded_eval replaced by a script: the n-th call reports values[n]."""
     calls = []
 
-    def fake(model, gen, cfg, rt):
+    def fake(model, held, batch_size, rank, world, all_reduce, fsdp):
         calls.append(1)
         v = values[len(calls) - 1]
         return {'accuracy': v, 'format_compliance': 1.0, 'accuracy_per_task': {}, 'correct': 0,
                 'with_reference': 8, 'sample': {'prompt': 'p', 'reply': 'r', 'reference': 'r'},
                 'gen_eval_s': 0.0}
-    monkeypatch.setattr(train_sft, 'generation_eval', fake)
-
-
-def test_generation_on_an_fsdp_sharded_model_gives_the_plain_models_tokens(tmp_path):
-    """fsdp_unsharded gathers every parameter group for generate() (which calls the blocks step by
-    step, outside FSDP's forward hooks), then shards them again for training."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    from model_builder import ConfigurableGPT
-    from model_config import ModelArchitectureConfig
-    torch.manual_seed(0)
-    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny'))
-    with torch.no_grad():   # large random weights: varied replies, not one repeated token
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
-    expected = model.generate(prompts, max_new_tokens=8, temperature=0.0)
-    assert len({tuple(r) for r in expected}) == 3 and len(set(expected[0])) > 2
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
-    try:
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-        before = {k: type(v) for k, v in model.state_dict().items()}
-        with train_sft.fsdp_unsharded(model):
-            assert model.generate(prompts, max_new_tokens=8, temperature=0.0) == expected
-        assert {k: type(v) for k, v in model.state_dict().items()} == before   # sharded again
-        _, loss = model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
-        loss.backward()   # and FSDP's own forward/backward still work
-    finally:
-        dist.destroy_process_group()
+    monkeypatch.setattr(train_sft, 'sharded_eval', fake)
 
 
 @pytest.mark.slow
