@@ -112,7 +112,7 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('ckpt', help='checkpoint .pt written by train_sft.py')
+    p.add_argument('ckpt', help='checkpoint written by train_sft.py (.pt, or a sharded checkpoint directory)')
     p.add_argument('out_dir', help='Hugging Face directory to write')
     p.add_argument('--dtype', choices=sorted(DTYPES), default=None,
                    help='weights dtype (default: as trained)')

@@ -21,14 +21,15 @@ import torch
 
 
 def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
-    """-> (model in eval mode, ChatTokenizer, ChatFormat). `path`: a checkpoint file written by
-    train_sft.py or a local Hugging Face model directory."""
+    """-> (model in eval mode, ChatTokenizer, ChatFormat). `path`: a checkpoint written by
+    train_sft.py (a file, or a sharded checkpoint's directory) or a local Hugging Face model directory."""
     from chat_format import format_from_meta, resolve_format
+    from checkpoint import is_sharded_checkpoint, load_checkpoint
     from tokenizer import load_tokenizer
     if not os.path.exists(path):
         raise SystemExit(f'{path}: no such checkpoint file or model directory')
     chat_template, meta = None, {}
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
         from hf_interop import from_hf
         if not os.path.exists(os.path.join(path, 'config.json')):
             raise SystemExit(f'{path}: a directory without config.json is not a Hugging Face model')
@@ -39,7 +40,6 @@ def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
         has_tok = os.path.exists(os.path.join(path, 'tokenizer.json'))
         tok_name = tokenizer or (path if has_tok else 'qwen3')
     else:
-        from checkpoint import load_checkpoint
         try:
             model, ckpt = load_checkpoint(path, device='cpu')
         except ValueError as e:  # CheckpointError names the path and the problem

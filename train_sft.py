@@ -40,6 +40,9 @@ class TrainConfig:
     early_stopping_patience: int = 0  # stop after this many evaluations without a new best
                                       # best_metric (0 = never)
     keep_last_n: int = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
+    checkpoint_format: str = 'auto'   # 'file' (one torch.save file, gathered on rank 0) | 'sharded' (a
+                                      # directory, each rank writes its shard: torch.distributed.
+                                      # checkpoint) | 'auto' (sharded under parallel='fsdp', else file)
     init_from: str = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
     # generation evals: greedy replies scored for format and exact match (gen_eval.py, as eval_sft.py)
     gen_eval_data: str = ''           # held-out JSONL with `reference`s (or GSM8K); '' = off
@@ -104,6 +107,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'),
+                   'checkpoint_format': ('auto', 'file', 'sharded'),
                    'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
                    'mixture_by': ('', 'examples', 'tokens'),
                    'best_metric': ('val_loss', 'accuracy', 'format')}
@@ -157,8 +161,9 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from chat_records import DataError  # noqa: E402
+from checkpoint import (CheckpointError, is_sharded_checkpoint, load_checkpoint, materialize,  # noqa: E402
+                        open_sharded_checkpoint, restore_training_state, save_training_state)
 from gen_eval import HeldOut, load_held_out, sharded_eval  # noqa: E402
-from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
                       check_token_ids, eval_batches, mixture_of, open_split)
@@ -451,10 +456,15 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
             raise TrainError(f"init_from={init}: {e}") from e
     else:
         path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise TrainError(f"init_from={init}: checkpoint not found: {path}")
         try:
-            model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
+            if init == 'resume' and is_sharded_checkpoint(path):
+                # an empty (meta) model: parallelize() allocates it, sharded or not, and
+                # restore_training_state reads each rank's part of the weights
+                model, ckpt = open_sharded_checkpoint(path, dropout=cfg.dropout)
+            else:
+                model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
         except CheckpointError as e:
             raise TrainError(f"init_from={init}: {e}") from e
     if init != 'scratch':
@@ -463,7 +473,11 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
-    return model.to(device), ckpt
+    return (model if is_empty(model) else model.to(device)), ckpt
+
+
+def is_empty(model) -> bool:
+    return next(model.parameters()).is_meta
 
 
 ARCH_KEYS = {'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'kv_heads', 'n_embd': 'n_embd',
@@ -536,17 +550,20 @@ def parallelize(cfg: TrainConfig, rt: Runtime, model, ckpt, sampler, global_batc
     """Shard (FSDP) the model, build AdamW and restore the training state on resume, then compile
     and wrap (DDP). -> (model to call, the unwrapped model, optimizer, scaler, iter_num,
     best_val_loss, resumed_at)."""
+    empty = is_empty(model)   # resuming from a sharded checkpoint: the weights come with the training state
     if rt.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, rt.dtype), reduce_dtype=torch.float32) \
             if rt.device_type == 'cuda' and rt.dtype != 'float32' else MixedPrecisionPolicy()
         # DDP broadcasts rank 0's weights at wrap time, FSDP does not: ranks seeded differently would
         # each keep a shard of their own random init.
-        for v in model.state_dict().values():
+        for v in model.state_dict().values() if not empty else ():
             dist.broadcast(v, src=0)
         for block in model.transformer.h:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
+    if empty:   # after fully_shard: each rank allocates only its shard
+        materialize(model, rt.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == 'float16'))
@@ -731,7 +748,9 @@ def train(cfg: TrainConfig) -> dict:
             state['scaler'] = scaler.state_dict()
         return save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
                                    best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
-                                   keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
+                                   keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state,
+                                   sharded=cfg.checkpoint_format == 'sharded' or (cfg.checkpoint_format == 'auto'
+                                                                                  and rt.fsdp))
 
     meter = StepMeter(cfg, rt, raw_model)
     bar = Progress(cfg.max_iters, 'sft', 'step', initial=iter_num, every=None, enabled=rt.master)

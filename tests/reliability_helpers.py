@@ -5,9 +5,11 @@ Run as a wrapper around train_sft.main (plain python or under torchrun):
     python tests/reliability_helpers.py [train_sft.py arguments...]
 
 Environment knobs, all optional:
-  RELIAB_EVENTS=prefix    append one line per event to `prefix.<rank>`: 'iter N' (an optimizer step
-                          starts), 'fb M' (a step ran M micro-batches), 'save_begin PATH', 'save_end PATH'
-  RELIAB_SLOW_SAVE=sec    torch.save writes its bytes in 8 chunks spread over `sec` seconds, so a
+  RELIAB_EVENTS=prefix    append one line per event to `prefix.<rank>`: 'pid P' (at start-up), 'iter N' (a step
+                          starts), 'fb M' (it ran M micro-batches), 'save_begin PATH', 'save_end PATH'
+                          (PATH = out_dir for a sharded checkpoint)
+  RELIAB_SLOW_SAVE=sec    torch.save writes its bytes in 8 chunks spread over `sec` seconds, and a
+                          sharded save's shard writing (DCP) waits `sec` / 2 before and after, so a
                           SIGKILL can land in the middle of a checkpoint write
   RELIAB_RAISE_AT=N       with RELIAB_RAISE_RANK=r: rank r raises RuntimeError when step N starts
   RELIAB_AUDIT_WRITES=1   log 'write PATH' for every file this rank opens for writing, creates,
@@ -55,6 +57,7 @@ def _install_hooks():
         if log_fd is not None:   # one os.write per line: survives SIGKILL, no buffering
             os.write(log_fd, (' '.join(str(w) for w in words) + '\n').encode())
 
+    event('pid', os.getpid())   # torchrun's workers are not in its process group: kill them by pid
     raise_at = int(os.environ.get('RELIAB_RAISE_AT', -1))
     raise_rank = int(os.environ.get('RELIAB_RAISE_RANK', -1))
     real_get_lr = train_sft.get_lr
@@ -82,12 +85,21 @@ def _install_hooks():
         event('save_end', path)
     checkpoint.save_checkpoint = save_checkpoint
 
+    real_save_sharded = checkpoint.save_sharded_training_state
+
+    def save_sharded_training_state(out_dir, *a, **k):   # save_training_state looks it up at call time
+        event('save_begin', out_dir)
+        msg = real_save_sharded(out_dir, *a, **k)
+        event('save_end', out_dir)
+        return msg
+    checkpoint.save_sharded_training_state = save_sharded_training_state
+
     slow = float(os.environ.get('RELIAB_SLOW_SAVE', 0))
     if slow > 0:
         real_torch_save = torch.save
 
         def slow_torch_save(obj, f, *a, **k):
-            if not hasattr(f, 'write'):
+            if not hasattr(f, 'write') or isinstance(f, io.BytesIO):   # DCP serializes small objects so
                 return real_torch_save(obj, f, *a, **k)
             buf = io.BytesIO()
             real_torch_save(obj, buf, *a, **k)
@@ -97,6 +109,15 @@ def _install_hooks():
                 f.flush()
                 time.sleep(slow / n)
         torch.save = slow_torch_save
+        from torch.distributed.checkpoint import FileSystemWriter
+        real_write_data = FileSystemWriter.write_data
+
+        def slow_write_data(self, *a, **k):
+            time.sleep(slow / 2)
+            out = real_write_data(self, *a, **k)
+            time.sleep(slow / 2)
+            return out
+        FileSystemWriter.write_data = slow_write_data
 
     if os.environ.get('RELIAB_AUDIT_WRITES'):
         _audit_writes(event)

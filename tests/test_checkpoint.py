@@ -12,7 +12,7 @@ from model_config import ModelArchitectureConfig
 
 def _model(**overrides):
     torch.manual_seed(0)
-    return ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=101, **overrides))
+    return ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', **{'vocab_size': 101, **overrides}))
 
 
 def _ckpt(model, state_dict=None, **extra):
@@ -197,3 +197,151 @@ def test_checkpoints_get_the_file_modes_the_umask_gives(tmp_path, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / 'ckpt.pt').st_mode) == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------- sharded checkpoints (one process)
+# The multi-rank cases (FSDP shards, resharding, kills under torchrun) are in test_train_sft.py and
+# test_reliability.py; here the layout, pointers, rotation and errors, written by one process.
+
+def _trained(steps=1, seed=0, **overrides):
+    """A tiny model and its AdamW after `steps` steps: optimizer state that is not all zeros."""
+    model = _model(**overrides)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 101, (2, 9), generator=g)
+        _, loss = model(ids, labels=ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _save_sharded(out, model, opt, it, step_file=True, is_best=False, keep_last_n=0):
+    from checkpoint import save_training_state
+    from tokenizer import load_tokenizer
+    extra = {'config': {'chat_template': 'chatml'}, 'tokenizer': load_tokenizer('qwen3').meta(),
+             'data_state': {'epoch': 0, 'position': 4 * it}}
+    return save_training_state(out, model, opt, iter_num=it, best_val_loss=1.0 / it, step_file=step_file,
+                               is_best=is_best, keep_last_n=keep_last_n, sharded=True, extra=extra)
+
+
+def test_sharded_checkpoint_restores_model_optimizer_and_metadata_exactly(tmp_path):
+    from checkpoint import materialize, open_sharded_checkpoint, restore_training_state
+    model, opt = _trained(steps=2)
+    msg = _save_sharded(tmp_path, model, opt, 2, is_best=True)
+    assert msg == 'saved ckpt_000002/ (1 shard), ckpt.pt and ckpt_best.pt -> it, at iter 2'
+    assert sorted(os.listdir(tmp_path / 'ckpt_000002')) == ['.metadata', '__0_0.distcp', 'meta.pt']
+    assert os.readlink(tmp_path / 'ckpt.pt') == 'ckpt_000002' == os.readlink(tmp_path / 'ckpt_best.pt')
+    for path in (tmp_path / 'ckpt.pt', tmp_path / 'ckpt_000002'):   # the link or the directory
+        loaded, ck = load_checkpoint(path)
+        assert _same_outputs(model, loaded)
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+        assert ck['iter_num'] == 2 and ck['data_state']['position'] == 8 and len(ck['rng']) == 1
+    # the resume path: an empty model, then weights and optimizer state together
+    empty, ck = open_sharded_checkpoint(tmp_path / 'ckpt.pt')
+    assert all(p.is_meta for p in empty.parameters())
+    materialize(empty, 'cpu')
+    opt2 = empty.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    assert restore_training_state(ck, empty, opt2, log=lambda *a: None) == (2, 0.5, 2)
+    for a, b in zip(model.state_dict().values(), empty.state_dict().values()):
+        assert torch.equal(a, b)
+    sa, sb = opt.state_dict(), opt2.state_dict()
+    assert sa['param_groups'] == sb['param_groups']
+    for i, s in sa['state'].items():
+        for k, v in s.items():
+            assert torch.equal(v, sb['state'][i][k]), (i, k)
+
+
+def test_sharded_saves_move_the_links_and_rotate_but_keep_what_they_point_at(tmp_path):
+    model, opt = _trained()
+    save_checkpoint(tmp_path / 'ckpt.pt', _ckpt(model))   # a one-file ckpt.pt from an earlier run
+    _save_sharded(tmp_path, model, opt, 2, is_best=True, keep_last_n=1)
+    _save_sharded(tmp_path, model, opt, 4, keep_last_n=1)
+    _save_sharded(tmp_path, model, opt, 5, step_file=False, keep_last_n=1)   # a stop between evaluations
+    assert os.readlink(tmp_path / 'ckpt.pt') == 'ckpt_000005_stop'
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_000002', 'ckpt_000004', 'ckpt_000005_stop',
+                                            'ckpt_best.pt']   # 2 stays: ckpt_best.pt points at it
+    _save_sharded(tmp_path, model, opt, 6, keep_last_n=1)
+    assert os.readlink(tmp_path / 'ckpt.pt') == 'ckpt_000006' and os.readlink(tmp_path / 'ckpt_best.pt') == 'ckpt_000002'
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_000002', 'ckpt_000006', 'ckpt_best.pt']
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 6
+    assert load_checkpoint(tmp_path / 'ckpt_best.pt')[1]['iter_num'] == 2
+    (tmp_path / 'ckpt_000006' / '.metadata').write_bytes(b'damaged')   # the error says where to go back to
+    with pytest.raises(CheckpointError, match=r'ckpt_000006: damaged .*`ln -sfn ckpt_000002 .*ckpt\.pt`'):
+        load_checkpoint(tmp_path / 'ckpt.pt')
+
+
+def test_failed_or_killed_sharded_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    model, opt = _trained()
+    _save_sharded(tmp_path, model, opt, 2)
+    # what a SIGKILL mid-save leaves: a temporary directory of a dead process, partly written
+    dead = tmp_path / '.ckpt_000004.999999999.ab12cd34.tmp'
+    dead.mkdir()
+    (dead / '__0_0.distcp').write_bytes(b'partial')
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 2
+
+    def disk_full(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(FileSystemWriter, 'write_data', disk_full)
+    with pytest.raises(CheckpointError, match=r'ckpt_000006 at iter 6: .*No space left.*ckpt\.pt is the last'):
+        _save_sharded(tmp_path, model, opt, 6)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'ckpt_000002']   # the dead save's leftovers too
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 2
+
+
+def test_damaged_sharded_checkpoint_is_a_clear_error_naming_it(tmp_path):
+    import shutil
+    model, opt = _trained()
+    _save_sharded(tmp_path / 'good', model, opt, 2)
+    cases = {'no_shard': lambda d: (d / '__0_0.distcp').unlink(),
+             'short_shard': lambda d: (d / '__0_0.distcp').write_bytes((d / '__0_0.distcp').read_bytes()[:100]),
+             'no_meta': lambda d: (d / 'meta.pt').unlink(),
+             'bad_meta': lambda d: (d / 'meta.pt').write_bytes(b'garbage'),
+             'no_metadata': lambda d: (d / '.metadata').unlink()}
+    for name, damage in cases.items():
+        d = tmp_path / name
+        shutil.copytree(tmp_path / 'good' / 'ckpt_000002', d)
+        damage(d)
+        with pytest.raises(CheckpointError, match=name):
+            load_checkpoint(d)
+    # one flipped bit inside a tensor: DCP alone would load it; the sha256 in meta.pt does not match
+    d = tmp_path / 'flipped'
+    shutil.copytree(tmp_path / 'good' / 'ckpt_000002', d)
+    from torch.distributed.checkpoint import FileSystemReader
+    where = max((v for k, v in FileSystemReader(d).read_metadata().storage_data.items()   # not the tied wte
+                 if k.fqn.startswith('model.transformer.h.0.')), key=lambda v: v.length)
+    data = bytearray((d / where.relative_path).read_bytes())
+    data[where.offset + where.length // 2] ^= 0x10
+    (d / where.relative_path).write_bytes(bytes(data))
+    damaged, _ = load_checkpoint(d, verify=False)
+    assert not _same_outputs(model, damaged)
+    with pytest.raises(CheckpointError, match=r'flipped: damaged sharded checkpoint: __0_0\.distcp does not match.*no older'):
+        load_checkpoint(d)
+    other = tmp_path / 'other'   # the right files, another model
+    model2 = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=101, n_layer=3))
+    _save_sharded(other, model2, model2.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu'), 2)
+    meta = torch.load(tmp_path / 'good' / 'ckpt_000002' / 'meta.pt', weights_only=False)   # model_args of 'good'
+    meta['shard_sha256'] = torch.load(other / 'ckpt_000002' / 'meta.pt', weights_only=False)['shard_sha256']
+    save_checkpoint(other / 'ckpt_000002' / 'meta.pt', meta)
+    with pytest.raises(CheckpointError, match=r'ckpt_000002: weights do not fit model_args: .*unexpected.*h\.2'):
+        load_checkpoint(other / 'ckpt.pt')
+
+
+@pytest.mark.slow
+def test_export_and_sample_read_a_sharded_checkpoint(tmp_path):
+    import export_hf
+    import sample_sft
+    from hf_interop import from_hf
+    from tokenizer import load_tokenizer
+    model, opt = _trained(vocab_size=load_tokenizer('qwen3').vocab_size)
+    _save_sharded(tmp_path, model, opt, 2)
+    for path in (tmp_path / 'ckpt.pt', tmp_path / 'ckpt_000002'):
+        loaded, _, template = sample_sft.load_model(str(path))   # eval_sft.py loads through it too
+        assert _same_outputs(model, loaded) and template.name == 'chatml'
+    export_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    assert _same_outputs(model, from_hf(str(tmp_path / 'hf')))

@@ -844,6 +844,61 @@ def test_ranks_stay_in_lockstep_on_uneven_data_and_only_rank0_writes(world, tmp_
 
 
 @pytest.mark.slow
+def test_sigkill_of_every_rank_during_sharded_saves_keeps_the_previous_checkpoint_and_resumes_bit_exact(world, tmp_path):
+    """FSDP on 2 gloo ranks with sharded checkpoints (each rank writes its part into one directory):
+    in each of 3 runs the first save completes, then the whole job (torchrun and both workers, as when
+    a node dies) is SIGKILLed at a seeded moment inside the second save, slowed down to ~1.3 s. After
+    each kill ckpt.pt links to the previous complete checkpoint, equal to the uninterrupted run's of
+    that step; the run resumed after the last kill ends bit-identical to the uninterrupted one."""
+    from test_train_sft import saved_state
+    rng = random.Random(15)
+    over = dict(parallel='fsdp', backend='gloo', max_iters=8, eval_interval=2)
+    ref, out, events = tmp_path / 'ref', tmp_path / 'out', tmp_path / 'ev'
+    proc = spawn(cfg_for(world['data'], ref, **over), torchrun=True)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    saved = []
+
+    def kill_job(proc):
+        for pid in [int(e[1]) for r in (0, 1) for e in read_events(events, r) if e[0] == 'pid'] + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate(timeout=60)
+
+    def sharded_saves(ev, what):   # (save_checkpoint's own events are meta.pt's)
+        return sum(e[0] == what and e[1] == str(out) for e in ev)
+    for trial in range(3):
+        for f in tmp_path.glob('ev.*'):
+            f.unlink()
+        proc = spawn(cfg_for(world['data'], out, init_from='resume' if saved else 'scratch', **over), events,
+                     torchrun=True, RELIAB_SLOW_SAVE=0.6)
+        try:
+            wait_for(proc, events, lambda ev: sharded_saves(ev, 'save_begin') >= 2, timeout=150)
+            time.sleep(rng.uniform(0.0, 1.0))
+            ev = read_events(events)
+            assert proc.poll() is None and sharded_saves(ev, 'save_end') == 1, (trial, ev[-4:])  # mid-save
+        finally:
+            kill_job(proc)
+        model, ck = load_checkpoint(out / 'ckpt.pt')   # the first save of this run, complete and loadable
+        saved.append(ck['iter_num'])
+        assert os.path.isdir(out / 'ckpt.pt') and ck['iter_num'] == 2 * (trial + 1), (trial, saved)
+        assert_same_params(model.state_dict(), load_checkpoint(ref / f'ckpt_{saved[-1]:06d}')[0].state_dict(),
+                           f'ckpt.pt at {saved[-1]}')
+    assert [p.name for p in out.iterdir() if '.tmp' in p.name]   # what the killed saves left behind
+    proc = spawn(cfg_for(world['data'], out, init_from='resume', **over), torchrun=True)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert not [p.name for p in out.iterdir() if '.tmp' in p.name]   # removed by the next save
+    (ma, oa, _), (mb, ob, _) = saved_state(out / 'ckpt.pt'), saved_state(ref / 'ckpt.pt')
+    assert_same_params(ma, mb, 'final parameters')
+    for k in ob['state']:
+        for name in ('exp_avg', 'exp_avg_sq'):
+            assert torch.equal(oa['state'][k][name], ob['state'][k][name]), (k, name)
+
+
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(world, tmp_path):
     """What SLURM / spot preemption does: SIGTERM to the launcher. torchrun forwards it to the workers
     (and SIGKILLs them 30 s later); they agree to stop after the current step and rank 0 saves."""

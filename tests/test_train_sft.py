@@ -94,8 +94,34 @@ def mix_dir(tmp_path_factory):
     return tmp / 'data'
 
 
+def saved_state(path):
+    """(model state, optimizer state, the other keys) of a checkpoint of either format, read whole in
+    this process: a file, or a sharded checkpoint's directory (or ckpt.pt linking to one)."""
+    import os
+    import warnings
+    if os.path.isdir(path):
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        with warnings.catch_warnings():   # "assuming the intent is to load in a single process": yes
+            warnings.simplefilter('ignore')
+            sd = _load_state_dict_from_keys(checkpoint_id=os.path.realpath(path))
+        return sd['model'], sd['optimizer'], torch.load(os.path.join(path, 'meta.pt'), weights_only=False)
+    ck = torch.load(path, map_location='cpu', weights_only=False)
+    return ck.pop('model'), ck.pop('optimizer'), ck
+
+
 def params_of(path):
-    return torch.load(path, map_location='cpu', weights_only=False)['model']
+    return saved_state(path)[0]
+
+
+def assert_same_state(a, b, what):
+    """Two checkpoints hold bit-identical model and optimizer state."""
+    (ma, oa, _), (mb, ob, _) = saved_state(a), saved_state(b)
+    assert ma.keys() == mb.keys() and oa['state'].keys() == ob['state'].keys(), what
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), f'{what}: {k}'
+    for k, s in oa['state'].items():
+        for name, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob['state'][k][name])), f'{what}: {k}.{name}'
 
 
 def toy_gen_set(path, n=8, seed=5):
@@ -555,7 +581,7 @@ def test_fsdp_matches_one_process_and_saves_a_plain_checkpoint(tmp_path, data_di
     gen = dict(gen_eval_data=toy_gen_set(tmp_path / 'gen.jsonl', n=5), gen_eval_max_new_tokens=6,
                gen_eval_interval=2)
     fsdp = tiny_cfg(tmp_path / 'fsdp', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2,
-                    **FSDP_COMMON, **gen)
+                    checkpoint_format='file', **FSDP_COMMON, **gen)
     one = tiny_cfg(tmp_path / 'one', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON, **gen)
     torchrun2(fsdp)
     train_sft.train(one)
@@ -586,38 +612,91 @@ def test_fsdp_resume_matches_uninterrupted_fsdp_run(tmp_path, data_dir):
     part = dataclasses.replace(full, out_dir=str(tmp_path / 'part' / 'out'), max_iters=2)
     torchrun2(part)
     torchrun2(dataclasses.replace(part, init_from='resume', max_iters=4))
-    a, b = params_of(tmp_path / 'full' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'part' / 'out' / 'ckpt.pt')
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
-    oa = torch.load(tmp_path / 'full' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
-    ob = torch.load(tmp_path / 'part' / 'out' / 'ckpt.pt', weights_only=False)['optimizer']
-    for k in oa['state']:
-        torch.testing.assert_close(oa['state'][k]['exp_avg'], ob['state'][k]['exp_avg'], atol=1e-6, rtol=1e-6)
+    # under FSDP checkpoints are sharded (checkpoint_format='auto'): each rank saved and restored its part
+    assert (tmp_path / 'part' / 'out' / 'ckpt_000002' / '__1_0.distcp').is_file()
+    assert_same_state(tmp_path / 'full' / 'out' / 'ckpt.pt', tmp_path / 'part' / 'out' / 'ckpt.pt', 'resumed')
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_across_one_process_and_fsdp(tmp_path, data_dir):
-    """The optimizer state is saved by parameter name, so an FSDP checkpoint resumes in one process
-    (or under DDP) and the other way round, both ending where an uninterrupted process does."""
-    half = dict(FSDP_COMMON, max_iters=2)
-    ref = tiny_cfg(tmp_path / 'ref', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON)
-    train_sft.train(ref)
+def test_checkpoints_of_both_formats_resume_across_world_sizes_and_sharded_ones_bit_exactly(tmp_path, data_dir):
+    """One run continued on other world sizes and modes, FSDP x 2 -> DDP x 2 -> one process ->
+    FSDP x 2, once with sharded checkpoints and once with one-file ones. DCP reshards each sharded
+    checkpoint for the next link, and every link ends bit-identical to its one-file twin (model,
+    AdamW state, RNG states, data cursor); the chain ends where an uninterrupted process does."""
+    import os
     # the same global batch (4 rows) throughout: 2 ranks x 2 micro-steps or 1 process x 4
-    a = tiny_cfg(tmp_path / 'a', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2, **half)
-    torchrun2(a)
-    train_sft.train(dataclasses.replace(a, init_from='resume', max_iters=4, parallel='ddp', gradient_accumulation_steps=4))
-    b = tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), gradient_accumulation_steps=4, **half)
-    train_sft.train(b)
-    torchrun2(dataclasses.replace(b, init_from='resume', max_iters=4, parallel='fsdp', gradient_accumulation_steps=2))
-    ckpts = {n: torch.load(tmp_path / n / 'out' / 'ckpt.pt', weights_only=False) for n in ('ref', 'a', 'b')}
-    for n in ('a', 'b'):
-        assert ckpts[n]['iter_num'] == 4
-        for k, v in ckpts['ref']['model'].items():
-            torch.testing.assert_close(ckpts[n]['model'][k], v, atol=1e-5, rtol=1e-5, msg=f'{n}: {k}')
-        ref_state, state = ckpts['ref']['optimizer']['state'], ckpts[n]['optimizer']['state']
-        assert sorted(state) == sorted(ref_state) and set(state) <= set(ckpts['ref']['model'])
-        for k in ref_state:
-            torch.testing.assert_close(state[k]['exp_avg_sq'], ref_state[k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
+    common = dict(FSDP_COMMON, data_dir=str(data_dir), max_iters=5, lr_decay_iters=5)
+    links = [(2, 'fsdp', 2), (3, 'ddp', 2), (4, 'ddp', 1), (5, 'fsdp', 2)]   # (stop at, parallel, ranks)
+    for fmt in ('sharded', 'file'):
+        for n, (it, parallel, ranks) in enumerate(links):
+            cfg = tiny_cfg(tmp_path / fmt, checkpoint_format=fmt, init_from='resume' if n else 'scratch',
+                           max_iters=it, parallel=parallel, gradient_accumulation_steps=4 // ranks,
+                           **{k: v for k, v in common.items() if k != 'max_iters'})
+            torchrun2(cfg) if ranks == 2 else train_sft.train(cfg)
+    sharded, file = tmp_path / 'sharded' / 'out', tmp_path / 'file' / 'out'
+    # the layout: one directory per checkpoint, one file per rank that wrote it, ckpt.pt a link to the newest
+    assert sorted(os.listdir(sharded / 'ckpt_000002')) == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt']
+    assert sorted(os.listdir(sharded / 'ckpt_000004')) == ['.metadata', '__0_0.distcp', 'meta.pt']
+    assert os.readlink(sharded / 'ckpt.pt') == 'ckpt_000005' and not list(sharded.glob('.*'))
+    # FSDP: each rank wrote about half of the state, nothing gathered (~3% is the metadata)
+    assert (sharded / 'ckpt_000002' / '__0_0.distcp').stat().st_size < 0.6 * (file / 'ckpt_000002.pt').stat().st_size
+    for it, _, _ in links:
+        what = f'iter {it}'
+        assert_same_state(sharded / f'ckpt_{it:06d}', file / f'ckpt_{it:06d}.pt', what)
+        ms, mf = saved_state(sharded / f'ckpt_{it:06d}')[2], saved_state(file / f'ckpt_{it:06d}.pt')[2]
+        assert ms['iter_num'] == mf['iter_num'] == it and ms['data_state'] == mf['data_state'], what
+        assert len(ms['rng']) == len(mf['rng']) == (1 if it == 4 else 2)
+        for a, b in zip(ms['rng'], mf['rng']):
+            assert torch.equal(a['torch'], b['torch']) and a['numpy'] == b['numpy'], what
+    ref = tiny_cfg(tmp_path / 'ref', gradient_accumulation_steps=4, **common)
+    train_sft.train(ref)
+    (mr, orf, _), (ms, osd, _) = saved_state(tmp_path / 'ref' / 'out' / 'ckpt.pt'), saved_state(sharded / 'ckpt.pt')
+    for k in mr:
+        torch.testing.assert_close(ms[k], mr[k], atol=1e-5, rtol=1e-5, msg=k)
+    for k in orf['state']:
+        torch.testing.assert_close(osd['state'][k]['exp_avg_sq'], orf['state'][k]['exp_avg_sq'], atol=1e-7, rtol=1e-4)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('localhost', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_as_users_do_match_one_process(tmp_path, data_dir):
+    """The README's multi-node command on localhost: two torchrun launchers (one per "node", one
+    worker each) meet through a c10d rendezvous and train over gloo, with DDP and with FSDP (whose
+    sharded checkpoints both nodes write into the shared out_dir): the same parameters as one
+    process with twice the accumulation."""
+    import os
+    import subprocess
+    import sys
+    common = dict(FSDP_COMMON, data_dir=str(data_dir), batch_size=2)
+    one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=4, **common)
+    train_sft.train(one)
+    ref = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt')
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    for parallel in ('ddp', 'fsdp'):
+        cfg = tiny_cfg(tmp_path / parallel, parallel=parallel, gradient_accumulation_steps=2, **common)
+        port = free_port()
+        # the README's command, with localhost for $MASTER_ADDR and one worker per node
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+               '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}', f'--rdzv_id=sft-{parallel}',
+               os.path.join(root, 'train_sft.py'), *cli_args(cfg)]
+        nodes = [subprocess.Popen(cmd, cwd=root, env={**os.environ, 'OMP_NUM_THREADS': '1'}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+        logs = [p.communicate(timeout=300)[0] for p in nodes]
+        assert [p.returncode for p in nodes] == [0, 0], '\n'.join(log[-3000:] for log in logs)
+        assert sum('world_size=2 global batch=8 rows' in log for log in logs) == 1   # rank 0 prints
+        out = tmp_path / parallel / 'out'
+        if parallel == 'fsdp':
+            assert sorted(os.listdir(out / 'ckpt_000004')) == ['.metadata', '__0_0.distcp', '__1_0.distcp', 'meta.pt']
+        got = params_of(out / 'ckpt.pt')
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=f'{parallel}: {k}')
 
 
 @pytest.mark.gpu
