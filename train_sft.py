@@ -876,6 +876,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     try:
         train(cfg)
+        if dist.is_initialized():
+            # every rank done before any tears its connections down: a rank that exits while another
+            # still talks to it makes gloo's thread abort that one ("terminate called without an
+            # active exception", seen after a sharded save under load)
+            dist.barrier()
     except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     finally:
