@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from configurator import ConfigError, configure, help_text
+from model_config import ATTENTION_CHOICES
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,25 @@ class TrainConfig:
     dtype: str = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other
                                       # CUDA, float32 on CPU
     compile: bool = False             # torch.compile the model
+    attention: str = 'auto'           # packed rows: 'auto' (flash varlen on CUDA bf16/fp16, SDPA per
+                                      # document elsewhere) | 'varlen' | 'per_doc' | 'dense' (the
+                                      # O(T^2) mask: a reference); all compute the same (attention.py)
+    activation_checkpointing: str = 'none'  # 'none' | 'full' (recompute every block in backward:
+                                      # ~1/3 more compute, activations ~ one n_embd vector per token
+                                      # per layer) | 'selective' (every k-th block, k below)
+    activation_checkpointing_every: int = 2  # 'selective': checkpoint blocks 0, k, 2k, ...
     peak_flops: float = 0.0           # per GPU, for MFU; 0 -> guess from the device name
 
     def __post_init__(self):
         choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'),
-                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16')}
+                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
+                   'attention': ATTENTION_CHOICES,
+                   'activation_checkpointing': ('none', 'full', 'selective')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
         for key in ('eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_size',
-                    'max_nan_steps'):
+                    'max_nan_steps', 'activation_checkpointing_every'):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.block_size < 2:
@@ -121,6 +131,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from attention import resolve as resolve_attention  # noqa: E402
 from chat_records import DataError  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
@@ -161,15 +172,13 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     denom = total[0].clamp(min=1.0).float()
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
     for m, (batch, index) in enumerate(zip(batches, indices)):
-        batch = {k: v.to(dev, non_blocking=True) for k, v in dict(batch, trained_index=index).items()}
+        kw = model_inputs(batch, dev)
         # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step.
         if fsdp:
             model.set_requires_gradient_sync(m == len(batches) - 1)
         with (model.no_sync() if ddp and not fsdp and m < len(batches) - 1 else nullcontext()):
             with autocast:
-                _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
-                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
-                                    reduction='sum', trained_index=batch['trained_index'])
+                _, loss_sum = model(**kw, reduction='sum', trained_index=index.to(dev, non_blocking=True))
             # x world: DDP and FSDP average gradients over ranks, but the global count already normalized.
             loss = loss_sum.float() / denom * world
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -177,6 +186,17 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
         stats[1] += len(index)
         stats[2] += batch['input_ids'].numel()
     return stats
+
+
+def model_inputs(batch: dict, dev) -> dict:
+    """A collated batch -> the model's keyword arguments on dev. Packed rows' document boundaries
+    (cu_seqlens) stay on the host with their longest document read there, free: the model copies
+    what its attention kernel needs, and nothing waits for the device."""
+    kw = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != 'cu_seqlens'}
+    if 'cu_seqlens' in batch:
+        cu = batch['cu_seqlens']
+        kw.update(cu_seqlens=cu, max_seqlen=int(torch.diff(cu).max()))
+    return kw
 
 
 @torch.no_grad()
@@ -189,10 +209,8 @@ def estimate_loss(model, datasets: dict, cfg: TrainConfig, rt: 'Runtime') -> dic
         acc = torch.zeros(2, dtype=torch.float64, device=rt.device)
         if len(units):
             for batch in eval_batches(ds, units, cfg.eval_iters, rt.world, rt.rank, cfg.batch_size):
-                batch = {k: v.to(rt.device) for k, v in batch.items()}
                 with rt.autocast:
-                    _, loss = model(batch['input_ids'], labels=batch['labels'], reduction='sum',
-                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'))
+                    _, loss = model(**model_inputs(batch, rt.device), reduction='sum')
                 acc[0] += loss.double()
                 acc[1] += (batch['labels'][:, 1:] != IGNORE_INDEX).sum()   # targets: labels shifted
         rt.all_reduce(acc)
@@ -324,10 +342,26 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
         except CheckpointError as e:
             raise TrainError(f"init_from={init}: {e}") from e
     set_dropout(model, cfg.dropout)
+    model.config.attention = cfg.attention     # how, not what: a training choice like dropout
+    model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.activation_checkpointing_every)
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
     return model.to(device), ckpt
+
+
+def describe_attention(cfg: TrainConfig, rt: Runtime) -> str:
+    """The log line naming the attention path the training rows take (the model picks it per call
+    with the same attention.resolve) and the activation checkpointing."""
+    if cfg.packing:
+        path, why = resolve_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout)
+        line = f"attention: {path} ({why}), packed rows of {cfg.block_size}"
+    else:
+        line = "attention: causal SDPA (padded rows: no documents to separate)"
+    ac = cfg.activation_checkpointing
+    if ac == 'selective':
+        ac += f' (every {cfg.activation_checkpointing_every} blocks)'
+    return f"{line}; activation checkpointing: {ac}"
 
 
 def set_dropout(model, p: float):
@@ -488,6 +522,7 @@ def train(cfg: TrainConfig) -> dict:
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"init_from={cfg.init_from}")
+    rt.print0(describe_attention(cfg, rt))
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
