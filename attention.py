@@ -8,10 +8,9 @@ documents of all rows form one list. sft_data's packer makes them on the host wi
 Paths for packed rows (ModelArchitectureConfig.attention, chosen per call by `resolve`):
   'varlen'   torch.nn.attention.varlen.varlen_attn: the flash kernel over the document list, native
              GQA, no mask; CUDA with fp16/bf16 q/k/v only. Cost ~ sum of squared document lengths.
-  'per_doc'  causal SDPA per document with enable_gqa (no K/V copies), on token-major views: also
-             ~ sum of squared lengths, for CPU (FlexAttention has no backward there) and fp32 CUDA.
-             Measured on the 2-core CPU at 8/2 heads x 64, GSM8K-like documents (forward + backward):
-             12 ms at T=512 to 300 ms at T=8192, vs 32 ms to 3 s for the dense mask at T=512..4096.
+  'per_doc'  causal SDPA per document with enable_gqa (no K/V copies; on CPU its flash kernel), on
+             token-major views: also ~ sum of squared lengths, for CPU (FlexAttention has no backward
+             there) and fp32 CUDA. Saved for backward: q, k, v, the output and its logsumexp.
   'dense'    the (B, 1, T, T) boolean mask from the document ids and SDPA over the whole row, K/V
              repeated per query head (the memory-efficient CUDA kernel takes a mask but no GQA).
              O(T^2) time and memory; kept as the reference the others are tested against.
@@ -111,11 +110,16 @@ class Documents:
 def document_attention(q, k, v, docs: Documents, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention inside documents. q: (N, H, D), k and v: (N, H_kv, D) token-major, N = B*T
     tokens of the flattened rows -> (N, H, D)."""
-    path, _ = resolve(docs.choice, q.device.type, q.dtype, dropout_p)
+    dev = q.device.type
+    # Under autocast SDPA runs in the autocast dtype; varlen_attn, a custom op, is not cast by
+    # autocast, and RoPE / QK-norm in fp32 hand it fp32 q and k: cast as SDPA's autocast would.
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    path, _ = resolve(docs.choice, dev, dtype, dropout_p)
     gqa = k.shape[1] != q.shape[1]
     if path == 'varlen':
         from torch.nn.attention.varlen import varlen_attn
         cu, m = docs.cu_on(q.device), docs.max_seqlen()
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0), enable_gqa=gqa)
     if path != 'per_doc':
         raise ValueError(f"document_attention: path {path!r} is handled by the model's mask")
@@ -124,10 +128,13 @@ def document_attention(q, k, v, docs: Documents, dropout_p: float = 0.0) -> torc
 
 # Eager under torch.compile: the document lengths change every batch (a graph per length list
 # would recompile until the cache limit). split/cat, not slicing: the backward of n slices would
-# build n full-size zero gradients (O(n T)), the backward of split concatenates once.
+# build n full-size zero gradients (O(n T)), the backward of split concatenates once. 4-D views:
+# CPU SDPA takes its flash kernel (GQA native, O(L) saved state) only for 4-D inputs; 3-D ones fall
+# back to the math kernel, which expands K/V and keeps the L x L probabilities for backward.
 @torch.compiler.disable
 def _per_doc(q, k, v, lengths, dropout_p, gqa):
-    outs = [F.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1),
-                                           is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    outs = [F.scaled_dot_product_attention(a.transpose(0, 1)[None], b.transpose(0, 1)[None],
+                                           c.transpose(0, 1)[None], is_causal=True,
+                                           dropout_p=dropout_p, enable_gqa=gqa)[0]
             for a, b, c in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
     return torch.cat([o.transpose(0, 1) for o in outs])

@@ -50,21 +50,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=fp, device=h.device)
             for s in range(0, h.shape[0], chunk_rows):
                 hc, tc = hc_all[s:s + chunk_rows], targets[s:s + chunk_rows]
-                logits = (hc @ w.t()).to(fp)
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-                if not (want_h or want_w):
-                    continue
-                p = logits.sub_(lse[:, None]).exp_()                  # softmax, in place
-                p.scatter_add_(1, tc[:, None], p.new_full((len(tc), 1), -1.0))  # d(CE sum)/d(logits)
-                p = p.to(dtype)
-                if want_h:
-                    grad_h[s:s + chunk_rows] = p @ w
-                if want_w:
-                    if grad_w.dtype == dtype:
-                        grad_w.addmm_(p.t(), hc)
-                    else:
-                        grad_w += (p.t() @ hc).to(grad_w.dtype)
+                # one (rows, vocab) buffer per chunk, everything in place (logsumexp would add a
+                # second): e = exp(logits - max), loss = max + log(sum e) - target logit
+                e = (hc @ w.t()).to(fp)
+                target = e.gather(1, tc[:, None]).squeeze(1)
+                top = e.amax(dim=-1, keepdim=True)
+                z = e.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                loss += (top + z.log()).squeeze(1).sub_(target).sum()
+                if want_h or want_w:
+                    p = e.div_(z)                                      # softmax, in place
+                    p.scatter_add_(1, tc[:, None], p.new_full((len(tc), 1), -1.0))  # d(CE sum)/d(logits)
+                    p = p.to(dtype)
+                    if want_h:
+                        grad_h[s:s + chunk_rows] = p @ w
+                    if want_w:
+                        if grad_w.dtype == dtype:
+                            grad_w.addmm_(p.t(), hc)
+                        else:
+                            grad_w += (p.t() @ hc).to(grad_w.dtype)
+                e = p = None   # freed before the next chunk's logits, not after them
         ctx.save_for_backward(grad_h, grad_w)
         ctx.used, ctx.weight_dtype = False, weight.dtype
         return loss

@@ -109,7 +109,9 @@ class TrainConfig:
             raise ConfigError("eval_iters, max_iters and keep_last_n must be >= 0")
 
 
-USAGE = 'usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]'
+USAGE = ('usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]\n'
+         '       train_sft.py [config.py ...] [--key=value ...] --plan [--gpus N] [--gpu_memory_gb G]'
+         '   (memory per GPU of this run and its alternatives, nothing trained)')
 if __name__ == '__main__' and {'-h', '--help'} & set(sys.argv[1:]):
     # --help answers here, before torch is imported (seconds on a cold start)
     try:
@@ -311,20 +313,26 @@ def data_tokenizer(meta: dict) -> dict:
     return tok
 
 
+def scratch_architecture(cfg: TrainConfig):
+    """init_from='scratch': the preset with the config's architecture keys on top."""
+    from model_config import ModelArchitectureConfig
+    arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
+    for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
+        if getattr(cfg, k) is not None:
+            arch[k] = getattr(cfg, k)
+    arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
+    try:
+        return ModelArchitectureConfig.from_dict(arch)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+
+
 def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]:
     """The starting model from init_from -> (model, its checkpoint dict or None)."""
     from model_config import ModelArchitectureConfig
     init, ckpt = cfg.init_from, None
     if init == 'scratch':
-        arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
-        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
-            if getattr(cfg, k) is not None:
-                arch[k] = getattr(cfg, k)
-        arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
-        try:
-            model = ConfigurableGPT(ModelArchitectureConfig.from_dict(arch))
-        except (TypeError, ValueError) as e:
-            raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+        model = ConfigurableGPT(scratch_architecture(cfg))
     elif init.startswith('hf:'):
         from hf_interop import from_hf
         if not os.path.isdir(init[3:]):
@@ -654,16 +662,96 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+# -----------------------------------------------------------------------------
+# --plan: will it fit? (memory_plan.py does the arithmetic)
+
+def plan_args(argv: list[str]) -> tuple[list[str], dict | None]:
+    """Take --plan, --gpus N and --gpu_memory_gb G out of argv -> (the rest, the plan's options or
+    None without --plan)."""
+    rest, opts, i = [], {'gpus': 1, 'gpu_memory_gb': 80.0}, 0
+    planning = False
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, text = arg[2:].partition('=')
+        if arg == '--plan':
+            planning = True
+        elif arg.startswith('--') and key in opts:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"--{key}: missing value")
+                text, i = argv[i + 1], i + 1
+            try:
+                opts[key] = type(opts[key])(text)
+            except ValueError:
+                raise ConfigError(f"--{key}={text}: expected a number") from None
+            if opts[key] <= 0:
+                raise ConfigError(f"--{key}={text}: must be > 0")
+        else:
+            rest.append(arg)
+        i += 1
+    if not planning and rest != argv:
+        raise ConfigError("--gpus and --gpu_memory_gb go with --plan")
+    return rest, opts if planning else None
+
+
+def planned_architecture(cfg: TrainConfig):
+    """The architecture init_from would train, read without loading any weights."""
+    from model_config import PRESETS, ModelArchitectureConfig
+    init = cfg.init_from
+    try:
+        if init == 'scratch':
+            return scratch_architecture(cfg)
+        if init.startswith('hf:'):
+            path = os.path.join(init[3:], 'config.json')
+            # planning comes before the download: a directory named after a preset plans the preset
+            name = os.path.basename(os.path.normpath(init[3:])).lower().removesuffix('-base')
+            if not os.path.exists(path) and name in PRESETS:
+                print(f"--plan: {path} not found; planning the '{name}' preset the directory is named after")
+                return ModelArchitectureConfig.from_preset(name)
+            with open(path) as f:
+                return ModelArchitectureConfig.from_hf_config(json.load(f))
+        path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
+        ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
+        return ModelArchitectureConfig.from_dict(ckpt['model_args'])
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise TrainError(f"--plan: cannot read the architecture of init_from={init}: {e} (or plan a "
+                         f"preset: --init_from=scratch --model_preset=NAME)") from e
+
+
+def memory_report(cfg: TrainConfig, gpus: int, gpu_memory_gb: float) -> str:
+    import memory_plan
+    arch = planned_architecture(cfg)
+    targets = getattr(cfg, 'lora_targets', 'all')
+    setup = memory_plan.Setup(
+        parallel=cfg.parallel if gpus > 1 else 'single', gpus=gpus, finetune=getattr(cfg, 'finetune', 'full'),
+        lora_rank=getattr(cfg, 'lora_rank', 16),
+        lora_targets=tuple(targets.split(',') if isinstance(targets, str) else targets),
+        ac=cfg.activation_checkpointing, ac_every=cfg.activation_checkpointing_every)
+    dtype = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32', '': 'bfloat16'}.get(cfg.dtype, cfg.dtype)
+    tokens = cfg.batch_size * cfg.block_size
+    title = (f"{cfg.init_from if cfg.init_from != 'scratch' else cfg.model_preset}: "
+             f"{arch.num_params(non_embedding=False) / 1e9:.2f}B parameters, {arch.n_layer} layers x "
+             f"{arch.n_embd}, vocab {arch.vocab_size:,}; {cfg.batch_size} rows x {cfg.block_size} tokens "
+             f"per micro-step, {cfg.gradient_accumulation_steps} micro-steps, {gpus} GPU(s)")
+    return memory_plan.report(arch, setup, tokens, gpu_memory_gb, dtype=dtype,
+                              grad_accum=cfg.gradient_accumulation_steps, title=title,
+                              path=None if cfg.packing else 'sdpa')
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if '-h' in argv or '--help' in argv:
             print(help_text(TrainConfig, argv, USAGE))
             return
+        argv, planning = plan_args(argv)
         cfg = configure(TrainConfig, argv)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
     try:
+        if planning is not None:
+            print(memory_report(cfg, **planning))
+            return
         train(cfg)
     except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
