@@ -32,8 +32,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
-# name -> (n_layer, n_embd, n_head, n_kv_head, intermediate); head_dim 64, Qwen3 style
-SHAPES = {'2x128': (2, 128, 2, 1, 384), '6x512': (6, 512, 8, 4, 1536), '12x768': (12, 768, 12, 4, 2304)}
 # shape@block[xrows][:ac[/every]][:vocab]
 DEFAULT_CASES = ('2x128@1024', '6x512@2048', '6x512@4096:full', '12x768@1024:selective/2',
                  '6x512@2048x2:none:32000', '12x768@2048:full:32000')
@@ -50,7 +48,7 @@ def parse_case(case: str) -> dict:
 
 def architecture(c: dict):
     from model_config import ModelArchitectureConfig
-    L, C, H, KV, F = SHAPES[c['shape']]
+    L, C, H, KV, F = common.shape(c['shape'])
     return ModelArchitectureConfig.from_preset('tiny', n_layer=L, n_embd=C, n_head=H, n_kv_head=KV,
                                                head_dim=64, intermediate_size=F, vocab_size=c['vocab'],
                                                block_size=c['block'])

@@ -10,6 +10,17 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the benchmark shapes: name -> (n_layer, n_embd, n_head, n_kv_head, intermediate); head_dim 64, GQA
+SHAPES = {'2x128': (2, 128, 2, 1, 384), '6x512': (6, 512, 8, 4, 1536), '12x768': (12, 768, 12, 4, 2304)}
+
+
+def shape(name: str) -> tuple[int, int, int, int, int]:
+    """A SHAPES entry, or 'LxC' for any other: head_dim 64, 2 query heads per KV head, ffn 3 C."""
+    if name in SHAPES:
+        return SHAPES[name]
+    n_layer, _, n_embd = name.partition('x')
+    heads = max(1, int(n_embd) // 64)
+    return int(n_layer), int(n_embd), heads, max(1, heads // 2), 3 * int(n_embd)
 GSM8K = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k', 'train.jsonl')
 
 # ChatML exactly as nanoSFT renders it (tokenizer.py, chat_template='chatml'): the assistant content
