@@ -343,6 +343,28 @@ def test_compiled_model_with_checkpointed_blocks_and_packed_rows_matches_eager()
     torch._dynamo.reset()
 
 
+@pytest.mark.gpu
+def test_packed_rows_on_cuda_under_bf16_autocast_take_varlen_and_match_the_dense_mask(monkeypatch):
+    import torch.nn.attention.varlen as varlen
+    calls = []
+    real = varlen.varlen_attn
+    monkeypatch.setattr(varlen, 'varlen_attn', lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    model = _tiny(n_head=4, n_kv_head=2, head_dim=64).cuda()
+    ids, labels, pos, doc_ids, cu = _packed_batch()
+    ids, labels, pos, doc_ids = ids.cuda(), labels.cuda(), pos.cuda(), doc_ids.cuda()
+    out = {}
+    for attention in ('dense', 'auto'):
+        model.config.attention = attention
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out[attention] = _loss_and_grads(model, ids, labels, position_ids=pos, doc_ids=doc_ids,
+                                              cu_seqlens=cu, max_seqlen=9)
+    assert calls and set(calls) == {torch.bfloat16} and len(calls) == model.config.n_layer
+    assert abs(out['auto'][0] - out['dense'][0]) < 2e-2
+    for name, g in out['auto'][1].items():
+        ref = out['dense'][1][name]
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
+
+
 def test_gqa_qk_norm_bias_and_dropout_knobs_build_and_train():
     model = _tiny(dropout=0.1, bias=True, attn_qkv_bias=True, n_kv_head=1)
     model.train()
