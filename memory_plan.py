@@ -15,7 +15,7 @@ autocast on CUDA, the fused LM-head loss, document-masked attention without a ma
                place), the selected hidden states and their gradient.
 The peak is the largest of four moments of a step: the loss at the end of the forward (all
 activations alive), the first block of the backward, the embedding's backward (the tied matrix's
-dense gradient) and the optimizer step (CPU foreach AdamW: one parameter-sized temporary).
+dense gradient) and the optimizer step (fused AdamW, CPU and CUDA: no temporaries).
 Validated against measured CPU peaks by benchmarks/bench_memory.py (and tests/test_memory_plan.py):
 fp32 is what is measured; the bf16 and FSDP terms follow the same accounting but are estimates until
 a GPU run checks them. Imports only model_config: no torch, runs anywhere.
@@ -159,7 +159,6 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     if lo == 2 and head_trained:
         loss += 2 * emb                                 # the head's 16-bit copy inside the loss
     bw_temp = tokens * 4 * 2 * C                        # the residual stream's gradients
-    opt_temp = 4 * trainable / N if device == 'cpu' else 0   # CUDA: fused AdamW, no temporaries
     grads_in_fwd = grads if grad_accum > 1 else grad_head + (grads - 4 * trainable / N
                                                              if setup.parallel == 'ddp' else 0)
     base = weights + optimizer
@@ -167,7 +166,7 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         'forward end (loss)': base + grads_in_fwd + activations + loss,
         'backward start': base + grads_in_fwd + activations + recomputed + bw_temp,
         'embedding backward': base + grads + (4 * emb / N if head_trained and a.tie_word_embeddings else 0),
-        'optimizer step': base + grads + opt_temp,
+        'optimizer step': base + grads,            # fused AdamW: no temporaries
     }
     return Plan(setup, weights, grads, optimizer, activations, loss, phases)
 

@@ -385,7 +385,9 @@ class ConfigurableGPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
-        extra = {'fused': True} if device_type == 'cuda' else {}
+        # fused: one pass over each tensor. On CPU it took 0.35 CPU-s per step for 199M parameters
+        # where foreach took 2.2 (2-core EPYC), and it needs no parameter-sized temporary.
+        extra = {'fused': True} if device_type in ('cuda', 'cpu') else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), **extra)
 
     # ------------------------------------------------------------------ generation

@@ -16,7 +16,7 @@ Each case runs in its own process: GSM8K conversations packed with document mask
                 MALLOC_MMAP_THRESHOLD_=65536: glibc's default raises the threshold after big frees
                 and then keeps freed buffers of up to 32 MiB (+350 MiB at 6x512, 2 x 2048, measured).
 The planner gets the same architecture, tokens per step, trained tokens, dtype (fp32) and device
-(CPU: foreach AdamW's temporary) and nothing measured. Goal: within 15% of the measured peaks.
+and nothing measured. Goal: within 15% of the measured peaks.
 """
 from __future__ import annotations
 
