@@ -56,6 +56,14 @@ def resolve(choice: str, device_type: str, dtype: torch.dtype, dropout: float = 
     return 'per_doc', f'auto: {why}'
 
 
+def describe(choice: str, device_type: str, dtype: torch.dtype, dropout: float, packing: bool, block_size: int) -> str:
+    """The log line naming the path training rows take (train_sft prints it once)."""
+    if not packing:
+        return "attention: causal SDPA (padded rows: no documents to separate)"
+    path, why = resolve(choice, device_type, dtype, dropout)
+    return f"attention: {path} ({why}), packed rows of {block_size}"
+
+
 def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Document ids (B, T), equal within a document and changing between neighbours, -> cu_seqlens.
     On CPU tensors this is free; on a GPU it costs a host sync (nonzero): make cu_seqlens on the
@@ -80,6 +88,17 @@ def dense_doc_mask(doc_ids: torch.Tensor, past: int = 0) -> torch.Tensor:
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return causal[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+
+
+def packed_documents(choice, B, T, doc_ids, cu_seqlens, max_seqlen, device):
+    """The model's view of a packed batch -> (dense mask or None, Documents or None)."""
+    if choice == 'dense':
+        if doc_ids is None:
+            doc_ids = doc_ids_from_cu_seqlens(cu_seqlens.to(device), B, T)
+        return dense_doc_mask(doc_ids), None
+    if cu_seqlens is None:
+        cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
+    return None, Documents(cu_seqlens, max_seqlen, choice)
 
 
 class Documents:

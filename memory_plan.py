@@ -188,18 +188,68 @@ def report(a: ModelArchitectureConfig, configured: Setup, tokens: int, gpu_memor
            dtype: str = 'bfloat16', grad_accum: int = 1, title: str = '', path: str | None = None) -> str:
     """The table `train_sft.py --plan` prints."""
     usable = USABLE_FRACTION * gpu_memory_gb * 1e9
+    plans = [plan(a, s, tokens, dtype=dtype, grad_accum=grad_accum, path=path)
+             for s in alternatives(configured, configured.gpus)]
+    unit, scale = ('GiB', GiB) if plans[0].peak >= GiB else ('MiB', 2 ** 20)
     lines = [title] if title else []
-    lines.append(f"memory plan per GPU ({dtype}, {tokens:,} tokens per micro-batch, AdamW), GiB; "
+    lines.append(f"memory plan per GPU ({dtype}, {tokens:,} tokens per micro-batch, AdamW), {unit}; "
                  f"fits = peak <= {USABLE_FRACTION:.0%} of {gpu_memory_gb:g} GB")
     head = (f"{'setup':<38}{'weights':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'loss':>7}"
             f"{'peak':>8}  fits")
     lines += [head, '-' * len(head)]
-    for i, s in enumerate(alternatives(configured, configured.gpus)):
-        p = plan(a, s, tokens, dtype=dtype, grad_accum=grad_accum, path=path)
+    for i, p in enumerate(plans):
         mark = '* ' if i == 0 else '  '
-        lines.append(f"{mark + s.label():<38}{p.weights / GiB:>9.1f}{p.gradients / GiB:>8.1f}"
-                     f"{p.optimizer / GiB:>8.1f}{p.activations / GiB:>8.1f}{p.loss / GiB:>7.1f}"
-                     f"{p.peak / GiB:>8.1f}  {'yes' if p.peak <= usable else 'no'}")
+        lines.append(f"{mark + p.setup.label():<38}{p.weights / scale:>9.1f}{p.gradients / scale:>8.1f}"
+                     f"{p.optimizer / scale:>8.1f}{p.activations / scale:>8.1f}{p.loss / scale:>7.1f}"
+                     f"{p.peak / scale:>8.1f}  {'yes' if p.peak <= usable else 'no'}")
     lines.append("* = as configured. Packed rows are planned on the document-masked attention path "
                  "(no T x T mask), padded ones at full length; memory_plan.py says what each column counts.")
     return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------- train_sft.py --plan
+def plan_args(argv: list[str]) -> tuple[list[str], dict | None]:
+    """Take --plan, --gpus N and --gpu_memory_gb G out of argv -> (the rest, the plan's options or
+    None without --plan). ValueError names a bad value."""
+    rest, opts, planning, i = [], {'gpus': 1, 'gpu_memory_gb': 80.0}, False, 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, text = arg[2:].partition('=')
+        if arg == '--plan':
+            planning = True
+        elif arg.startswith('--') and key in opts:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"--{key}: missing value")
+                text, i = argv[i + 1], i + 1
+            try:
+                opts[key] = type(opts[key])(text)
+            except ValueError:
+                raise ValueError(f"--{key}={text}: expected a number") from None
+            if opts[key] <= 0:
+                raise ValueError(f"--{key}={text}: must be > 0")
+        else:
+            rest.append(arg)
+        i += 1
+    if not planning and rest != argv:
+        raise ValueError("--gpus and --gpu_memory_gb go with --plan")
+    return rest, opts if planning else None
+
+
+def report_for_config(cfg, a: ModelArchitectureConfig, gpus: int, gpu_memory_gb: float) -> str:
+    """The --plan table for a train_sft.TrainConfig (read by attribute; LoRA keys when present)."""
+    targets = getattr(cfg, 'lora_targets', 'all')
+    setup = Setup(parallel=cfg.parallel if gpus > 1 else 'single', gpus=gpus,
+                  finetune=getattr(cfg, 'finetune', 'full'), lora_rank=getattr(cfg, 'lora_rank', 16),
+                  lora_targets=tuple(targets.split(',') if isinstance(targets, str) else targets),
+                  ac=cfg.activation_checkpointing, ac_every=cfg.activation_checkpointing_every)
+    dtype = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32', '': 'bfloat16'}.get(cfg.dtype, cfg.dtype)
+    name = cfg.init_from if cfg.init_from != 'scratch' else cfg.model_preset
+    n = a.num_params(non_embedding=False)
+    size = f'{n / 1e9:.2f}B' if n >= 1e9 else f'{n / 1e6:.1f}M'
+    title = (f"{name}: {size} parameters, {a.n_layer} layers x "
+             f"{a.n_embd}, vocab {a.vocab_size:,}; {cfg.batch_size} rows x {cfg.block_size} tokens per "
+             f"micro-step, {cfg.gradient_accumulation_steps} micro-steps, {gpus} GPU(s)")
+    return report(a, setup, cfg.batch_size * cfg.block_size, gpu_memory_gb, dtype=dtype,
+                  grad_accum=cfg.gradient_accumulation_steps, title=title,
+                  path=None if cfg.packing else 'sdpa')

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import Documents, cu_seqlens_from_doc_ids, dense_doc_mask, doc_ids_from_cu_seqlens, document_attention
+from attention import Documents, document_attention, packed_documents
 from model_config import ModelArchitectureConfig
 
 ACTIVATION_CHECKPOINTING = ('none', 'full', 'selective')
@@ -259,15 +259,12 @@ class ConfigurableGPT(nn.Module):
 
     def set_activation_checkpointing(self, mode: str = 'none', every: int = 2):
         """Recompute blocks in backward instead of keeping their activations (training only).
-        'full': every block keeps only its input (n_embd values per token); ~1/3 more compute.
-        'selective': blocks 0, every, 2*every, ... are checkpointed, the others keep everything:
-        a memory/compute point in between. Block level, so anything inside a block (LoRA adapters)
-        is covered; torch.utils.checkpoint without reentrance, which compile, DDP and FSDP2 support.
-        Results are unchanged (dropout masks are replayed from the saved RNG state)."""
-        if mode not in ACTIVATION_CHECKPOINTING:
-            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
-        if mode == 'selective' and every < 1:
-            raise ValueError(f"activation checkpointing every {every} blocks: must be >= 1")
+        'full': every block keeps only its input (n_embd per token), ~1/3 more compute; 'selective':
+        blocks 0, every, 2*every, ... only. Block level (covers LoRA adapters inside), non-reentrant
+        torch.utils.checkpoint (compile, DDP, FSDP2); dropout masks replay: results unchanged."""
+        if mode not in ACTIVATION_CHECKPOINTING or every < 1:
+            raise ValueError(f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING} "
+                             f"(every k >= 1 blocks), got {mode!r}, every={every}")
         self.checkpoint_every = {'none': 0, 'full': 1, 'selective': every}[mode]
 
     def tie_weights(self):
@@ -303,16 +300,8 @@ class ConfigurableGPT(nn.Module):
             rope = rope_cos_sin(position_ids, self.config.head_size, self.config.rope_theta, x.dtype)
         x = self.transformer.drop(x)
         mask, docs = None, None
-        packed = doc_ids is not None or cu_seqlens is not None
-        if packed and attn_mask is None and cache is None:
-            if self.config.attention == 'dense':
-                if doc_ids is None:
-                    doc_ids = doc_ids_from_cu_seqlens(cu_seqlens.to(device), B, T)
-                mask = dense_doc_mask(doc_ids)
-            else:
-                if cu_seqlens is None:
-                    cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
-                docs = Documents(cu_seqlens, max_seqlen, self.config.attention)
+        if (doc_ids is not None or cu_seqlens is not None) and attn_mask is None and cache is None:
+            mask, docs = packed_documents(self.config.attention, B, T, doc_ids, cu_seqlens, max_seqlen, device)
         else:
             mask = self._attention_mask(B, T, past, attn_mask, device)
         every = self.checkpoint_every if cache is None and torch.is_grad_enabled() else 0

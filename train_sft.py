@@ -133,7 +133,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from attention import resolve as resolve_attention  # noqa: E402
+from attention import describe as describe_attention  # noqa: E402
 from chat_records import DataError  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
@@ -358,20 +358,6 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
     return model.to(device), ckpt
 
 
-def describe_attention(cfg: TrainConfig, rt: Runtime) -> str:
-    """The log line naming the attention path the training rows take (the model picks it per call
-    with the same attention.resolve) and the activation checkpointing."""
-    if cfg.packing:
-        path, why = resolve_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout)
-        line = f"attention: {path} ({why}), packed rows of {cfg.block_size}"
-    else:
-        line = "attention: causal SDPA (padded rows: no documents to separate)"
-    ac = cfg.activation_checkpointing
-    if ac == 'selective':
-        ac += f' (every {cfg.activation_checkpointing_every} blocks)'
-    return f"{line}; activation checkpointing: {ac}"
-
-
 def set_dropout(model, p: float):
     """Dropout is a training choice: override whatever the checkpoint/HF config had."""
     model.config.dropout = p
@@ -530,7 +516,10 @@ def train(cfg: TrainConfig) -> dict:
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"init_from={cfg.init_from}")
-    rt.print0(describe_attention(cfg, rt))
+    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout,
+                                 cfg.packing, cfg.block_size) +
+              f"; activation checkpointing: {cfg.activation_checkpointing}" +
+              (f" (every {cfg.activation_checkpointing_every} blocks)" if cfg.activation_checkpointing == 'selective' else ''))
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
@@ -663,36 +652,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# --plan: will it fit? (memory_plan.py does the arithmetic)
-
-def plan_args(argv: list[str]) -> tuple[list[str], dict | None]:
-    """Take --plan, --gpus N and --gpu_memory_gb G out of argv -> (the rest, the plan's options or
-    None without --plan)."""
-    rest, opts, i = [], {'gpus': 1, 'gpu_memory_gb': 80.0}, 0
-    planning = False
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, text = arg[2:].partition('=')
-        if arg == '--plan':
-            planning = True
-        elif arg.startswith('--') and key in opts:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"--{key}: missing value")
-                text, i = argv[i + 1], i + 1
-            try:
-                opts[key] = type(opts[key])(text)
-            except ValueError:
-                raise ConfigError(f"--{key}={text}: expected a number") from None
-            if opts[key] <= 0:
-                raise ConfigError(f"--{key}={text}: must be > 0")
-        else:
-            rest.append(arg)
-        i += 1
-    if not planning and rest != argv:
-        raise ConfigError("--gpus and --gpu_memory_gb go with --plan")
-    return rest, opts if planning else None
-
+# --plan: will it fit? (memory_plan.py does the arithmetic; imported for --plan only)
 
 def planned_architecture(cfg: TrainConfig):
     """The architecture init_from would train, read without loading any weights."""
@@ -718,27 +678,8 @@ def planned_architecture(cfg: TrainConfig):
                          f"preset: --init_from=scratch --model_preset=NAME)") from e
 
 
-def memory_report(cfg: TrainConfig, gpus: int, gpu_memory_gb: float) -> str:
-    import memory_plan
-    arch = planned_architecture(cfg)
-    targets = getattr(cfg, 'lora_targets', 'all')
-    setup = memory_plan.Setup(
-        parallel=cfg.parallel if gpus > 1 else 'single', gpus=gpus, finetune=getattr(cfg, 'finetune', 'full'),
-        lora_rank=getattr(cfg, 'lora_rank', 16),
-        lora_targets=tuple(targets.split(',') if isinstance(targets, str) else targets),
-        ac=cfg.activation_checkpointing, ac_every=cfg.activation_checkpointing_every)
-    dtype = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32', '': 'bfloat16'}.get(cfg.dtype, cfg.dtype)
-    tokens = cfg.batch_size * cfg.block_size
-    title = (f"{cfg.init_from if cfg.init_from != 'scratch' else cfg.model_preset}: "
-             f"{arch.num_params(non_embedding=False) / 1e9:.2f}B parameters, {arch.n_layer} layers x "
-             f"{arch.n_embd}, vocab {arch.vocab_size:,}; {cfg.batch_size} rows x {cfg.block_size} tokens "
-             f"per micro-step, {cfg.gradient_accumulation_steps} micro-steps, {gpus} GPU(s)")
-    return memory_plan.report(arch, setup, tokens, gpu_memory_gb, dtype=dtype,
-                              grad_accum=cfg.gradient_accumulation_steps, title=title,
-                              path=None if cfg.packing else 'sdpa')
-
-
 def main(argv=None):
+    from memory_plan import plan_args, report_for_config
     argv = sys.argv[1:] if argv is None else argv
     try:
         if '-h' in argv or '--help' in argv:
@@ -746,11 +687,11 @@ def main(argv=None):
             return
         argv, planning = plan_args(argv)
         cfg = configure(TrainConfig, argv)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     try:
         if planning is not None:
-            print(memory_report(cfg, **planning))
+            print(report_for_config(cfg, planned_architecture(cfg), **planning))
             return
         train(cfg)
     except (TrainError, DataError, CheckpointError) as e:
