@@ -414,7 +414,7 @@ def test_checkpointed_per_document_attention_under_torchrun_trains_like_the_dens
                                                                                         parallel):
     """Packed rows: 2 ranks with per-document attention and activation checkpointing (full under
     FSDP2, selective under DDP) end with the parameters of one process on the dense mask without."""
-    packed = dict(FSDP_COMMON, packing=True, data_dir=str(data_dir))
+    packed = dict(FSDP_COMMON, packing=True, data_dir=str(data_dir), max_iters=2, lr_decay_iters=2)
     ac = 'full' if parallel == 'fsdp' else 'selective'
     two = tiny_cfg(tmp_path / 'two', parallel=parallel, gradient_accumulation_steps=2, attention='per_doc',
                    activation_checkpointing=ac, activation_checkpointing_every=2, **packed)
