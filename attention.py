@@ -56,12 +56,16 @@ def resolve(choice: str, device_type: str, dtype: torch.dtype, dropout: float = 
     return 'per_doc', f'auto: {why}'
 
 
-def describe(choice: str, device_type: str, dtype: torch.dtype, dropout: float, packing: bool, block_size: int) -> str:
-    """The log line naming the path training rows take (train_sft prints it once)."""
-    if not packing:
-        return "attention: causal SDPA (padded rows: no documents to separate)"
-    path, why = resolve(choice, device_type, dtype, dropout)
-    return f"attention: {path} ({why}), packed rows of {block_size}"
+def describe(choice: str, device_type: str, dtype: torch.dtype, dropout: float, packing: bool, block_size: int,
+             ac: str = 'none', ac_every: int = 2) -> str:
+    """The log line naming the path training rows take and the activation checkpointing (train_sft
+    prints it once)."""
+    if packing:
+        path, why = resolve(choice, device_type, dtype, dropout)
+        line = f"attention: {path} ({why}), packed rows of {block_size}"
+    else:
+        line = "attention: causal SDPA (padded rows: no documents to separate)"
+    return f"{line}; activation checkpointing: {ac}" + (f" (every {ac_every} blocks)" if ac == 'selective' else '')
 
 
 def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

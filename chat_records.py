@@ -10,8 +10,9 @@ Input: JSONL or a JSON array; each record, auto-detected (or forced with fmt=):
   prompt_completion  {"prompt": "...", "completion": "..."}  (either side may be a messages list)
   gsm8k              {"question": "...", "answer": "... #### 42"}
 Messages may carry `train: true/false` (assistant turns only), `reasoning_content`, `tool_calls`;
-role `tool` holds tool results. A record-level "tools" list of schemas (or a JSON string of one) is
-kept on the first message; ShareGPT turns may carry axolotl's "weight": 0/1.
+role `tool` holds tool results (and may carry `tool_call_id`). A record-level "tools" list of
+schemas (or a JSON string of one) is kept on the first message; ShareGPT turns may carry axolotl's
+"weight": 0/1.
 A bad record raises DataError `file:line: what is wrong` (or is skipped and counted with
 skip_invalid). DataError is the one error type of the whole data path (records, shards, batching).
 """
@@ -98,6 +99,10 @@ def _clean_messages(msgs, where: str = 'messages') -> list[dict]:
                 if not isinstance(fn, dict) or not isinstance(fn.get('name'), str):
                     raise ValueError(f'{at}.tool_calls[{j}]: needs a "name" (or function.name) string')
             msg['tool_calls'] = m['tool_calls']
+        if m.get('tool_call_id') is not None:   # Mistral's template pairs results with calls by id
+            if role != 'tool' or not isinstance(m['tool_call_id'], str):
+                raise ValueError(f'{at}.tool_call_id: must be a string on a tool message')
+            msg['tool_call_id'] = m['tool_call_id']
         out.append(msg)
     if not any(m['role'] == 'assistant' for m in out):
         raise ValueError(f'"{where}" has no assistant turn: nothing to train on')
@@ -146,7 +151,7 @@ def to_messages(rec, fmt: str = 'auto') -> list[dict]:
         for k, turn in enumerate(conv):
             if not isinstance(turn, dict) or 'from' not in turn or 'value' not in turn:
                 raise ValueError(f'conversations[{k}]: needs "from" and "value"')
-            role = SHAREGPT_ROLES.get(turn['from'])
+            role = SHAREGPT_ROLES.get(turn['from']) if isinstance(turn['from'], str) else None
             if role is None:
                 raise ValueError(f'conversations[{k}].from: unknown role {turn["from"]!r} '
                                  f'(expected one of {", ".join(SHAREGPT_ROLES)})')

@@ -9,8 +9,9 @@ prepare_sft.py reads are scored on loss and format only.
 
 Metrics per checkpoint:
 - val loss / perplexity: mean cross-entropy over the trained (assistant) tokens of the whole file,
-  token-weighted, with exactly the tokens and masks training uses (tokenizer.encode_conversation);
-- format compliance: share of greedy replies that end with <|im_end|> within --max_new_tokens;
+  token-weighted, with exactly the tokens and masks training uses (chat_format.encode_conversation);
+- format compliance: share of greedy replies that end with the format's end-of-turn token (<|im_end|>,
+  <|eot_id|>, </s>, ...) within --max_new_tokens;
 - accuracy: exact match of the reply with `reference` after collapsing whitespace (GSM8K: the last
   number in the reply equals the #### number), over the conversations that have a reference.
 The prompt for generation is the conversation up to (without) its last assistant reply.
@@ -26,7 +27,7 @@ import re
 import sys
 
 import torch
-from tqdm import tqdm
+from progress import Progress
 
 NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
 
@@ -110,7 +111,7 @@ def is_correct(reply: str, reference: str, numeric: bool) -> bool:
 @torch.no_grad()
 def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple[float, int, int]:
     """-> (summed loss over trained tokens, trained tokens, truncated conversations)."""
-    from tokenizer import encode_conversation
+    from chat_format import encode_conversation
     block = model.config.block_size
     encoded, truncated = [], 0
     for r in records:
@@ -120,9 +121,10 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
         encoded.append((ids, labels))
     encoded.sort(key=lambda e: len(e[0]))  # similar lengths per batch: little padding
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(encoded), batch_size), desc='  loss', leave=False,
-                  disable=None):
+    bar = Progress(len(encoded), '  loss', 'conv', out=sys.stderr)
+    for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
+        bar.update(len(chunk))
         T = max(len(e[0]) for e in chunk)
         x = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
         y = torch.full((len(chunk), T), -100, dtype=torch.long)
@@ -135,13 +137,15 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
         _, loss = model(x.to(device), labels=y.to(device), reduction='sum')
         total += float(loss)
         count += n
+    bar.close()
     return total, count, truncated
 
 
 @torch.no_grad()
 def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_size, device):
-    """Greedy replies to every conversation's prompt. -> list of (text, stopped at <|im_end|>)."""
-    from tokenizer import encode_prompt
+    """Greedy replies to every conversation's prompt. -> list of (text, stopped at the format's
+    end-of-turn token, cut off: max_new_tokens reached before any stop token)."""
+    from chat_format import encode_prompt, get_format
     budget = model.config.block_size - max_new_tokens
     if budget <= 0:
         raise SystemExit(f'--max_new_tokens {max_new_tokens} >= block_size {model.config.block_size}')
@@ -154,32 +158,50 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
         prompts.append(ids[-budget:])  # keeps the question and generation prompt when too long
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
-    stops = tuple(i for i in (tok.im_end_id, tok.pad_id) if i is not None)
-    for s in tqdm(range(0, len(order), batch_size), desc='  generate', leave=False, disable=None):
+    fmt = get_format(chat_template, tok)
+    stops = fmt.stop_ids
+    bar = Progress(len(order), '  generate', 'conv', out=sys.stderr)
+    for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         gen = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                              temperature=0.0, stop_ids=stops)
         for i, new in zip(idx, gen):
-            ended = bool(new) and new[-1] == tok.im_end_id
-            body = new[:-1] if new and new[-1] in stops else new
-            out[i] = (tok.decode(body), ended)
+            stopped = bool(new) and new[-1] in stops
+            out[i] = (tok.decode(new[:-1] if stopped else new), stopped and new[-1] == fmt.end_id,
+                      not stopped)
+        bar.update(len(idx))
+    bar.close()
     return out
+
+
+def default_max_new_tokens(records, tok, block_size: int) -> int:
+    """Room for the longest held-out reply (the last assistant message, as training encodes it) plus
+    16 tokens, at most half the block: a limit shorter than the replies scores cut-off text."""
+    longest = max((len(tok.encode(r['messages'][-1]['content'])) for r in records
+                   if r['messages'][-1]['role'] == 'assistant'), default=240)
+    return max(1, min(longest + 16, block_size // 2))
 
 
 def evaluate(model_path, records, args, label=None) -> dict:
     from sample_sft import load_model
     model, tok, chat_template = load_model(model_path, args.device, args.tokenizer)
+    max_new = args.max_new_tokens or default_max_new_tokens(records, tok, model.config.block_size)
     loss_sum, n_tok, truncated = masked_loss(model, tok, records, chat_template,
                                              args.batch_size, args.device)
-    replies = generate_replies(model, tok, records, chat_template, args.max_new_tokens,
-                               args.batch_size, args.device)
+    replies = generate_replies(model, tok, records, chat_template, max_new, args.batch_size, args.device)
+    n_cut = sum(cut for _, _, cut in replies)
+    if n_cut > len(replies) / 2:
+        print(f'warning: {n_cut} of {len(replies)} replies reached --max_new_tokens {max_new} before '
+              f'ending: format compliance and accuracy measure cut-off text; raise --max_new_tokens',
+              file=sys.stderr)
     per_task: dict[str, list[int]] = {}
     samples = []
     n_ref = n_ok = 0
-    for r, (text, ended) in zip(records, replies):
+    for r, (text, ended, cut) in zip(records, replies):
         ok = None
         if r['reference'] is not None:
-            ok = is_correct(text, r['reference'], r['numeric'])
+            # a cut-off reply has no final answer: its last number is not one
+            ok = not cut and is_correct(text, r['reference'], r['numeric'])
             n_ref += 1
             n_ok += ok
             t = per_task.setdefault(r['task'], [0, 0])
@@ -188,14 +210,15 @@ def evaluate(model_path, records, args, label=None) -> dict:
         if len(samples) < args.n_samples:
             samples.append({'prompt': r['messages'][-2]['content'] if len(r['messages']) > 1
                             else r['messages'][-1]['content'],
-                            'reply': text, 'ended_with_im_end': ended,
+                            'reply': text, 'ended_with_im_end': ended, 'cut_off': cut,
                             'reference': r['reference'], 'correct': ok})
     val_loss = loss_sum / n_tok if n_tok else float('nan')
     return {
         'model': model_path, 'label': label or model_path,
         'n': len(records), 'trained_tokens': n_tok, 'truncated': truncated,
         'val_loss': val_loss, 'perplexity': math.exp(min(val_loss, 50)) if n_tok else float('nan'),
-        'format_compliance': sum(e for _, e in replies) / len(replies),
+        'format_compliance': sum(e for _, e, _ in replies) / len(replies),
+        'cut_off': n_cut / len(replies), 'max_new_tokens': max_new,
         'accuracy': n_ok / n_ref if n_ref else None, 'n_with_reference': n_ref,
         'accuracy_per_task': {k: v[0] / v[1] for k, v in sorted(per_task.items())},
         'samples': samples,
@@ -204,11 +227,11 @@ def evaluate(model_path, records, args, label=None) -> dict:
 
 def markdown_table(results: list[dict]) -> str:
     pct = lambda v: '-' if v is None else f'{100 * v:.1f}%'
-    rows = ['| model | val loss | perplexity | format compliance | accuracy |',
-            '|---|---:|---:|---:|---:|']
+    rows = ['| model | val loss | perplexity | format compliance | accuracy | cut off |',
+            '|---|---:|---:|---:|---:|---:|']
     for r in results:
         rows.append(f"| {r['label']} | {r['val_loss']:.3f} | {r['perplexity']:.2f} | "
-                    f"{pct(r['format_compliance'])} | {pct(r['accuracy'])} |")
+                    f"{pct(r['format_compliance'])} | {pct(r['accuracy'])} | {pct(r['cut_off'])} |")
     tasks = sorted({t for r in results for t in r['accuracy_per_task']})
     if len(tasks) > 1:
         rows += ['', '| accuracy per task | ' + ' | '.join(tasks) + ' |',
@@ -235,7 +258,9 @@ def main(argv=None) -> None:
     p.add_argument('--out', default=None, help='JSON report path (default: eval.json next to the '
                                                'last model)')
     p.add_argument('--limit', type=int, default=None, help='first N conversations only')
-    p.add_argument('--max_new_tokens', type=int, default=32)
+    p.add_argument('--max_new_tokens', type=int, default=None,
+                   help='reply length limit (default: the longest held-out reply + 16 tokens, at '
+                        'most half the block); replies cut off by it count as wrong and are reported')
     p.add_argument('--batch_size', type=int, default=64)
     p.add_argument('--n_samples', type=int, default=5, help='replies kept in the JSON per model')
     p.add_argument('--show', type=int, default=0, help='print this many prompts and replies')
@@ -256,11 +281,11 @@ def main(argv=None) -> None:
         res = evaluate(path, records, args, label)
         for s in res['samples'][:args.show]:
             mark = '' if s['correct'] is None else (' ok' if s['correct'] else f" (want {s['reference']!r})")
-            print(f"  {s['prompt']!r} -> {s['reply']!r}{'' if s['ended_with_im_end'] else ' [no <|im_end|>]'}{mark}",
+            print(f"  {s['prompt']!r} -> {s['reply']!r}{'' if s['ended_with_im_end'] else ' [no end-of-turn token]'}{mark}",
                   file=sys.stderr)
         results.append(res)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
-    write_json(out, {'data': args.data, 'max_new_tokens': args.max_new_tokens, 'results': results})
+    write_json(out, {'data': args.data, 'results': results})
     print(markdown_table(results))
     print(f'\nwrote {out}', file=sys.stderr)
 

@@ -2,18 +2,18 @@
 
     python export_hf.py out-demo/ckpt.pt out-demo/hf [--dtype bfloat16]
 
-Writes config.json + model.safetensors (hf_interop.to_hf), generation_config.json (stops at
-<|im_end|> and <|endoftext|>, pads with <|endoftext|>) and, when the checkpoint was trained with
-the Qwen tokenizer (or a local HF tokenizer directory), the tokenizer files with a `chat_template`
-that renders exactly the tokens training used (tokenizer.encode_conversation, 'chatml'):
-
-    <|im_start|>{role}\\n{content}<|im_end|>\\n  per message, no default system prompt,
-    add_generation_prompt -> <|im_start|>assistant\\n
-
-so `AutoTokenizer.from_pretrained(dir).apply_chat_template(messages, tokenize=True)` gives our ids
-and `AutoModelForCausalLM.from_pretrained(dir)` our logits. The directory appears complete or not
-at all. Caveat of the HF path (not of this template): it tokenizes the rendered string, so a reply
-starting with "\\n" merges into the header and text that spells a special token becomes that token.
+Writes config.json + model.safetensors (hf_interop.to_hf), generation_config.json (eos = the chat
+format's stop ids, pad = the tokenizer's pad id) and the tokenizer files with the chat template the
+model was trained with (the format recorded in the checkpoint, chat_format.py): the family's
+template from chat_templates/ for a built-in format, the source directory's own template for the
+general path ('hf'). The Qwen3 tokenizer is written as a fast tokenizer; a directory tokenizer is
+copied (tokenizer.json, tokenizer_config.json, special_tokens_map.json) with chat_template.jinja
+replaced. So `AutoTokenizer.from_pretrained(dir).apply_chat_template(history,
+add_generation_prompt=True)` gives the very prompt ids training put in front of each reply, and
+`AutoModelForCausalLM.from_pretrained(dir)` our logits. The directory appears complete or not at
+all. Caveat of the HF path (not of these templates): it tokenizes the rendered string, so a reply
+starting with whitespace and "\\n" merges into the header and text that spells a special token
+becomes that token (unless apply_chat_template(..., sanitize_control_tokens=True)).
 """
 from __future__ import annotations
 
@@ -25,64 +25,47 @@ import sys
 
 import torch
 
-# Mirrors tokenizer._render for chat_template='chatml' (tool turns, tool calls, reasoning_content
-# included), so the HF path and ours agree token for token on ordinary text.
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message.role == 'tool' %}"
-    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user\\n' }}"
-    "{%- else %}{{- '\\n' }}{%- endif %}"
-    "{{- '<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
-    "{%- else %}"
-    "{%- set content = message.content if message.content is string else '' %}"
-    "{{- '<|im_start|>' + message.role + '\\n' }}"
-    "{%- if message.role == 'assistant' and message.reasoning_content is defined"
-    " and message.reasoning_content is not none %}"
-    "{{- '<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
-    " + content.lstrip('\\n') }}"
-    "{%- else %}{{- content }}{%- endif %}"
-    "{%- if message.role == 'assistant' and message.tool_calls %}"
-    "{%- for tool_call in message.tool_calls %}"
-    "{%- if loop.index0 > 0 or content %}{{- '\\n' }}{%- endif %}"
-    "{%- set fn = tool_call.function if tool_call.function else tool_call %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' }}"
-    "{%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}"
-    "{{- '}\\n</tool_call>' }}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def generation_config(tok_meta: dict, special: dict[str, int]) -> dict:
-    im_end = tok_meta.get('im_end_id', special.get('<|im_end|>'))
-    eot = tok_meta.get('pad_id', special.get('<|endoftext|>'))
-    eos = [i for i in (im_end, eot) if i is not None]
+def generation_config(tok_meta: dict, tok=None, fmt=None) -> dict:
+    """Stops at the format's end-of-turn token and the tokenizer's other stop ids."""
+    if fmt is not None:
+        eos, pad, bos = list(fmt.stop_ids), tok.pad_id, tok.bos_id
+    else:   # the tokenizer is not available here: what the checkpoint recorded
+        special = tok_meta.get('special_tokens') or {}
+        eos = (tok_meta.get('chat_format') or {}).get('stop_ids') or [
+            i for i in (tok_meta.get('im_end_id', special.get('<|im_end|>')),
+                        tok_meta.get('pad_id', special.get('<|endoftext|>'))) if i is not None]
+        pad, bos = tok_meta.get('pad_id', special.get('<|endoftext|>')), tok_meta.get('bos_id')
     cfg = {'eos_token_id': eos if len(eos) > 1 else (eos[0] if eos else None),
-           'pad_token_id': eot, 'do_sample': False}
+           'pad_token_id': pad, 'bos_token_id': bos, 'do_sample': False}
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def hf_tokenizer_for(tok_name: str | None, chat_template: str):
-    """The transformers tokenizer to ship, or None when the source tokenizer is unknown."""
-    from tokenizer import TiktokenChatTokenizer, load_tokenizer, to_hf_tokenizer
-    if not tok_name:
-        return None
-    try:
-        tok = load_tokenizer(tok_name)
-    except ValueError:
-        return None
-    if isinstance(tok, TiktokenChatTokenizer):
-        return to_hf_tokenizer(tok, chat_template=chat_template), tok
-    hf = tok.hf  # a local HF tokenizer directory: ship it with our template
-    hf.chat_template = chat_template
-    return hf, tok
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+
+
+def write_tokenizer(tok, template: str, out: str) -> None:
+    """The tokenizer files with `template` as the chat template (chat_template.jinja)."""
+    from tokenizer import to_hf_tokenizer
+    if tok.source_dir is None:   # the built-in Qwen3 tokenizer
+        to_hf_tokenizer(tok, chat_template=template).save_pretrained(out)
+        return
+    for name in TOKENIZER_FILES:
+        src = os.path.join(tok.source_dir, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(out, name))
+    config_path = os.path.join(out, 'tokenizer_config.json')
+    config = {}
+    if os.path.exists(config_path):
+        with open(config_path, encoding='utf-8') as f:
+            config = json.load(f)
+    config.pop('chat_template', None)   # chat_template.jinja is the one transformers reads
+    with open(config_path, 'w', encoding='utf-8') as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out, 'chat_template.jinja'), 'w', encoding='utf-8') as f:
+        f.write(template)
 
 
 def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: str | None = None) -> str:
@@ -93,30 +76,28 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
     except ValueError as e:
         raise SystemExit(str(e))
     tok_meta = ckpt.get('tokenizer') or {}
-    train_template = (ckpt.get('config') or {}).get('chat_template') or 'chatml'
-    if train_template != 'chatml':
-        print(f"warning: {ckpt_path} was trained with chat_template={train_template!r}; the exported "
-              "chat_template is plain ChatML and matches it only for turns without <think> blocks",
-              file=sys.stderr)
+    tok = fmt = None
+    try:
+        from chat_format import format_from_meta
+        from tokenizer import load_tokenizer
+        tok = load_tokenizer(tokenizer or tok_meta.get('name') or 'qwen3')
+        fmt = format_from_meta(tok, tok_meta, (ckpt.get('config') or {}).get('chat_template') or 'chatml')
+    except ValueError as e:
+        print(f'warning: tokenizer {tok_meta.get("name")!r} unusable here ({e}); exported without '
+              'tokenizer files', file=sys.stderr)
+        tok = fmt = None
+    if tok is not None and tok_meta.get('hash') and tok_meta['hash'] != tok.hash:
+        raise SystemExit(f'{ckpt_path}: trained with tokenizer hash {tok_meta["hash"][:12]}, '
+                         f'but {tok.name} has {tok.hash[:12]}; pass --tokenizer')
     out_dir = os.path.abspath(out_dir)
     stage = os.path.join(os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.export{os.getpid()}')
     shutil.rmtree(stage, ignore_errors=True)
     try:
         to_hf(model, stage, dtype=DTYPES[dtype] if dtype else None)
-        built = hf_tokenizer_for(tokenizer or tok_meta.get('name') or 'qwen3', CHATML_TEMPLATE)
-        special = dict(tok_meta.get('special_tokens') or {})
-        if built is not None:
-            hf_tok, tok = built
-            if tok_meta.get('hash') and tok_meta['hash'] != tok.hash:
-                raise SystemExit(f'{ckpt_path}: trained with tokenizer hash {tok_meta["hash"][:12]}, '
-                                 f'but {tok.name} has {tok.hash[:12]}; pass --tokenizer')
-            special = special or dict(tok.special_tokens)
-            hf_tok.save_pretrained(stage)
-        else:
-            print(f'warning: tokenizer {tok_meta.get("name")!r} unknown here; exported without '
-                  'tokenizer files', file=sys.stderr)
+        if fmt is not None:
+            write_tokenizer(tok, fmt.template, stage)
         with open(os.path.join(stage, 'generation_config.json'), 'w') as f:
-            json.dump(generation_config(tok_meta, special), f, indent=2)
+            json.dump(generation_config(tok_meta, tok, fmt), f, indent=2)
         if os.path.isdir(out_dir):
             # keep unrelated files a user put there; replace everything we write
             for name in os.listdir(stage):

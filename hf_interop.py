@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -166,7 +166,6 @@ def _ours_to_hf(config: ModelArchitectureConfig, model_type: str, sd: dict) -> d
 def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
     """Write config.json + model.safetensors that transformers.AutoModelForCausalLM loads.
     The directory appears complete or not at all (written next to it, then renamed)."""
-    from safetensors.torch import save_file
     config = model.config
     model_type = config.hf_model_type()
     hf_config = config.to_hf_config()
@@ -181,10 +180,12 @@ def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
     hf_config['dtype'] = dtype_name
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp', dir=path.parent))
+    # Not mkdtemp: its 0700 would survive the rename and hide the export from other users.
+    tmp = path.parent / f'.{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}'
+    tmp.mkdir()
     try:
         (tmp / 'config.json').write_text(json.dumps(hf_config, indent=2) + '\n')
-        save_file(hf_sd, tmp / 'model.safetensors', metadata={'format': 'pt'})
+        save_safetensors(hf_sd, tmp / 'model.safetensors', metadata={'format': 'pt'})
         if path.exists():
             # keep whatever else lives there (tokenizer files): replace only what we write
             for name in ('config.json', 'model.safetensors'):
@@ -198,3 +199,24 @@ def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, then the file modes the user's umask gives: save_file makes every
+    file 0600, which a serving container running as another user cannot read."""
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:   # read without changing it (os.umask would, for a moment, for every thread)
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -18,11 +18,13 @@ activations alive), the first block of the backward, the embedding's backward (t
 dense gradient) and the optimizer step (fused AdamW, CPU and CUDA: no temporaries).
 Validated against measured CPU peaks by benchmarks/bench_memory.py (and tests/test_memory_plan.py):
 fp32 is what is measured; the bf16 and FSDP terms follow the same accounting but are estimates until
-a GPU run checks them. Imports only model_config: no torch, runs anywhere.
+a GPU run checks them. Imports only model_config (torch only to read a checkpoint's model_args).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from model_config import ModelArchitectureConfig
@@ -234,6 +236,32 @@ def plan_args(argv: list[str]) -> tuple[list[str], dict | None]:
     if not planning and rest != argv:
         raise ValueError("--gpus and --gpu_memory_gb go with --plan")
     return rest, opts if planning else None
+
+
+def planned_architecture(cfg, scratch) -> ModelArchitectureConfig:
+    """The architecture cfg.init_from would train, read without loading weights (scratch(cfg) builds
+    a 'scratch' one). ValueError says what could not be read."""
+    from model_config import PRESETS
+    init = cfg.init_from
+    try:
+        if init == 'scratch':
+            return scratch(cfg)
+        if init.startswith('hf:'):
+            path = os.path.join(init[3:], 'config.json')
+            # planning comes before the download: a directory named after a preset plans the preset
+            name = os.path.basename(os.path.normpath(init[3:])).lower().removesuffix('-base')
+            if not os.path.exists(path) and name in PRESETS:
+                print(f"--plan: {path} not found; planning the '{name}' preset the directory is named after")
+                return ModelArchitectureConfig.from_preset(name)
+            with open(path) as f:
+                return ModelArchitectureConfig.from_hf_config(json.load(f))
+        import torch
+        path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
+        return ModelArchitectureConfig.from_dict(torch.load(path, map_location='cpu', mmap=True,
+                                                            weights_only=False)['model_args'])
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"--plan: cannot read the architecture of init_from={init}: {e} (or plan a "
+                         f"preset: --init_from=scratch --model_preset=NAME)") from e
 
 
 def report_for_config(cfg, a: ModelArchitectureConfig, gpus: int, gpu_memory_gb: float) -> str:

@@ -11,18 +11,24 @@ Input: JSONL or a JSON array; each record, auto-detected (or forced with --forma
   gsm8k              {"question": "...", "answer": "... #### 42"}
 Messages may carry `train: true/false` (assistant turns only; overrides --train_on),
 `reasoning_content`, `tool_calls`; role `tool` holds tool results. A record-level "tools" list of
-schemas (or a JSON string of one) is kept on the first message and rendered as the Qwen3 tools
-system turn; ShareGPT turns may carry axolotl's "weight": 0/1. See tokenizer.py for the exact
-rendering and masking.
+schemas (or a JSON string of one) is kept on the first message and rendered where the chat format
+puts tools; ShareGPT turns may carry axolotl's "weight": 0/1.
+
+Tokenizer and chat format: --tokenizer qwen3 (default, built in) or a local Hugging Face directory
+(its tokenizer.json, special tokens and chat template); --chat_template auto (default: chatml for
+qwen3, else the built-in format the directory's template matches, else its own template through
+the general path) or chatml | qwen3 | qwen2.5 | llama3 | mistral | hf. See chat_families.py and
+chat_format.py for the exact rendering and masking of each.
 A bad record stops the run with `file:line: what is wrong` (or is skipped and counted with
 --skip_invalid).
 
 Output in --out_dir (the shard format of sft_data.py: ShardWriter writes it, ShardDataset reads it):
   train.bin / val.bin     tokens, uint32 (uint16 when the vocabulary fits), all examples back to back
-  train.mask / val.mask   uint8, 1 = trained token (assistant content and its <|im_end|>)
+  train.mask / val.mask   uint8, 1 = trained token (assistant content and its end-of-turn token)
   train.idx / val.idx     int64 offsets, n+1 entries: example i is [idx[i], idx[i+1])
-  meta.json               format_version, tokenizer (name, hash, vocab size, special ids), settings,
-                          counts and the audit stats
+  meta.json               format_version, tokenizer (name, hash, vocab size, special ids, and
+                          chat_format: the format's name, end-of-turn and stop ids, template hash;
+                          the template itself for 'hf'), settings, counts and the audit stats
 Every file is written under a temporary name and renamed when all are complete (meta.json last),
 so a failed or killed run leaves no half-written shard.
 """
@@ -39,8 +45,10 @@ import sys
 import numpy as np
 
 from chat_records import FORMATS, DataError, iter_records
+from progress import Progress
 from sft_data import ShardWriter
-from tokenizer import encode_conversation, load_tokenizer
+from chat_format import FORMATS as CHAT_FORMATS, get_format, resolve_format
+from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Encoding (runs in worker processes with --num_proc > 1)
@@ -48,21 +56,25 @@ from tokenizer import encode_conversation, load_tokenizer
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_name: str, train_on: str, chat_template: str, max_length: int,
-                 truncation: str):
-    _WORKER.update(tok=load_tokenizer(tokenizer_name), train_on=train_on,
-                   chat_template=chat_template, max_length=max_length, truncation=truncation)
+def _init_worker(tokenizer_name: str, train_on: str, chat_format: str, template: str | None,
+                 max_length: int, truncation: str):
+    tok = load_tokenizer(tokenizer_name)
+    _WORKER.update(fmt=get_format(chat_format, tok, template), train_on=train_on,
+                   max_length=max_length, truncation=truncation)
 
 
-def _encode_one(msgs):
-    """-> (ids uint32 array | None, mask uint8 array | None, info dict)."""
+def _encode_one(record):
+    """(where, messages) -> (ids uint32 array | None, mask uint8 array | None, info dict)."""
     w = _WORKER
-    tok = w['tok']
-    ids, labels = encode_conversation(msgs, tok, w['train_on'], w['chat_template'])
+    fmt = w['fmt']
+    try:
+        ids, labels = fmt.encode(record[1], w['train_on'])
+    except ValueError as e:   # a record the format cannot render (e.g. a refusal of the general path)
+        return None, None, {'error': f'{record[0]}: {e}', 'turns': 0}
     ids = np.asarray(ids, dtype=np.int64)
     mask = np.asarray(labels, dtype=np.int64) != -100
-    im_end_turns = int(np.count_nonzero(mask & (ids == tok.im_end_id)))
-    info = {'length': len(ids), 'turns': im_end_turns, 'truncated': False, 'drop': None}
+    end_turns = int(np.count_nonzero(mask & (ids == fmt.end_id)))
+    info = {'length': len(ids), 'turns': end_turns, 'truncated': False, 'drop': None}
     if len(ids) > w['max_length']:
         if w['truncation'] == 'drop':
             info['drop'] = f'longer than max_length={w["max_length"]}'
@@ -72,7 +84,7 @@ def _encode_one(msgs):
     if not mask.any():
         info['drop'] = 'no trained token after truncation' if info['truncated'] else 'no trained token'
         return None, None, info
-    info['turns_closed'] = int(np.count_nonzero(mask & (ids == tok.im_end_id)))
+    info['turns_closed'] = int(np.count_nonzero(mask & (ids == fmt.end_id)))
     return ids, mask.astype(np.uint8), info
 
 
@@ -132,13 +144,12 @@ def format_audit(stats: dict) -> str:
     rows += [('tokens', stats['tokens']),
              ('trained tokens', f"{stats['trained_tokens']} ({100 * share:.1f}%)"),
              ('length p50/p90/p99/max', '/'.join(str(stats['length'][k]) for k in ('p50', 'p90', 'p99', 'max'))),
-             ('assistant turns ending in <|im_end|>', f"{stats['turns_closed']} / {stats['turns']}")]
+             (f"assistant turns ending in {stats['end_of_turn']}", f"{stats['turns_closed']} / {stats['turns']}")]
     w = max(len(r[0]) for r in rows)
     return '\n'.join(f'  {k:<{w}}  {v}' for k, v in rows)
 
 
 def prepare(args) -> dict:
-    from tqdm import tqdm
     if not 0.0 <= args.val_fraction < 1.0:
         raise DataError(f'--val_fraction must be in [0, 1), got {args.val_fraction}')
     if args.max_length < 2:
@@ -146,22 +157,24 @@ def prepare(args) -> dict:
     files = _expand_inputs(args.input)
     try:
         tok = load_tokenizer(args.tokenizer)
+        fmt = resolve_format(tok, args.chat_template, verbose=True)
     except ValueError as e:
         raise DataError(str(e)) from None
     problems: list[str] = []
     records = []
     for path in files:
-        records += [m for _, m in iter_records(path, args.format, args.skip_invalid, problems)]
+        records += list(iter_records(path, args.format, args.skip_invalid, problems))
     if not records:
         raise DataError(f'{", ".join(files)}: no valid records')
 
     dtype = np.uint32 if tok.vocab_size > 65535 else np.uint16
     stats = {'read': len(records) + len(problems), 'invalid': len(problems), 'kept': 0,
              'truncated': 0, 'dropped': {}, 'tokens': 0, 'trained_tokens': 0, 'turns': 0,
-             'turns_closed': 0}
+             'turns_closed': 0, 'end_of_turn': tok.decode([fmt.end_id])}
     splits = {s: {'examples': 0, 'tokens': 0, 'trained_tokens': 0} for s in ('train', 'val')}
     lengths, shown = [], []
-    init = (args.tokenizer, args.train_on, args.chat_template, args.max_length, args.truncation)
+    init = (args.tokenizer, args.train_on, fmt.name, fmt.template if fmt.name == 'hf' else None,
+            args.max_length, args.truncation)
     chunk = 256
     chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
     with ShardWriter(args.out_dir, dtype) as writer:
@@ -173,10 +186,16 @@ def prepare(args) -> dict:
             pool = None
             _init_worker(*init)
             results = map(_encode_chunk, chunks)
-        bar = tqdm(total=len(records), desc='encoding', unit='ex', disable=None)
+        bar = Progress(len(records), 'encoding', 'ex', out=sys.stderr)
         try:
             for chunk_msgs, chunk_out in zip(chunks, results):
-                for msgs, (ids, mask, info) in zip(chunk_msgs, chunk_out):
+                for (_, msgs), (ids, mask, info) in zip(chunk_msgs, chunk_out):
+                    if 'error' in info:
+                        if not args.skip_invalid:
+                            raise DataError(info['error'])
+                        problems.append(info['error'])
+                        stats['invalid'] += 1
+                        continue
                     stats['turns'] += info['turns']
                     if ids is None:
                         stats['dropped'][info['drop']] = stats['dropped'].get(info['drop'], 0) + 1
@@ -207,7 +226,7 @@ def prepare(args) -> dict:
         if stats['kept'] == 0:
             raise DataError(f'no example kept (dropped: {stats["dropped"]}); nothing written')
         meta = writer.commit({
-            'tokenizer': tok.meta(), 'chat_template': args.chat_template,
+            'tokenizer': dict(tok.meta(), chat_format=fmt.meta()), 'chat_template': fmt.name,
             'train_on': args.train_on, 'max_length': args.max_length,
             'truncation': args.truncation, 'val_fraction': args.val_fraction,
             'inputs': files, 'counts': {s: splits[s]['examples'] for s in splits},
@@ -232,8 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--val_fraction', type=float, default=0.05)
     p.add_argument('--max_length', type=int, default=2048)
     p.add_argument('--format', default='auto', choices=FORMATS)
-    p.add_argument('--tokenizer', default='qwen3', help="'qwen3' or a local HF tokenizer dir")
-    p.add_argument('--chat_template', default='chatml', choices=('chatml', 'qwen3'))
+    p.add_argument('--tokenizer', default='qwen3',
+                   help="'qwen3' (built in) or a local Hugging Face model/tokenizer directory")
+    p.add_argument('--chat_template', default='auto', choices=('auto',) + CHAT_FORMATS,
+                   help="auto: chosen from the tokenizer (see chat_format.py); 'hf': the "
+                        "directory's own template through the general path")
     p.add_argument('--train_on', default='all', choices=('all', 'last'),
                    help='train on every assistant turn or only the last one')
     p.add_argument('--truncation', default='truncate', choices=('truncate', 'drop'))

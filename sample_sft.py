@@ -4,9 +4,11 @@
     python sample_sft.py out-demo/ckpt.pt --prompt "What is 3 + 4?"
     python sample_sft.py out-demo/hf --system "Answer in words." --temperature 0.7 --top_p 0.9
 
-The history is rendered with tokenizer.encode_prompt, i.e. exactly the tokens training used
-(ChatML, no default system prompt), followed by `<|im_start|>assistant\\n`. Tokens stream as they
-are generated; a reply ends at <|im_end|> (or <|endoftext|>, or --max_new_tokens).
+The history is rendered with chat_format.encode_prompt in the chat format the checkpoint was
+trained with (recorded in it; for a Hugging Face directory, the format its tokenizer's template
+matches), i.e. exactly the tokens training used, followed by the format's generation prompt.
+Tokens stream as they are generated; a reply ends at the format's end-of-turn token or another
+stop id (generation_config's eos ids), or at --max_new_tokens.
 In the chat: /reset forgets the conversation (keeps --system), /exit (or Ctrl-D) quits.
 """
 from __future__ import annotations
@@ -19,12 +21,13 @@ import torch
 
 
 def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
-    """-> (model in eval mode, ChatTokenizer, chat_template). `path`: a checkpoint file written by
+    """-> (model in eval mode, ChatTokenizer, ChatFormat). `path`: a checkpoint file written by
     train_sft.py or a local Hugging Face model directory."""
+    from chat_format import format_from_meta, resolve_format
     from tokenizer import load_tokenizer
     if not os.path.exists(path):
         raise SystemExit(f'{path}: no such checkpoint file or model directory')
-    chat_template, meta = 'chatml', {}
+    chat_template, meta = None, {}
     if os.path.isdir(path):
         from hf_interop import from_hf
         if not os.path.exists(os.path.join(path, 'config.json')):
@@ -43,10 +46,11 @@ def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
             raise SystemExit(str(e))
         meta = ckpt.get('tokenizer') or {}
         cfg = ckpt.get('config') or {}
-        chat_template = cfg.get('chat_template') or 'chatml'
+        chat_template = cfg.get('chat_template') or 'chatml'   # checkpoints before chat_format
         tok_name = tokenizer or meta.get('name') or 'qwen3'
     try:
         tok = load_tokenizer(tok_name)
+        fmt = resolve_format(tok) if chat_template is None else format_from_meta(tok, meta, chat_template)
     except ValueError as e:
         raise SystemExit(f'{path}: {e} (pass --tokenizer)')
     if meta.get('hash') and meta['hash'] != tok.hash:
@@ -57,16 +61,18 @@ def load_model(path: str, device: str = 'cpu', tokenizer: str | None = None):
         raise SystemExit(f'{path}: tokenizer {tok.name} has {tok.vocab_size} tokens but the model '
                          f'only {model.config.vocab_size}; wrong --tokenizer?')
     model.to(device).eval()
-    return model, tok, chat_template
+    return model, tok, fmt
 
 
-def stop_ids(tok) -> tuple[int, ...]:
-    return tuple(i for i in (tok.im_end_id, tok.pad_id) if i is not None)
+def stop_ids(tok, chat_template='chatml') -> tuple[int, ...]:
+    """The ids that end a reply: the format's end-of-turn token and the tokenizer's stop ids."""
+    from chat_format import get_format
+    return get_format(chat_template, tok).stop_ids
 
 
-def fit_history(messages: list[dict], tok, chat_template: str, budget: int) -> tuple[list[dict], list[int]]:
+def fit_history(messages: list[dict], tok, chat_template, budget: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest turns (never the system prompt) until the prompt fits in `budget` tokens."""
-    from tokenizer import encode_prompt
+    from chat_format import encode_prompt
     msgs = list(messages)
     while True:
         ids = encode_prompt(msgs, tok, chat_template=chat_template)
@@ -84,11 +90,11 @@ def fit_history(messages: list[dict], tok, chat_template: str, budget: int) -> t
 class Streamer:
     """on_token callback: prints text as soon as it is complete UTF-8 (tokens can split characters)."""
 
-    def __init__(self, tok, out=None, enabled: bool = True):
+    def __init__(self, tok, out=None, enabled: bool = True, chat_template='chatml'):
         self.tok, self.out, self.enabled = tok, out or sys.stdout, enabled
         self.ids: list[int] = []
         self.printed = 0
-        self.stops = set(stop_ids(tok))
+        self.stops = set(stop_ids(tok, chat_template))
 
     def __call__(self, row: int, token_id: int) -> None:
         if token_id in self.stops:
@@ -111,10 +117,10 @@ def reply(model, tok, chat_template, messages, args, generator, stream=True) -> 
         raise SystemExit(f'--max_new_tokens {args.max_new_tokens} leaves no room for a prompt '
                          f'(block_size {model.config.block_size})')
     messages[:], ids = fit_history(messages, tok, chat_template, budget)
-    streamer = Streamer(tok, enabled=stream)
+    streamer = Streamer(tok, enabled=stream, chat_template=chat_template)
     out = model.generate([ids], max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         stop_ids=stop_ids(tok), generator=generator, on_token=streamer)[0]
+                         stop_ids=stop_ids(tok, chat_template), generator=generator, on_token=streamer)[0]
     stopped = bool(out) and out[-1] in streamer.stops
     text = tok.decode(out[:-1] if stopped else out)
     if stream:
@@ -151,7 +157,7 @@ def repl(model, tok, chat_template, args, generator) -> None:
             print('\n(interrupted)', file=sys.stderr)
             continue
         if not stopped:
-            print(f'(no <|im_end|> within {args.max_new_tokens} tokens)', file=sys.stderr)
+            print(f'(no end-of-turn token within {args.max_new_tokens} tokens)', file=sys.stderr)
         history.append({'role': 'assistant', 'content': text})
 
 
@@ -186,7 +192,7 @@ def main(argv=None) -> None:
     if args.no_stream:
         print(text)
     if not stopped:
-        print(f'(no <|im_end|> within {args.max_new_tokens} tokens)', file=sys.stderr)
+        print(f'(no end-of-turn token within {args.max_new_tokens} tokens)', file=sys.stderr)
 
 
 if __name__ == '__main__':

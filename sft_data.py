@@ -8,19 +8,23 @@ A data dir holds, per split ('train', 'val'):
   {split}.bin    tokens, uint32 (uint16 when the vocabulary fits), all examples back to back
   {split}.mask   uint8, 1 = trained token (assistant content and its end-of-turn token)
   {split}.idx    int64 offsets, n+1 entries: example i is [idx[i], idx[i+1])
-and meta.json (format_version, token_dtype, tokenizer, settings, counts, audit stats).
+and meta.json (format_version, token_dtype, tokenizer, settings, counts, audit stats, and the
+sha256 of every shard file, checked before training: a flipped byte would otherwise train silently on
+a wrong token or mask).
 """
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 
 import numpy as np
 import torch
 
-from chat_records import DataError, load_records
-from tokenizer import encode_conversation, load_tokenizer
+from chat_format import resolve_format
+from chat_records import DataError, iter_records
+from tokenizer import load_tokenizer
 
 IGNORE_INDEX = -100
 DEFAULT_PAD_ID = 151643      # <|endoftext|>
@@ -48,15 +52,18 @@ class ShardWriter:
         names = [f'{s}.{e}' for s in SPLITS for e in ('bin', 'mask', 'idx')] + ['meta.json']
         self.final = {n: os.path.join(out_dir, n) for n in names}
         self.tmp = {n: p + suffix for n, p in self.final.items()}
-        self.files = {}
+        self.files, self.hashes = {}, {}
         self.offsets = {s: [0] for s in SPLITS}
         for s in SPLITS:
             for e in ('bin', 'mask'):
                 self.files[f'{s}.{e}'] = open(self.tmp[f'{s}.{e}'], 'wb')
+                self.hashes[f'{s}.{e}'] = hashlib.sha256()
 
     def add(self, split: str, ids: np.ndarray, mask: np.ndarray) -> None:
-        self.files[f'{split}.bin'].write(np.asarray(ids).astype(self.dtype).tobytes())
-        self.files[f'{split}.mask'].write(np.asarray(mask, dtype=np.uint8).tobytes())
+        for name, data in ((f'{split}.bin', np.asarray(ids).astype(self.dtype).tobytes()),
+                           (f'{split}.mask', np.asarray(mask, dtype=np.uint8).tobytes())):
+            self.files[name].write(data)
+            self.hashes[name].update(data)   # as written: no second read of the shards
         self.offsets[split].append(self.offsets[split][-1] + len(ids))
 
     def commit(self, meta: dict) -> dict:
@@ -64,8 +71,11 @@ class ShardWriter:
         for f in self.files.values():
             f.close()
         for s in SPLITS:
-            np.asarray(self.offsets[s], dtype=np.int64).tofile(self.tmp[f'{s}.idx'])
-        meta = {'format_version': SHARD_FORMAT_VERSION, 'token_dtype': self.dtype.name, **meta}
+            idx = np.asarray(self.offsets[s], dtype=np.int64)
+            idx.tofile(self.tmp[f'{s}.idx'])
+            self.hashes[f'{s}.idx'] = hashlib.sha256(idx.tobytes())
+        meta = {'format_version': SHARD_FORMAT_VERSION, 'token_dtype': self.dtype.name, **meta,
+                'sha256': {name: h.hexdigest() for name, h in sorted(self.hashes.items())}}
         with open(self.tmp['meta.json'], 'w') as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         for name in sorted(self.final, key=lambda n: n == 'meta.json'):
@@ -107,9 +117,10 @@ class ShardDataset:
 
     ds = ShardDataset('data/my_sft', 'train'); input_ids, labels = ds[i]   (int64 numpy arrays,
     labels = -100 where not trained); ds.lengths = token length of every example; ds.meta = meta.json.
+    verify=True checks the split's files against meta.json's sha256 digests first (verify_shards).
     """
 
-    def __init__(self, data_dir: str, split: str = 'train'):
+    def __init__(self, data_dir: str, split: str = 'train', verify: bool = False):
         meta_path = os.path.join(data_dir, 'meta.json')
         if not os.path.exists(meta_path):
             raise DataError(f'{meta_path}: not found (run prepare_sft.py to create it)')
@@ -128,6 +139,8 @@ class ShardDataset:
         for p in paths.values():
             if not os.path.exists(p):
                 raise DataError(f'{p}: missing shard file (listed by {meta_path})')
+        if verify:
+            verify_shards(data_dir, self.meta, [f'{split}.{ext}' for ext in ('bin', 'mask', 'idx')])
         self.idx = self._map(paths['idx'], np.int64)
         n_tok = int(self.idx[-1]) if len(self.idx) else -1
         if len(self.idx) == 0 or self.idx[0] != 0 or np.any(np.diff(self.idx) < 0):
@@ -170,25 +183,51 @@ class ShardDataset:
 # ----------------------------------------------------------------------------------------------
 
 
+def verify_shards(data_dir: str, meta: dict, names) -> bool:
+    """Compare each file's sha256 with the digest prepare_sft.py recorded in meta.json (about 1 s per
+    GB on a 2-core VM). -> False when meta.json has no digests (a data dir from before them)."""
+    digests = meta.get('sha256')
+    if not digests:
+        return False
+    for name in names:
+        path, h = os.path.join(data_dir, name), hashlib.sha256()
+        with open(path, 'rb') as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != digests.get(name):
+            raise DataError(f'{path}: damaged shard: its sha256 differs from the one meta.json recorded '
+                            f'when prepare_sft.py wrote it; prepare the data again (verify_data=False '
+                            f'skips this check)')
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 # Splits and batching
 
 class JsonlSplit:
     """A .jsonl chat file tokenized once in memory; same (input_ids, labels) as the binary shards."""
 
-    def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='chatml'):
-        tok = load_tokenizer(tokenizer_name)
-        records = list(load_records(path))
+    def __init__(self, path, split, tokenizer_name='qwen3', train_on='all', chat_template='auto'):
+        try:
+            tok = load_tokenizer(tokenizer_name)
+            fmt = resolve_format(tok, chat_template)
+        except ValueError as e:
+            raise DataError(f'data_dir {path}: {e}') from None
+        records = list(iter_records(path))
         # Deterministic split without a val file: every 20th conversation is validation.
         if len(records) >= 20:
             keep = (lambda i: i % 20 == 19) if split == 'val' else (lambda i: i % 20 != 19)
             records = [r for i, r in enumerate(records) if keep(i)]
         self.examples = []
-        for messages in records:
-            ids, labels = encode_conversation(messages, tok, train_on=train_on, chat_template=chat_template)
+        for where, messages in records:
+            try:
+                ids, labels = fmt.encode(messages, train_on)
+            except ValueError as e:   # e.g. the general chat-template path refusing a conversation
+                raise DataError(f'{where}: {e}') from None
             self.examples.append((np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)))
         self.lengths = np.array([len(e[0]) for e in self.examples], dtype=np.int64)
-        self.meta = {'tokenizer': tok.meta(), 'chat_template': chat_template, 'train_on': train_on}
+        self.meta = {'tokenizer': dict(tok.meta(), chat_format=fmt.meta()), 'chat_template': fmt.name,
+                     'train_on': train_on}
 
     def __len__(self):
         return len(self.examples)
@@ -197,9 +236,9 @@ class JsonlSplit:
         return self.examples[i]
 
 
-def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='chatml'):
-    """A prepare_sft.py data dir (ShardDataset), or a .jsonl file tokenized now (JsonlSplit: the
-    tokenizer, train_on and chat_template arguments apply to it alone)."""
+def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='auto', verify=True):
+    """A prepare_sft.py data dir (ShardDataset, its files checked against their digests when verify),
+    or a .jsonl file tokenized now (JsonlSplit: tokenizer, train_on and chat_template apply to it)."""
     if str(path).endswith('.jsonl'):
         if not os.path.isfile(path):
             raise DataError(f"data_dir: file not found: {path}")
@@ -208,7 +247,7 @@ def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='ch
         raise DataError(f"data_dir: directory not found: {path} (build it with prepare_sft.py "
                          f"--out_dir {path}, or point data_dir at a .jsonl file)")
     try:
-        return ShardDataset(path, split)
+        return ShardDataset(path, split, verify=verify)
     except OSError as e:
         raise DataError(f"data_dir {path}: cannot read the {split} split: {e}") from e
 

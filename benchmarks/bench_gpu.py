@@ -69,9 +69,10 @@ def run_child(args) -> dict:
     import torch
     from model_builder import ConfigurableGPT
     from model_config import ModelArchitectureConfig
-    from tokenizer import encode_conversation, load_tokenizer
     import memory_plan
     from attention import resolve
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     from train_sft import SFTDataset, forward_backward, guess_peak_flops
     device = torch.device(args.device)
     torch.manual_seed(0)

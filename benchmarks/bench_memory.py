@@ -64,7 +64,8 @@ def child(c: dict, data: str, threads: int) -> dict:
     import memory_plan
     from model_builder import ConfigurableGPT
     from model_config import ModelArchitectureConfig
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     from train_sft import SFTDataset, forward_backward
     tok = load_tokenizer('qwen3')
     B, T = c['rows'], c['block']

@@ -1,6 +1,10 @@
 """prepare_sft's encoding vs the transformers/TRL path vs raw tiktoken, on GSM8K train, one core.
 
     .venv/bin/python benchmarks/bench_prepare.py [--data ../shared/data/gsm8k/train.jsonl] [--cores 1]
+    .venv/bin/python benchmarks/bench_prepare.py --formats [--repeats 3]   # the chat formats
+
+--formats: encoding speed of every chat format per token, against the Qwen3 path (see
+bench_formats below).
 
 1. nanoSFT: tokenizer.encode_conversation (ids + labels) for every example.
 2. transformers: what a TRL user runs per example: a PreTrainedTokenizerFast built from the same
@@ -13,6 +17,7 @@ Also times the whole prepare_sft CLI (read, encode, split, write shards) on the 
 Times are the best CPU time (time.process_time) of --repeats runs (transformers: half as many).
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -23,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import chat_records  # noqa: E402
 import prepare_sft  # noqa: E402
-from tokenizer import encode_conversation, load_tokenizer, to_hf_tokenizer  # noqa: E402
+from chat_format import encode_conversation  # noqa: E402
+from tokenizer import load_tokenizer, to_hf_tokenizer  # noqa: E402
 
 CHATML_GENERATION = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -48,9 +54,16 @@ def main():
     p.add_argument('--data', default=os.path.join(here, '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl'))
     p.add_argument('--cores', type=int, default=1, help='pin the process to this many cores')
     p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--formats', action='store_true', help='benchmark the chat formats (bench_formats)')
+    p.add_argument('--worker', type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument('--dirs', default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if hasattr(os, 'sched_setaffinity'):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+    if args.worker is not None:
+        return format_worker(args)
+    if args.formats:
+        return bench_formats(args)
 
     records = chat_records.load_records(args.data, fmt='gsm8k')
     n = len(records)
@@ -95,6 +108,143 @@ def main():
     print(f'\nidentical ids (transformers vs nanoSFT): {same_ids}/{n}; identical masks: {same_masks}/{n}')
     print(f'speed-up vs transformers: {t_hf / t_ours:.1f}x (goal >= 5x)')
     print(f'slow-down vs raw tiktoken (faster of batch/loop): {t_ours / t_raw:.2f}x (goal <= 2x)')
+
+
+
+# ----------------------------------------------------------------------------------------------
+# --formats: each chat format's encoding speed per token vs the Qwen3 path
+
+FORMAT_CONTENDERS = [   # (label, tokenizer: 'qwen3' or a directory built below, format, encoder)
+    ('qwen3 tokenizer, chatml (baseline)', 'qwen3', 'chatml', 'tiktoken'),
+    ('qwen2.5 dir, qwen2.5', 'qwen2.5', 'qwen2.5', 'tiktoken'),
+    ('llama3 dir, llama3', 'llama3', 'llama3', 'tiktoken'),
+    ('byte-level dir, mistral', 'mistral-bytes', 'mistral', 'tiktoken'),
+    ('llama3 dir, llama3, tokenizers encoder', 'llama3', 'llama3', 'tokenizers'),
+    ('SentencePiece-style dir, mistral', 'mistral-sp', 'mistral', 'tokenizers'),
+    ('llama3 dir, general path (hf)', 'llama3', 'hf', 'tiktoken'),
+]
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ['<|begin_of_text|>', '<|end_of_text|>', '<|reserved_special_token_0|>',
+                   '<|reserved_special_token_1|>', '<|finetune_right_pad_id|>', '<|step_id|>',
+                   '<|start_header_id|>', '<|end_header_id|>', '<|eom_id|>', '<|eot_id|>', '<|python_tag|>']
+MISTRAL_SPECIALS = ['<unk>', '<s>', '</s>', '[INST]', '[/INST]', '[TOOL_CALLS]', '[AVAILABLE_TOOLS]',
+                    '[/AVAILABLE_TOOLS]', '[TOOL_RESULTS]', '[/TOOL_RESULTS]']
+
+
+def _write_dir(path, spec, added, config, eos):
+    """A tokenizer directory: tokenizer.json = spec with `added` [(content, special)] appended."""
+    from tokenizers import AddedToken, Tokenizer
+    tok = Tokenizer.from_str(json.dumps(spec))
+    for content, special in added:
+        t = AddedToken(content, special=special, normalized=False)
+        tok.add_special_tokens([t]) if special else tok.add_tokens([t])
+    os.makedirs(path)
+    tok.save(os.path.join(path, 'tokenizer.json'))
+    with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+        json.dump(config, f)
+    with open(os.path.join(path, 'generation_config.json'), 'w') as f:
+        json.dump({'eos_token_id': [tok.token_to_id(t) for t in eos]}, f)
+
+
+def build_format_dirs(root, texts):
+    """Realistic-size tokenizer directories: the 151k Qwen ranks converted to tokenizer.json (the
+    complete merge list TikTokenConverter writes, like Llama 3's) with each family's pre-tokenizer
+    and special tokens; and a 32k SentencePiece-style BPE (Metaspace, byte fallback) trained on the
+    data, the shape of Mistral's tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizer import QWEN3_SPECIALS
+    templates = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'chat_templates')
+
+    def template(name):
+        with open(os.path.join(templates, f'{name}.jinja')) as f:
+            return f.read()
+    base = json.loads(to_hf_tokenizer(load_tokenizer('qwen3')).backend_tokenizer.to_str())
+    base['added_tokens'] = []
+    qwen = [(t, t not in ('<tool_call>', '</tool_call>')) for t in QWEN3_SPECIALS[:22]]
+    _write_dir(os.path.join(root, 'qwen2.5'), base, qwen,
+               {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>', 'chat_template': template('qwen2.5')},
+               ['<|im_end|>', '<|endoftext|>'])
+    llama = dict(base, normalizer=None, pre_tokenizer={'type': 'Sequence', 'pretokenizers': [
+        {'type': 'Split', 'pattern': {'Regex': LLAMA3_PATTERN}, 'behavior': 'Isolated', 'invert': False},
+        {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': False}]})
+    _write_dir(os.path.join(root, 'llama3'), llama, [(t, True) for t in LLAMA3_SPECIALS],
+               {'bos_token': '<|begin_of_text|>', 'eos_token': '<|eot_id|>', 'chat_template': template('llama3')},
+               ['<|end_of_text|>', '<|eom_id|>', '<|eot_id|>'])
+    mistral_config = {'bos_token': '<s>', 'eos_token': '</s>', 'unk_token': '<unk>',
+                      'chat_template': template('mistral')}
+    _write_dir(os.path.join(root, 'mistral-bytes'), base, [(t, True) for t in MISTRAL_SPECIALS],
+               mistral_config, ['</s>'])
+    sp = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=True)
+    sp.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    byte_tokens = [f'<0x{b:02X}>' for b in range(256)]
+    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32768, show_progress=False,
+                                                      special_tokens=MISTRAL_SPECIALS + byte_tokens))
+    spec = json.loads(sp.to_str())   # byte pieces are vocabulary entries, not added tokens
+    spec['added_tokens'] = [t for t in spec['added_tokens'] if t['content'] not in byte_tokens]
+    spec['pre_tokenizer']['split'] = False   # as in Llama-2-style tokenizer.json files
+    _write_dir(os.path.join(root, 'mistral-sp'), spec, [], mistral_config, ['</s>'])
+
+def format_worker(args):
+    """One contender in its own process: load, then encode every example; prints a JSON line."""
+    import hashlib
+    import tokenizer as tokenizer_module
+    from chat_format import get_format
+    label, tok_name, fmt_name, encoder = FORMAT_CONTENDERS[args.worker]
+    if encoder == 'tokenizers':   # the tokenizers-library encoder even where tiktoken would do
+        tokenizer_module._tiktoken_ranks = lambda spec: None
+    records = chat_records.load_records(args.data, fmt='gsm8k')
+    t0 = time.process_time()
+    tok = load_tokenizer(tok_name if tok_name == 'qwen3' else os.path.join(args.dirs, tok_name))
+    fmt = get_format(fmt_name, tok)
+    t_load = time.process_time() - t0
+    t0 = time.process_time()
+    out = [fmt.encode(m) for m in records]
+    t_encode = time.process_time() - t0
+    h = hashlib.sha256()
+    for ids, labels in out:
+        h.update(json.dumps([ids, labels]).encode())
+    with open('/proc/self/status') as f:   # ru_maxrss would carry the parent's peak across exec
+        peak_kb = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+    print(json.dumps({'cpu_s': t_encode, 'load_s': t_load, 'tokens': sum(len(i) for i, _ in out),
+                      'encoder': type(tok).__name__, 'rss_mb': peak_kb / 1024, 'digest': h.hexdigest()[:16]}))
+
+
+def bench_formats(args):
+    """Each contender in its own process, interleaved, --repeats rounds; medians of the encoding
+    CPU seconds (time.process_time: user + sys of that process) per token and peak RSS."""
+    import statistics
+    import subprocess
+    records = chat_records.load_records(args.data, fmt='gsm8k')
+    texts = [m['content'] for msgs in records for m in msgs]
+    with tempfile.TemporaryDirectory() as dirs:
+        t0 = time.time()
+        build_format_dirs(dirs, texts)
+        print(f'{len(records)} examples from {args.data}; tokenizer dirs built in {time.time() - t0:.0f} s; '
+              f'{args.repeats} interleaved rounds, {args.cores} core(s)')
+        runs = {i: [] for i in range(len(FORMAT_CONTENDERS))}
+        for r in range(args.repeats):
+            for i in runs:
+                cmd = [sys.executable, os.path.abspath(__file__), '--worker', str(i), '--dirs', dirs,
+                       '--data', args.data, '--cores', str(args.cores)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs[i].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    med = {i: {k: statistics.median(x[k] for x in rs) for k in ('cpu_s', 'load_s', 'rss_mb')}
+           for i, rs in runs.items()}
+    base = med[0]['cpu_s'] / runs[0][0]['tokens']
+    print(f'\n{"contender":<42}{"encoder":>22}{"tokens":>10}{"CPU s":>8}{"ns/token":>10}{"vs qwen3":>10}'
+          f'{"load s":>8}{"RSS MB":>8}')
+    for i, (label, *_rest) in enumerate(FORMAT_CONTENDERS):
+        r, m = runs[i][0], med[i]
+        per = m['cpu_s'] / r['tokens']
+        print(f'{label:<42}{r["encoder"]:>22}{r["tokens"]:>10,}{m["cpu_s"]:>8.2f}{1e9 * per:>10.0f}'
+              f'{per / base:>9.2f}x{m["load_s"]:>8.2f}{m["rss_mb"]:>8.0f}')
+    same = runs[2][0]['digest'] == runs[4][0]['digest'] == runs[6][0]['digest']
+    print(f'\nllama3 ids+labels identical with the tiktoken encoder, the tokenizers encoder and the '
+          f'general path: {same}; every run of a contender identical: '
+          f'{all(len({x["digest"] for x in rs}) == 1 for rs in runs.values())}')
+    print('goal: built-in renderers within 1.5x of the Qwen3 path per token')
 
 
 if __name__ == '__main__':

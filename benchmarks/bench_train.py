@@ -128,7 +128,8 @@ def child_nanosft(args, name):
     torch = _setup_torch(args)
     import torch.nn.functional as F
     from hf_interop import from_hf
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     from train_sft import SFTDataset, forward_backward
     steps, convs = _load_steps(args)
     tok = load_tokenizer('qwen3')
@@ -267,7 +268,8 @@ def trl_steps(args, n_steps: int) -> dict:
     """The conversations of each step as TRL's BFD packer groups them (its trainer trains these
     packed rows in order): lengths from nanoSFT's encoding, which equals the transformers
     chat-template encoding TRL uses (checked per step against TRL's own packing in its child)."""
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
     n_conv = n_steps * max(2, args.block_size // 100)
     convs = common.gsm8k_conversations(args.data, n_conv)
@@ -290,7 +292,8 @@ def trl_steps(args, n_steps: int) -> dict:
 def nanosft_steps(args, block: int, n_steps: int) -> dict:
     """Rows of `block` tokens packed by train_sft's own best-fit packer (for --growth)."""
     from sft_data import pack_best_fit
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
     n_conv = n_steps * block // 120
     convs = common.gsm8k_conversations(args.data, n_conv)

@@ -21,7 +21,11 @@ def shape(name: str) -> tuple[int, int, int, int, int]:
     n_layer, _, n_embd = name.partition('x')
     heads = max(1, int(n_embd) // 64)
     return int(n_layer), int(n_embd), heads, max(1, heads // 2), 3 * int(n_embd)
-GSM8K = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k', 'train.jsonl')
+
+
+# GSM8K stays in the shared data folder (never copied into the repo); NANOSFT_GSM8K_DIR overrides it.
+GSM8K_DIR = os.environ.get('NANOSFT_GSM8K_DIR') or os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k')
+GSM8K = os.path.join(GSM8K_DIR, 'train.jsonl')
 
 # ChatML exactly as nanoSFT renders it (tokenizer.py, chat_template='chatml'): the assistant content
 # and its <|im_end|> are trained, the '\n' after it is not. {% generation %} gives the peers the same mask.

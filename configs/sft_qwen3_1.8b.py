@@ -1,11 +1,11 @@
-# The specification's SFT run: Qwen3-1.7B ("1.8B") on 8 GPUs.
+# Full fine-tuning of Qwen3-1.7B (the "1.8B" of the original SFT recipe) on 8 GPUs.
 #   torchrun --standalone --nproc_per_node=8 train_sft.py configs/sft_qwen3_1.8b.py
 # Global batch = 4 rows x 4 accumulation steps x 8 GPUs = 128 sequences per optimizer step.
 out_dir = 'out-qwen3-1.8b-sft'
 eval_interval = 200
 eval_iters = 40
 log_interval = 10
-keep_last_n = 0
+keep_last_n = 3                   # each step checkpoint is ~20 GB (fp32 weights + AdamW state)
 
 # A local Hugging Face directory (config.json + *.safetensors) of the base model, e.g. from
 # `huggingface-cli download Qwen/Qwen3-1.7B-Base --local-dir /path/to/Qwen3-1.7B`.

@@ -170,3 +170,30 @@ def test_optimizer_state_of_older_checkpoints_keyed_by_position_is_read_by_name(
     for name, s in by_name['state'].items():
         assert torch.equal(s['exp_avg'], opt.state[names[name]]['exp_avg'])
     assert optimizer_state_by_name(by_name, opt, model) is by_name
+
+
+def test_a_damaged_byte_inside_a_tensor_is_caught_by_the_crc_check_naming_the_file(tmp_path):
+    model = _model()
+    save_checkpoint(tmp_path / 'ckpt_000004.pt', {'model': model.state_dict(), 'model_args': model.config.to_dict()})
+    path = tmp_path / 'ckpt.pt'
+    save_checkpoint(path, {'model': model.state_dict(), 'model_args': model.config.to_dict()})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    # mmap loading alone does not notice: without the check this would train on the damaged tensor
+    damaged, _ = load_checkpoint(path, verify=False)
+    assert any(not torch.equal(a, b) for a, b in zip(damaged.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r'ckpt\.pt: damaged checkpoint .*CRC.*ckpt_000004\.pt'):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_checkpoints_get_the_file_modes_the_umask_gives(tmp_path, umask):
+    import stat
+    model = _model()
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / 'ckpt.pt', {'model': model.state_dict(), 'model_args': model.config.to_dict()})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / 'ckpt.pt').st_mode) == 0o666 & ~umask

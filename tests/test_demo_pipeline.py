@@ -74,7 +74,8 @@ def test_demo_checkpoint_exports_with_its_own_tokenizer_and_chat_template(demo):
 
     import export_hf
     from checkpoint import load_checkpoint
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tmp, _ = demo
     out = export_hf.export(str(tmp / 'out/ckpt.pt'), str(tmp / 'hf'))
     conv = [{'role': 'system', 'content': 'Answer with a word.'},

@@ -11,7 +11,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import save_checkpoint  # noqa: E402
 from model_builder import ConfigurableGPT  # noqa: E402
 from model_config import ModelArchitectureConfig  # noqa: E402
-from tokenizer import encode_conversation, load_tokenizer  # noqa: E402
+from chat_format import encode_conversation  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 import eval_sft  # noqa: E402
 
 CONVS = [
@@ -87,7 +88,7 @@ def test_batched_greedy_generation_matches_one_by_one(setup):
 
 def test_compliance_and_accuracy_scoring(monkeypatch, setup):
     d, _, data = setup
-    fake = [('4', True), ('{"answer":  6}', False), ('3 2 1', True)]
+    fake = [('4', True, False), ('{"answer":  6}', False, False), ('3 2 1', True, False)]
     monkeypatch.setattr(eval_sft, 'generate_replies', lambda *a, **k: fake)
 
     class A:
@@ -96,6 +97,34 @@ def test_compliance_and_accuracy_scoring(monkeypatch, setup):
     assert r['format_compliance'] == pytest.approx(2 / 3)
     assert r['accuracy'] == 1.0  # whitespace-normalized exact match
     assert r['accuracy_per_task'] == {'add': 1.0, 'followup': 1.0}
+    assert r['cut_off'] == 0 and r['max_new_tokens'] == 4
+
+
+def test_replies_cut_off_by_the_limit_are_counted_scored_wrong_and_warned_about(monkeypatch, setup,
+                                                                                tmp_path, capsys):
+    d, _, _ = setup
+    gsm = tmp_path / 'gsm.jsonl'
+    gsm.write_text(''.join(json.dumps({'question': f'q{i}?', 'answer': '2 + 3 = 5\n#### 5'}) + '\n'
+                           for i in range(4)))
+    # three replies stopped by the limit mid-reasoning (their last number happens to be the answer)
+    fake = [('2 + 3 = 5', False, True)] * 3 + [('2 + 3 = 5 #### 5', True, False)]
+    monkeypatch.setattr(eval_sft, 'generate_replies', lambda *a, **k: fake)
+
+    class A:
+        device, tokenizer, batch_size, max_new_tokens, n_samples = 'cpu', None, 8, 4, 4
+    r = eval_sft.evaluate(str(d / 'm0.pt'), eval_sft.load_eval_records(str(gsm)), A, 'x')
+    assert r['cut_off'] == 0.75 and r['accuracy'] == 0.25 and r['format_compliance'] == 0.25
+    assert 'warning: 3 of 4 replies reached --max_new_tokens 4' in capsys.readouterr().err
+    assert '| cut off |' in eval_sft.markdown_table([r]) and '75.0%' in eval_sft.markdown_table([r])
+
+
+def test_default_reply_limit_fits_the_longest_held_out_reply(setup):
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer('qwen3')
+    recs = [{'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'word ' * n}]}
+            for n in (3, 120, 40)]
+    assert eval_sft.default_max_new_tokens(recs, tok, 2048) == len(tok.encode('word ' * 120)) + 16
+    assert eval_sft.default_max_new_tokens(recs, tok, 128) == 64   # at most half the block
 
 
 def test_gsm8k_reference_is_the_number_after_hashes(tmp_path):

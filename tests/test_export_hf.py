@@ -11,7 +11,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import save_checkpoint  # noqa: E402
 from model_builder import ConfigurableGPT  # noqa: E402
 from model_config import ModelArchitectureConfig  # noqa: E402
-from tokenizer import encode_conversation, encode_prompt, load_tokenizer  # noqa: E402
+from chat_format import encode_conversation, encode_prompt  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 import export_hf  # noqa: E402
 
 CONV = [
@@ -90,3 +91,60 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='nope.pt'):
         export_hf.main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')])
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_the_export_gets_the_modes_the_umask_gives_not_private_ones(tmp_path, umask):
+    import stat
+    torch.manual_seed(0)
+    cfg = ModelArchitectureConfig.from_preset('tiny', vocab_size=320, n_layer=1)
+    save_checkpoint(tmp_path / 'ckpt.pt', {'model': ConfigurableGPT(cfg).state_dict(), 'model_args': cfg.to_dict()})
+    old = os.umask(umask)
+    try:
+        out = export_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+    files = os.listdir(out)
+    assert 'model.safetensors' in files and 'tokenizer.json' in files
+    for name in files:
+        assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize('family', ['llama3', 'mistral', 'qwen2.5', 'qwen3', 'chatml', 'hf'])
+def test_export_ships_the_trained_chat_template_and_stop_ids_of_each_family(family, tmp_path):
+    """apply_chat_template(history, add_generation_prompt=True) on the export gives the prompt ids
+    training put in front of every reply; generation_config stops at the format's stop ids."""
+    import random
+    from transformers import AutoTokenizer
+    from family_tokenizers import LLAMA30_TEMPLATE, build_family_dir, for_hf, random_conversation
+    from chat_format import resolve_format
+    source = 'llama3' if family == 'hf' else family   # 'hf': Llama 3.0's template, no built-in
+    d = build_family_dir(tmp_path / 'tok', source, LLAMA30_TEMPLATE if family == 'hf' else None)
+    tok = load_tokenizer(d)
+    fmt = resolve_format(tok)
+    assert fmt.name == family
+    cfg = ModelArchitectureConfig.from_dict(dict(ModelArchitectureConfig.from_preset('tiny').to_dict(),
+                                                 vocab_size=tok.vocab_size, n_layer=1))
+    save_checkpoint(tmp_path / 'ckpt.pt', {
+        'model': ConfigurableGPT(cfg).state_dict(), 'model_args': cfg.to_dict(), 'iter_num': 0,
+        'config': {'chat_template': 'auto'}, 'tokenizer': dict(tok.meta(), chat_format=fmt.meta())})
+    out = export_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
+    hf = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf.chat_template == fmt.template
+    rng, prompts = random.Random(family), 0
+    for _ in range(20):
+        msgs = random_conversation(rng, source)
+        if family == 'hf' and (msgs[0].get('tools') or any(m['role'] == 'tool' for m in msgs)):
+            continue
+        for k, m in enumerate(msgs):
+            if m['role'] == 'assistant':
+                history, tools = for_hf(msgs[:k])
+                ids = hf.apply_chat_template(history, tools=tools, add_generation_prompt=True,
+                                             return_dict=False)
+                assert list(ids) == encode_prompt(msgs[:k], tok, chat_template=fmt)
+                prompts += 1
+    assert prompts >= 20
+    gen = json.loads((tmp_path / 'hf' / 'generation_config.json').read_text())
+    eos = gen['eos_token_id'] if isinstance(gen['eos_token_id'], list) else [gen['eos_token_id']]
+    assert eos == list(fmt.stop_ids) and eos[0] == fmt.end_id

@@ -81,7 +81,8 @@ def test_demo_tokenizer_is_deterministic_and_encodes_any_text_losslessly(tmp_pat
 
 
 def test_demo_tokenizer_renders_chatml_with_its_own_special_ids(tmp_path):
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     run(tmp_path, '--n_train', '300', '--n_test', '10')
     tok = load_tokenizer(str(tmp_path / 'tokenizer'))
     ids, labels = encode_conversation([{'role': 'user', 'content': 'What is 3 + 4?'},

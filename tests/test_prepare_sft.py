@@ -5,13 +5,12 @@ import random
 import pytest
 
 import prepare_sft
+from chat_format import encode_conversation
 from chat_records import DataError, load_records
 from prepare_sft import main
 from sft_data import ShardDataset
-from tokenizer import encode_conversation
 from tokenizer import load_tokenizer
 
-GSM8K = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
 SHARDS = ('train.bin', 'train.mask', 'train.idx', 'val.bin', 'val.mask', 'val.idx', 'meta.json')
 
 
@@ -42,42 +41,6 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
-def test_every_format_parses_to_the_same_messages(tmp_path):
-    sys_, q, a = 'Be kind.', 'What is 6*7?', 'It is 42.\n#### 42'
-    expected = [{'role': 'system', 'content': sys_}, {'role': 'user', 'content': q},
-                {'role': 'assistant', 'content': a}]
-    records = {
-        'messages': {'messages': expected},
-        'sharegpt': {'conversations': [{'from': 'system', 'value': sys_}, {'from': 'human', 'value': q},
-                                       {'from': 'gpt', 'value': a}]},
-        'alpaca': {'system': sys_, 'instruction': q, 'input': '', 'output': a},
-        'prompt_completion': {'prompt': expected[:2], 'completion': [expected[2]]},
-    }
-    for fmt, rec in records.items():
-        path = write_jsonl(tmp_path / f'{fmt}.jsonl', [rec])
-        assert load_records(path) == [expected], fmt
-        assert load_records(path, fmt=fmt) == [expected], fmt
-    # formats without a system prompt
-    no_sys = expected[1:]
-    for fmt, rec in {'prompt_completion': {'prompt': q, 'completion': a},
-                     'gsm8k': {'question': q, 'answer': a},
-                     'alpaca': {'instruction': q, 'output': a}}.items():
-        path = write_jsonl(tmp_path / f'{fmt}2.jsonl', [rec])
-        assert load_records(path) == [no_sys] == load_records(path, fmt=fmt), fmt
-    path = write_jsonl(tmp_path / 'alpaca_input.jsonl', [{'instruction': 'Sum:', 'input': '1 2', 'output': '3'}])
-    assert load_records(path)[0][0]['content'] == 'Sum:\n\n1 2'
-
-
-def test_json_array_bom_and_crlf_are_read(tmp_path):
-    recs = chats(3)
-    arr = tmp_path / 'a.json'
-    arr.write_bytes(b'\xef\xbb\xbf' + json.dumps(recs, indent=2).replace('\n', '\r\n').encode())
-    jl = tmp_path / 'b.jsonl'
-    jl.write_bytes(b'\xef\xbb\xbf' + b'\r\n'.join(json.dumps(r).encode() for r in recs) + b'\r\n\r\n')
-    expected = [r['messages'] for r in recs]
-    assert load_records(str(arr)) == expected == load_records(str(jl))
-
-
 GOOD = json.dumps({'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]})
 BAD_RECORDS = {
     'invalid_json': ('{"messages": [', 'invalid JSON'),
@@ -91,6 +54,8 @@ BAD_RECORDS = {
     'empty_messages': ('{"messages": []}', 'non-empty list'),
     'missing_output': ('{"instruction": "x", "input": "y"}', 'unrecognised record'),
     'sharegpt_unknown_from': ('{"conversations": [{"from": "alien", "value": "x"}]}', "unknown role 'alien'"),
+    'sharegpt_from_a_list': ('{"conversations": [{"from": ["human"], "value": "x"}]}', "unknown role ['human']"),
+    'sharegpt_from_an_object': ('{"conversations": [{"from": {"r": 1}, "value": "x"}]}', 'conversations[0].from'),
     'gsm8k_non_string': ('{"question": "x", "answer": 4}', '"answer" must be a string'),
     'train_on_user': ('{"messages": [{"role": "user", "content": "x", "train": true}, '
                       '{"role": "assistant", "content": "y"}]}', 'only assistant messages'),
@@ -250,9 +215,8 @@ def test_show_highlights_trained_tokens_and_prints_the_audit(tmp_path, capsys):
         assert row in out
 
 
-@pytest.mark.skipif(not os.path.exists(GSM8K), reason='GSM8K not available')
-def test_gsm8k_slice_shards_match_encode_conversation_with_two_processes(tmp_path, tok):
-    with open(GSM8K, encoding='utf-8') as f:
+def test_gsm8k_slice_shards_match_encode_conversation_with_two_processes(tmp_path, tok, gsm8k_train):
+    with open(gsm8k_train, encoding='utf-8') as f:
         lines = [next(f) for _ in range(200)]
     path = tmp_path / 'gsm8k.jsonl'
     path.write_text(''.join(lines), encoding='utf-8')
@@ -294,3 +258,81 @@ def test_tool_schemas_and_sharegpt_weights_are_kept(tmp_path, tok):
     bad = write_jsonl(tmp_path / 'bad.jsonl', [{'tools': '{nope', 'messages': recs[0]['messages']}])
     with pytest.raises(SystemExit, match=rf'{bad}:1: "tools": not valid JSON'):
         run('--input', bad, '--out_dir', tmp_path / 'o')
+
+
+def test_out_dir_that_is_a_file_or_lies_under_one_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / 'd.jsonl', chats(5))
+    afile = tmp_path / 'afile'
+    afile.write_text('keep me')
+    for out in (afile, afile / 'sub'):
+        with pytest.raises(SystemExit, match=rf'prepare_sft: --out_dir {out}: cannot create the directory'):
+            run('--input', path, '--out_dir', out)
+    assert afile.read_text() == 'keep me'
+
+
+def test_a_run_that_keeps_no_example_leaves_no_output_directory(tmp_path):
+    path = write_jsonl(tmp_path / 'd.jsonl', chats(6))
+    with pytest.raises(SystemExit, match='no example kept'):
+        run('--input', path, '--out_dir', tmp_path / 'a', '--truncation', 'drop', '--max_length', 4)
+    untrained = [{'messages': [dict(m, train=False) if m['role'] == 'assistant' else m for m in r['messages']]}
+                 for r in chats(6)]
+    with pytest.raises(SystemExit, match='no example kept'):
+        run('--input', write_jsonl(tmp_path / 'u.jsonl', untrained), '--out_dir', tmp_path / 'b')
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+    (tmp_path / 'c').mkdir()   # a directory the user made stays, empty as it was
+    with pytest.raises(SystemExit, match='no example kept'):
+        run('--input', path, '--out_dir', tmp_path / 'c', '--truncation', 'drop', '--max_length', 4)
+    assert (tmp_path / 'c').is_dir() and not os.listdir(tmp_path / 'c')
+
+
+def _family_chats(family, n, seed=0):
+    from family_tokenizers import random_conversation
+    rng = random.Random(seed)
+    return [{'messages': random_conversation(rng, family)} for _ in range(n)]
+
+
+def test_directory_tokenizer_brings_its_chat_format_and_meta_records_it(tmp_path):
+    from family_tokenizers import build_family_dir
+    d = build_family_dir(tmp_path / 'tok', 'llama3')
+    records = _family_chats('llama3', 12)
+    path = write_jsonl(tmp_path / 'chat.jsonl', records)
+    meta = run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', d, '--val_fraction', 0)
+    tok = load_tokenizer(d)
+    fmt = meta['tokenizer']['chat_format']
+    assert meta['chat_template'] == fmt['name'] == 'llama3' and meta['token_dtype'] == 'uint16'
+    assert fmt['end_id'] == tok.special_tokens['<|eot_id|>'] and len(fmt['template_sha256']) == 64
+    assert meta['stats']['end_of_turn'] == '<|eot_id|>'
+    assert meta['stats']['turns_closed'] == meta['stats']['turns'] == sum(
+        m['role'] == 'assistant' for r in records for m in r['messages'])
+    ds = ShardDataset(tmp_path / 'out', 'train')
+    for i, rec in enumerate(load_records(path)):
+        ids, labels = encode_conversation(rec, tok, chat_template='llama3')
+        assert ds[i][0].tolist() == ids and ds[i][1].tolist() == labels
+
+
+def test_general_path_refusal_names_file_line_and_turn_or_is_skipped(tmp_path):
+    from family_tokenizers import build_family_dir
+    d = build_family_dir(tmp_path / 'tok', 'mistral')   # the official v0.3 template
+    ok = {'messages': [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]}
+    moved = {'messages': [{'role': 'system', 'content': 'Be brief.'}] + ok['messages']}
+    path = write_jsonl(tmp_path / 'chat.jsonl', [ok, moved])
+    with pytest.raises(SystemExit, match=r'chat\.jsonl:2: chat template .* is not prefix-consistent at '
+                                         r'assistant turn 1 \(message 2\)'):
+        run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', d, '--chat_template', 'hf')
+    assert not (tmp_path / 'out').exists()
+    meta = run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', d, '--chat_template', 'hf',
+               '--skip_invalid', '--val_fraction', 0)
+    assert meta['stats']['invalid'] == 1 and meta['stats']['kept'] == 1
+    assert meta['tokenizer']['chat_format']['template'].startswith('{%- if messages[0]["role"] == "system" %}')
+    # the built-in format renders it (mistral-common's placement of the system prompt)
+    assert run('--input', path, '--out_dir', tmp_path / 'out2', '--tokenizer', d)['stats']['kept'] == 2
+
+
+def test_directory_without_a_tokenizer_or_a_missing_format_token_fails_before_any_work(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    path = write_jsonl(tmp_path / 'chat.jsonl', chats(2))
+    with pytest.raises(SystemExit, match=r'empty: no tokenizer\.json'):
+        run('--input', path, '--out_dir', tmp_path / 'out', '--tokenizer', tmp_path / 'empty')
+    with pytest.raises(SystemExit, match=r"'llama3' needs the tokens <\|begin_of_text\|>"):
+        run('--input', path, '--out_dir', tmp_path / 'out', '--chat_template', 'llama3')
+    assert not (tmp_path / 'out').exists()

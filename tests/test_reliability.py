@@ -9,6 +9,7 @@ patches timing hooks and fault injection in from outside (see its docstring).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -204,6 +205,35 @@ def test_kills_and_signals_at_random_moments_never_corrupt_and_resume_bit_exact(
           f'stray temp files left by kills: {stray}')
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('stdout', ['closed_pipe', 'full_disk'])
+def test_a_stop_saves_and_exits_0_when_stdout_is_gone(world, tmp_path, stdout):
+    """`python train_sft.py ... | tee log` and Ctrl-C: the same Ctrl-C ends tee, so every later print
+    hits a closed pipe. Or the log's disk is full (/dev/full). Either way the stop must save ckpt.pt."""
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'train_sft.py', *argv(cfg_for(world['data'], out, max_iters=100_000,
+                                                         eval_interval=100_000, lr_decay_iters=100_000))]
+    if stdout == 'closed_pipe':
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            if line.startswith('iter 3:'):
+                break
+        proc.stdout.close()   # the reader is gone: the next write raises BrokenPipeError
+    else:
+        with open('/dev/full', 'w') as full:   # every write fails with ENOSPC
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=full, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while not list(out.glob('run_*.json')) and time.time() - t0 < 120:   # training has started
+            assert proc.poll() is None, f'exited early with {proc.returncode}'
+            time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    _, ck = load_checkpoint(out / 'ckpt.pt')
+    assert ck['iter_num'] >= (3 if stdout == 'closed_pipe' else 1) and not ck['evaluated']
+
+
 def test_next_save_removes_temp_files_of_killed_saves_only(tmp_path):
     from checkpoint import save_checkpoint
     from model_builder import ConfigurableGPT
@@ -264,17 +294,54 @@ def corrupt_flipped_tail(p):
     p.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize('damage', [corrupt_truncated, corrupt_random, corrupt_empty, corrupt_flipped_tail],
-                         ids=lambda f: f.__name__)
+def corrupt_zeroed_middle(p):
+    # inside the tensors' bytes: torch.load(mmap=True) alone accepts this (the logged loss went to 0)
+    data = bytearray(p.read_bytes())
+    n = min(64 << 10, len(data) // 4)
+    data[len(data) // 2 - n // 2:len(data) // 2 + n // 2] = bytes(n)
+    p.write_bytes(bytes(data))
+
+
+def corrupt_flipped_bytes(p):
+    data = bytearray(p.read_bytes())
+    for i in range(16):
+        data[len(data) // 2 + 7 * i] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+CHECKPOINT_DAMAGES = [corrupt_truncated, corrupt_random, corrupt_empty, corrupt_flipped_tail,
+                      corrupt_zeroed_middle, corrupt_flipped_bytes]
+
+
+@pytest.mark.parametrize('damage', CHECKPOINT_DAMAGES, ids=lambda f: f.__name__)
 def test_corrupt_checkpoint_on_resume_is_a_clear_error_naming_it(world, trained, tmp_path, damage):
     out = copy_tree(trained, tmp_path / 'out')
+    (out / 'ckpt.pt').unlink()   # a copy of its own: ckpt.pt is a hard link of ckpt_000002.pt
+    (out / 'ckpt.pt').write_bytes((trained / 'ckpt.pt').read_bytes())
     damage(out / 'ckpt.pt')
-    expect_clean_exit(cfg_for(world['data'], out, init_from='resume'), 'ckpt.pt')
+    msg = expect_clean_exit(cfg_for(world['data'], out, init_from='resume'), 'ckpt.pt')
+    if damage in (corrupt_zeroed_middle, corrupt_flipped_bytes):   # caught by the CRC check
+        assert 'damaged checkpoint' in msg and 'ckpt_000002.pt' in msg, msg   # names the fallback
     bad = tmp_path / 'elsewhere.pt'
     damage_src = trained / 'ckpt_000002.pt'
     bad.write_bytes(damage_src.read_bytes())
     damage(bad)
     expect_clean_exit(cfg_for(world['data'], tmp_path / 'o2', init_from=str(bad)), 'elsewhere.pt')
+
+
+@pytest.mark.parametrize('cli', ['export_hf', 'eval_sft', 'sample_sft'])
+def test_every_reader_of_a_checkpoint_refuses_a_damaged_one(world, trained, tmp_path, cli):
+    import importlib
+    bad = tmp_path / 'ckpt_000002.pt'
+    bad.write_bytes((trained / 'ckpt_000002.pt').read_bytes())
+    corrupt_flipped_bytes(bad)
+    args = {'export_hf': [str(bad), str(tmp_path / 'hf')],
+            'eval_sft': [str(world['base'] / 'toy.jsonl'), str(bad), '--limit', '2'],
+            'sample_sft': [str(bad), '--prompt', 'hi', '--max_new_tokens', '2']}[cli]
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(cli).main(args)
+    assert str(bad) in str(e.value.code) and 'damaged checkpoint' in str(e.value.code), e.value.code
+    assert not (tmp_path / 'hf').exists()
 
 
 def test_checkpoint_of_another_format_version_is_refused(world, trained, tmp_path):
@@ -301,7 +368,7 @@ def shard_damages():
         idx = np.fromfile(d / 'train.idx', dtype=np.int64)
         idx[-1] += 10
         idx.tofile(d / 'train.idx')
-        return 'train.bin'
+        return 'train.idx'
 
     def idx_decreasing(d):
         idx = np.fromfile(d / 'train.idx', dtype=np.int64)
@@ -332,8 +399,21 @@ def shard_damages():
         (d / 'meta.json').unlink()
         return 'meta.json'
 
+    def flipped_token_byte(d):   # a valid token id still: only the digest can tell
+        data = bytearray((d / 'train.bin').read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (d / 'train.bin').write_bytes(bytes(data))
+        return 'train.bin'
+
+    def flipped_mask_byte(d):
+        data = bytearray((d / 'train.mask').read_bytes())
+        data[len(data) // 3] ^= 0x01
+        (d / 'train.mask').write_bytes(bytes(data))
+        return 'train.mask'
+
     return [truncate_bin, extra_bytes_mask, idx_points_past_end, idx_decreasing, idx_count_disagrees_with_meta,
-            missing_mask, meta_format_version, meta_not_json, meta_missing]
+            missing_mask, meta_format_version, meta_not_json, meta_missing, flipped_token_byte,
+            flipped_mask_byte]
 
 
 @pytest.mark.parametrize('damage', shard_damages(), ids=lambda f: f.__name__)
@@ -350,6 +430,8 @@ def test_out_of_range_token_id_is_a_clear_error_naming_the_shard(world, tmp_path
     tokens = np.fromfile(data / 'train.bin', dtype=meta['token_dtype'])
     tokens[5] = 1000    # the tokenizer has 300 ids, the model 320 rows
     tokens.tofile(data / 'train.bin')
+    meta['sha256']['train.bin'] = hashlib.sha256(tokens.tobytes()).hexdigest()   # a consistent shard
+    (data / 'meta.json').write_text(json.dumps(meta))
     expect_clean_exit(cfg_for(data, tmp_path / 'out'), 'train.bin', 'token id 1000')
     assert not (tmp_path / 'out').exists()
 
@@ -636,7 +718,8 @@ def test_special_token_strings_in_untrained_text_never_become_ids(tmp_path):
 
 
 def test_special_token_strings_in_tool_schemas_stay_text():
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
 
     def ids(desc):

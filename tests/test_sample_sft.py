@@ -10,7 +10,8 @@ sys.path.insert(0, ROOT)
 from checkpoint import save_checkpoint  # noqa: E402
 from model_builder import ConfigurableGPT  # noqa: E402
 from model_config import ModelArchitectureConfig  # noqa: E402
-from tokenizer import encode_prompt, load_tokenizer  # noqa: E402
+from chat_format import encode_prompt  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 import sample_sft  # noqa: E402
 
 
@@ -95,3 +96,37 @@ def test_streamer_waits_for_whole_characters():
     for t in ids + [tok.im_end_id]:
         s(0, t)
     assert Out.text == 'héllo 世界 🙂' and '\ufffd' not in Out.text
+
+
+def test_hf_directory_and_checkpoint_chat_in_their_own_format(tmp_path):
+    import shutil
+    transformers = pytest.importorskip('transformers')
+    from family_tokenizers import build_family_dir
+    from chat_format import get_format, resolve_format
+    tok_dir = build_family_dir(tmp_path / 'tok', 'llama3')
+    tok = load_tokenizer(tok_dir)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / 'hf')
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'):
+        shutil.copyfile(os.path.join(tok_dir, name), tmp_path / 'hf' / name)
+    model, hf_tok, fmt = sample_sft.load_model(str(tmp_path / 'hf'))
+    assert fmt.name == 'llama3' and hf_tok.source_dir == str(tmp_path / 'hf')
+    eot = hf_tok.special_tokens['<|eot_id|>']
+    assert sample_sft.stop_ids(hf_tok, fmt)[0] == eot
+    msgs = [{'role': 'user', 'content': 'hi'}]
+    _, ids = sample_sft.fit_history(msgs, hf_tok, fmt, budget=100)
+    assert hf_tok.decode(ids).endswith('<|start_header_id|>assistant<|end_header_id|>\n\n')
+    # a checkpoint replays the format its data was prepared with (here: mistral on a mistral tokenizer)
+    m_dir = build_family_dir(tmp_path / 'm', 'mistral')
+    m_tok = load_tokenizer(m_dir)
+    mcfg = ModelArchitectureConfig.from_dict(dict(ModelArchitectureConfig.from_preset('tiny').to_dict(),
+                                                  vocab_size=m_tok.vocab_size, n_layer=1))
+    meta = dict(m_tok.meta(), chat_format=resolve_format(m_tok).meta())
+    save_checkpoint(tmp_path / 'ckpt.pt', {'model': ConfigurableGPT(mcfg).state_dict(),
+                                           'model_args': mcfg.to_dict(), 'iter_num': 0,
+                                           'config': {'chat_template': 'auto'}, 'tokenizer': meta})
+    _, tok2, fmt2 = sample_sft.load_model(str(tmp_path / 'ckpt.pt'))
+    assert fmt2 is get_format('mistral', tok2)
+    assert tok2.decode(encode_prompt(msgs, tok2, fmt2)) == '<s>[INST] hi[/INST]'

@@ -3,11 +3,12 @@ import numpy as np
 import pytest
 import torch
 
+from chat_records import DataError
 from sft_data import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_best_fit
 
 
 class ListSplit:
-    """In-memory stand-in for prepare_sft.ShardDataset."""
+    """In-memory stand-in for sft_data.ShardDataset."""
 
     def __init__(self, examples):
         self.examples = [(np.asarray(i, dtype=np.int64), np.asarray(l, dtype=np.int64)) for i, l in examples]
@@ -124,13 +125,11 @@ def test_best_fit_fills_the_row_with_least_room_that_fits():
     assert all(sum(min(int(lengths[i]), 256) for i in r) <= 256 for r in rows)
 
 
-def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024():
+def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024(gsm8k_train):
     import json
-    import os
-    path = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k', 'train.jsonl')
-    if not os.path.exists(path):
-        pytest.skip('GSM8K not available (../shared/data/gsm8k)')
-    from tokenizer import encode_conversation, load_tokenizer
+    path = gsm8k_train
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     tok = load_tokenizer('qwen3')
     with open(path) as f:
         records = [json.loads(line) for line in f]
@@ -141,3 +140,21 @@ def test_gsm8k_packs_with_under_5_percent_padding_at_block_1024():
     rows = pack_best_fit(order, lengths, 1024)
     padding = 1 - lengths.sum() / (len(rows) * 1024)
     assert padding < 0.05, f"padding share {padding:.2%}"
+
+
+def test_shard_writer_records_digests_that_catch_a_flipped_byte(tmp_path):
+    from sft_data import ShardDataset, ShardWriter
+    with ShardWriter(str(tmp_path / 'd'), np.uint16) as w:
+        for n in (3, 5, 4):
+            w.add('train', np.arange(n), np.ones(n, dtype=np.uint8))
+        w.add('val', np.arange(2), np.ones(2, dtype=np.uint8))
+        meta = w.commit({'tokenizer': {'name': 't'}})
+    assert sorted(meta['sha256']) == sorted(f'{s}.{e}' for s in ('train', 'val') for e in ('bin', 'mask', 'idx'))
+    assert len(ShardDataset(str(tmp_path / 'd'), 'train', verify=True)) == 3
+    data = bytearray((tmp_path / 'd' / 'train.mask').read_bytes())
+    data[4] ^= 1                               # a trained token becomes masked: same size, same range
+    (tmp_path / 'd' / 'train.mask').write_bytes(bytes(data))
+    assert len(ShardDataset(str(tmp_path / 'd'), 'train')) == 3   # the structure checks cannot see it
+    with pytest.raises(DataError, match=r'train\.mask: damaged shard'):
+        ShardDataset(str(tmp_path / 'd'), 'train', verify=True)
+    assert len(ShardDataset(str(tmp_path / 'd'), 'val', verify=True)) == 1   # per split

@@ -1,5 +1,6 @@
 """Tests for train_sft.py: loss normalization, the loop, resume, DDP (data: test_sft_data.py)."""
 import dataclasses
+import os
 import types
 
 import numpy as np
@@ -192,6 +193,80 @@ def test_help_lists_every_key(capsys):
     assert all(f'--{f.name}=' in out for f in dataclasses.fields(train_sft.TrainConfig))
 
 
+def test_help_answers_without_importing_torch_and_shows_values_after_the_config_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+    fake = tmp_path / 'torch'
+    fake.mkdir()
+    (fake / '__init__.py').write_text("raise ImportError('torch was imported by --help')\n")
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    proc = subprocess.run([sys.executable, 'train_sft.py', 'configs/sft_demo_cpu.py', '--max_iters=7', '--help'],
+                          cwd=root, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'PYTHONPATH': str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    line = {ln.split('=')[0].strip(): ln for ln in proc.stdout.splitlines() if ln.strip().startswith('--')}
+    assert "--out_dir='out-demo'" in line['--out_dir']                 # from the config file
+    assert '--max_iters=7' in line['--max_iters'] and 'optimizer steps' in line['--max_iters']
+    assert 'keep only the newest n' in line['--keep_last_n']
+
+
+def test_a_jsonl_data_dir_with_a_bad_record_or_no_record_is_a_clear_error(tmp_path):
+    import json
+    good = json.dumps({'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]})
+    bad, empty = tmp_path / 'bad.jsonl', tmp_path / 'empty.jsonl'
+    bad.write_text(good + '\n{"messages": [{"role": "user", "content": 1}]}\n')
+    empty.write_text('')
+    for path, what in ((bad, ':2: messages[0].content: must be a string, got int'),
+                       (empty, ':1: empty file (no records)')):
+        with pytest.raises(SystemExit) as e:
+            train_sft.main([f'--data_dir={path}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
+        assert e.value.code == f'error: {path}{what}', e.value.code
+    assert not (tmp_path / 'out').exists()
+
+
+def test_architecture_keys_that_disagree_with_a_resumed_model_are_refused_by_name(tmp_path, data_dir):
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=2, eval_interval=2, n_layer=2)
+    train_sft.train(cfg)
+    with pytest.raises(train_sft.TrainError, match=r"n_layer=4 \(the model has 2\), n_embd=32 \(the model has "):
+        train_sft.build_model(dataclasses.replace(cfg, init_from='resume', n_layer=4, n_embd=32), 'cpu')
+    model, _ = train_sft.build_model(dataclasses.replace(cfg, init_from='resume'), 'cpu')   # same keys: fine
+    assert model.config.n_layer == 2
+
+
+def test_settings_that_train_nothing_on_a_short_run_are_warned_about_once(tmp_path, data_dir, capsys):
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=3, warmup_iters=100,
+                             lr_decay_iters=3000, learning_rate=2e-5, eval_interval=100))
+    out = capsys.readouterr().out
+    for text in ('warning: warmup_iters=100 >= max_iters=3', 'warning: lr_decay_iters=3000 differs from max_iters=3',
+                 "warning: init_from='scratch' with learning_rate=2e-05"):
+        assert out.count(text) == 1, (text, out[:2000])
+    capsys.readouterr()
+    train_sft.train(tiny_cfg(tmp_path / 'b', data_dir=str(data_dir), max_iters=3, warmup_iters=1,
+                             lr_decay_iters=3, eval_interval=100))
+    assert 'warning' not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_log_redirected_to_a_file_has_whole_lines_with_elapsed_time_and_eta(tmp_path, data_dir):
+    import os
+    import subprocess
+    import sys
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=6, eval_interval=3, log_interval=2)
+    root = os.path.dirname(os.path.abspath(train_sft.__file__))
+    with open(tmp_path / 'log.txt', 'w') as log:
+        proc = subprocess.run([sys.executable, 'train_sft.py', *cli_args(cfg)], cwd=root, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    text = (tmp_path / 'log.txt').read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert '\r' not in text and '\x1b' not in text          # no progress bar redraws in a file
+    lines = text.splitlines()
+    assert [ln.split(':')[0] for ln in lines if ln.startswith('eval iter')] == ['eval iter 0', 'eval iter 3',
+                                                                                'eval iter 6']
+    steps = [ln for ln in lines if ln.startswith('iter ')]
+    assert len(steps) == 3 and all('elapsed' in ln for ln in steps) and 'ETA' in steps[0]
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"data_dir: directory not found: .*nope"):
         train_sft.main([f'--data_dir={tmp_path / "nope"}', f'--out_dir={tmp_path / "out"}', '--device=cpu'])
@@ -282,7 +357,8 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
 def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
     from chat_records import load_records
     from sft_data import open_split
-    from tokenizer import encode_conversation, load_tokenizer
+    from chat_format import encode_conversation
+    from tokenizer import load_tokenizer
     jsonl = data_dir.parent / 'toy.jsonl'
     split = open_split(str(jsonl), 'train')
     records = load_records(str(jsonl))
@@ -406,6 +482,71 @@ def test_scratch_model_takes_architecture_overrides_on_top_of_the_preset(tmp_pat
     assert c.qk_norm and c.tie_word_embeddings  # the rest still comes from the 'tiny' preset
     with pytest.raises(train_sft.TrainError, match='bad model config'):
         train_sft.build_model(tiny_cfg(tmp_path, n_embd=96, n_head=5), 'cpu')
+
+
+def _hf_llama_with_tokenizer(tmp_path, vocab_size=None):
+    """A tiny Llama checkpoint directory that ships a Llama-3-style tokenizer (tests/chat_families)."""
+    import shutil
+    transformers = pytest.importorskip('transformers')
+    from family_tokenizers import build_family_dir
+    from tokenizer import load_tokenizer
+    tok_dir = build_family_dir(tmp_path / 'tok', 'llama3')
+    hf_cfg = transformers.LlamaConfig(vocab_size=vocab_size or load_tokenizer(tok_dir).vocab_size,
+                                      hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=256)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / 'hf')
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'):
+        shutil.copyfile(os.path.join(tok_dir, name), tmp_path / 'hf' / name)
+    return str(tmp_path / 'hf')
+
+
+def _llama_jsonl(path, n=40):
+    import json
+    import random
+    from family_tokenizers import random_conversation
+    rng = random.Random(0)
+    with open(path, 'w') as f:
+        for _ in range(n):
+            msgs = random_conversation(rng, 'llama3')
+            while msgs[0].get('tools') or any(m['role'] == 'tool' for m in msgs):
+                msgs = random_conversation(rng, 'llama3')
+            f.write(json.dumps({'messages': msgs}, ensure_ascii=False) + '\n')
+    return str(path)
+
+
+def test_hf_start_on_jsonl_data_uses_the_directorys_tokenizer_and_chat_format(tmp_path):
+    from chat_format import encode_conversation, get_format
+    from sft_data import open_split
+    from tokenizer import load_tokenizer
+    hf_dir = _hf_llama_with_tokenizer(tmp_path)
+    jsonl = _llama_jsonl(tmp_path / 'chat.jsonl')
+    cfg = tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl, block_size=256, max_iters=1,
+                   eval_interval=100, eval_iters=1)
+    assert cfg.tokenizer == 'auto' and cfg.chat_template == 'auto'
+    train_sft.train(cfg)
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', map_location='cpu', weights_only=False)
+    tok_meta = ckpt['tokenizer']
+    assert tok_meta['name'] == hf_dir and tok_meta['chat_format']['name'] == 'llama3'
+    tok = load_tokenizer(hf_dir)
+    assert tok_meta['chat_format']['stop_ids'] == list(get_format('llama3', tok).stop_ids)
+    split = open_split(jsonl, 'train', hf_dir)
+    from chat_records import load_records
+    assert split[0][0].tolist() == encode_conversation(load_records(jsonl)[0], tok, chat_template='llama3')[0]
+
+
+def test_hf_start_whose_vocabulary_the_tokenizer_overflows_fails_before_tokenizing(tmp_path, monkeypatch):
+    import sft_data
+    hf_dir = _hf_llama_with_tokenizer(tmp_path, vocab_size=100)
+    jsonl = _llama_jsonl(tmp_path / 'chat.jsonl', n=2)
+
+    def no_work(*a, **k):
+        raise AssertionError('the data was tokenized before the vocabulary check')
+    monkeypatch.setattr(sft_data, 'JsonlSplit', no_work)
+    with pytest.raises(train_sft.TrainError, match=r'tokenizer/model mismatch: tokenizer .* has \d+ tokens '
+                                                    r'but .* has vocab_size 100'):
+        train_sft.train(tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl))
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.slow
