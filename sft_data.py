@@ -469,11 +469,16 @@ class SFTDataset:
         return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y)}
 
     def _collate_packed(self, units):
+        """Rows of best-fit packed examples. doc_ids number the documents of each row (the pad tail
+        is one of its own); cu_seqlens (int32) are the documents' start offsets in the flattened
+        B*T tokens plus B*T at the end: the boundaries the attention kernels take, made here on the
+        host so the model needs no device sync to read them."""
         B, T = len(units), self.block_size
         x = np.full((B, T), self.pad_id, dtype=np.int64)
         y = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         pos = np.zeros((B, T), dtype=np.int64)
         doc = np.zeros((B, T), dtype=np.int64)
+        starts = []
         for r, unit in enumerate(units):
             t = 0
             for d, i in enumerate(unit):
@@ -483,12 +488,16 @@ class SFTDataset:
                 y[r, t] = IGNORE_INDEX   # a document's first token is never a target of the one before
                 pos[r, t:t + n] = np.arange(n)
                 doc[r, t:t + n] = d
+                starts.append(r * T + t)
                 t += n
             if t < T:  # the pad tail is a document of its own, so no real token attends to it
                 doc[r, t:] = len(unit)
                 pos[r, t:] = np.arange(T - t)
+                starts.append(r * T + t)
+        cu = np.array(starts + [B * T], dtype=np.int32)
         return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y),
-                'position_ids': torch.from_numpy(pos), 'doc_ids': torch.from_numpy(doc)}
+                'position_ids': torch.from_numpy(pos), 'doc_ids': torch.from_numpy(doc),
+                'cu_seqlens': torch.from_numpy(cu)}
 
 
 class GlobalSampler:

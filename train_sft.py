@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from configurator import ConfigError, configure, help_text
+from model_config import ATTENTION_CHOICES
 from progress import Progress, say
 
 
@@ -103,6 +104,13 @@ class TrainConfig:
     dtype: str = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other
                                       # CUDA, float32 on CPU
     compile: bool = False             # torch.compile the model
+    attention: str = 'auto'           # packed rows: 'auto' (flash varlen on CUDA bf16/fp16, SDPA per
+                                      # document elsewhere) | 'varlen' | 'per_doc' | 'dense' (the
+                                      # O(T^2) mask: a reference); all compute the same (attention.py)
+    activation_checkpointing: str = 'none'  # 'none' | 'full' (recompute every block in backward:
+                                      # ~1/3 more compute, activations ~ one n_embd vector per token
+                                      # per layer) | 'selective' (every k-th block, k below)
+    activation_checkpointing_every: int = 2  # 'selective': checkpoint blocks 0, k, 2k, ...
     peak_flops: float = 0.0           # per GPU, for MFU; 0 -> guess from the device name
 
     def __post_init__(self):
@@ -110,12 +118,14 @@ class TrainConfig:
                    'checkpoint_format': ('auto', 'file', 'sharded'),
                    'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
                    'mixture_by': ('', 'examples', 'tokens'),
-                   'best_metric': ('val_loss', 'accuracy', 'format')}
+                   'best_metric': ('val_loss', 'accuracy', 'format'),
+                   'attention': ATTENTION_CHOICES,
+                   'activation_checkpointing': ('none', 'full', 'selective')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
         for key in ('eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_size',
-                    'max_nan_steps'):
+                    'max_nan_steps', 'activation_checkpointing_every'):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.block_size < 2:
@@ -138,7 +148,9 @@ class TrainConfig:
                                   f"multiple of gen_eval_interval={self.gen_eval_interval}")
 
 
-USAGE = 'usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]'
+USAGE = ('usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]\n'
+         '       train_sft.py [config.py ...] [--key=value ...] --plan [--gpus N] [--gpu_memory_gb G]'
+         '   (memory per GPU of this run and its alternatives, nothing trained)')
 if __name__ == '__main__' and {'-h', '--help'} & set(sys.argv[1:]):
     # --help answers here, before torch is imported (seconds on a cold start)
     try:
@@ -160,6 +172,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from attention import describe as describe_attention  # noqa: E402
 from chat_records import DataError  # noqa: E402
 from checkpoint import (CheckpointError, is_sharded_checkpoint, load_checkpoint, materialize,  # noqa: E402
                         open_sharded_checkpoint, restore_training_state, save_training_state)
@@ -202,15 +215,13 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     denom = total[0].clamp(min=1.0).float()
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
     for m, (batch, index) in enumerate(zip(batches, indices)):
-        batch = {k: v.to(dev, non_blocking=True) for k, v in dict(batch, trained_index=index).items()}
+        kw = model_inputs(batch, dev)
         # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step.
         if fsdp:
             model.set_requires_gradient_sync(m == len(batches) - 1)
         with (model.no_sync() if ddp and not fsdp and m < len(batches) - 1 else nullcontext()):
             with autocast:
-                _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
-                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
-                                    reduction='sum', trained_index=batch['trained_index'])
+                _, loss_sum = model(**kw, reduction='sum', trained_index=index.to(dev, non_blocking=True))
             # x world: DDP and FSDP average gradients over ranks, but the global count already normalized.
             loss = loss_sum.float() / denom * world
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -218,6 +229,17 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
         stats[1] += len(index)
         stats[2] += batch['input_ids'].numel()
     return stats
+
+
+def model_inputs(batch: dict, dev) -> dict:
+    """A collated batch -> the model's keyword arguments on dev. Packed rows' document boundaries
+    (cu_seqlens) stay on the host with their longest document read there, free: the model copies
+    what its attention kernel needs, and nothing waits for the device."""
+    kw = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != 'cu_seqlens'}
+    if 'cu_seqlens' in batch:
+        cu = batch['cu_seqlens']
+        kw.update(cu_seqlens=cu, max_seqlen=int(torch.diff(cu).max()))
+    return kw
 
 
 @torch.no_grad()
@@ -230,10 +252,8 @@ def estimate_loss(model, datasets: dict, cfg: TrainConfig, rt: 'Runtime') -> dic
         acc = torch.zeros(2, dtype=torch.float64, device=rt.device)
         if len(units):
             for batch in eval_batches(ds, units, cfg.eval_iters, rt.world, rt.rank, cfg.batch_size):
-                batch = {k: v.to(rt.device) for k, v in batch.items()}
                 with rt.autocast:
-                    _, loss = model(batch['input_ids'], labels=batch['labels'], reduction='sum',
-                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'))
+                    _, loss = model(**model_inputs(batch, rt.device), reduction='sum')
                 acc[0] += loss.double()
                 acc[1] += (batch['labels'][:, 1:] != IGNORE_INDEX).sum()   # targets: labels shifted
         rt.all_reduce(acc)
@@ -432,20 +452,25 @@ def data_tokenizer(meta: dict) -> dict:
     return tok
 
 
+def scratch_architecture(cfg: TrainConfig):
+    """init_from='scratch': the preset with the config's architecture keys on top."""
+    from model_config import ModelArchitectureConfig
+    arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
+    for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
+        if getattr(cfg, k) is not None:
+            arch[k] = getattr(cfg, k)
+    arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
+    try:
+        return ModelArchitectureConfig.from_dict(arch)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+
+
 def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]:
     """The starting model from init_from -> (model, its checkpoint dict or None)."""
-    from model_config import ModelArchitectureConfig
     init, ckpt = cfg.init_from, None
     if init == 'scratch':
-        arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
-        for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
-            if getattr(cfg, k) is not None:
-                arch[k] = getattr(cfg, k)
-        arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
-        try:
-            model = ConfigurableGPT(ModelArchitectureConfig.from_dict(arch))
-        except (TypeError, ValueError) as e:
-            raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+        model = ConfigurableGPT(scratch_architecture(cfg))
     elif init.startswith('hf:'):
         from hf_interop import from_hf
         if not os.path.isdir(init[3:]):
@@ -470,6 +495,8 @@ def build_model(cfg: TrainConfig, device) -> tuple[ConfigurableGPT, dict | None]
     if init != 'scratch':
         check_no_architecture_overrides(cfg, model.config)
     set_dropout(model, cfg.dropout)
+    model.config.attention = cfg.attention     # how, not what: a training choice like dropout
+    model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.activation_checkpointing_every)
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
@@ -727,6 +754,8 @@ def train(cfg: TrainConfig) -> dict:
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"init_from={cfg.init_from}")
+    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
+                                 cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
@@ -865,16 +894,27 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+# -----------------------------------------------------------------------------
+# --plan: will it fit? (memory_plan.py does the arithmetic; imported for --plan only)
+
 def main(argv=None):
+    from memory_plan import plan_args, planned_architecture, report_for_config
     argv = sys.argv[1:] if argv is None else argv
     try:
         if '-h' in argv or '--help' in argv:
             print(help_text(TrainConfig, argv, USAGE))
             return
+        argv, planning = plan_args(argv)
         cfg = configure(TrainConfig, argv)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     try:
+        if planning is not None:
+            try:
+                print(report_for_config(cfg, planned_architecture(cfg, scratch_architecture), **planning))
+            except ValueError as e:
+                raise TrainError(str(e)) from e
+            return
         train(cfg)
         if dist.is_initialized():
             # every rank done before any tears its connections down: a rank that exits while another

@@ -1,6 +1,7 @@
 """Tests for sft_data.py: data order, sampler cursor, padding and packing."""
 import numpy as np
 import pytest
+import torch
 
 from chat_records import DataError
 from sft_data import IGNORE_INDEX, GlobalSampler, Mixture, SFTDataset, pack_best_fit
@@ -186,6 +187,9 @@ def test_packing_restarts_positions_and_separates_documents():
     assert b['labels'].tolist() == [[-100, 2, 3, -100, 5, -100], [-100, 6, 6, 6, 6, 6]]
     assert b['position_ids'].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
     assert b['doc_ids'].tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    # the same boundaries as offsets into the flattened rows, for the attention kernels
+    assert b['cu_seqlens'].dtype == torch.int32
+    assert b['cu_seqlens'].tolist() == [0, 3, 5, 6, 12]
 
 
 def test_packing_truncates_an_example_longer_than_block_size():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_sft
+from configurator import ConfigError
 from test_sft_data import ListSplit  # the in-memory split the data tests use
 from train_sft import SFTDataset
 
@@ -789,3 +790,32 @@ def test_hf_start_whose_vocabulary_the_tokenizer_overflows_fails_before_tokenizi
                                                     r'but .* has vocab_size 100'):
         train_sft.train(tiny_cfg(tmp_path, init_from=f'hf:{hf_dir}', data_dir=jsonl))
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('parallel', ['ddp', 'fsdp'])
+def test_checkpointed_per_document_attention_under_torchrun_trains_like_the_dense_mask(tmp_path, data_dir,
+                                                                                        parallel):
+    """Packed rows: 2 ranks with per-document attention and activation checkpointing (full under
+    FSDP2, selective under DDP) end with the parameters of one process on the dense mask without."""
+    packed = dict(FSDP_COMMON, packing=True, data_dir=str(data_dir), max_iters=2, lr_decay_iters=2)
+    ac = 'full' if parallel == 'fsdp' else 'selective'
+    two = tiny_cfg(tmp_path / 'two', parallel=parallel, gradient_accumulation_steps=2, attention='per_doc',
+                   activation_checkpointing=ac, activation_checkpointing_every=2, **packed)
+    one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=4, attention='dense', **packed)
+    log = torchrun2(two).stdout
+    assert f"attention: per_doc (as configured), packed rows of 64; activation checkpointing: {ac}" in log
+    train_sft.train(one)
+    a, b = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'two' / 'out' / 'ckpt.pt')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_attention_and_activation_checkpointing_keys_reach_the_model_and_are_checked(tmp_path):
+    model, _ = train_sft.build_model(tiny_cfg(tmp_path, attention='per_doc', activation_checkpointing='selective',
+                                              activation_checkpointing_every=3), 'cpu')
+    assert model.config.attention == 'per_doc' and model.checkpoint_every == 3
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        tiny_cfg(tmp_path, attention='flash')
+    with pytest.raises(ConfigError, match='activation_checkpointing_every=0'):
+        tiny_cfg(tmp_path, activation_checkpointing_every=0)
