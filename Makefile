@@ -27,7 +27,8 @@ install-dev: $(VENV)/.installed-dev
 install-bench: $(VENV)/.installed-dev requirements-bench.txt
 	$(PY) -m pip install -q -r requirements-bench.txt
 
-# The whole user flow on CPU: data -> shards -> base model -> fine-tune -> evaluate -> plot.
+# The whole user flow on CPU: data -> shards -> base model -> fine-tune (with generation evals on the
+# held-out set every 50 steps) -> evaluate -> plot.
 # One intra-op thread: the demo model is tiny, and thread hand-off costs more than its matmuls.
 # tests/test_demo_pipeline.py runs this very recipe in miniature through the DEMO_* knobs.
 DEMO_ENV        := OMP_NUM_THREADS=1
@@ -43,18 +44,18 @@ demo: $(VENV)/.installed-dev
 		--out_dir $(DEMO_DATA)/sft --max_length 256 --show 2
 	@echo; echo "== the base model (random init, 0 steps) =="
 	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --data_dir=$(DEMO_DATA)/sft $(DEMO_TRAIN_ARGS) \
-		--max_iters=0 --out_dir=$(DEMO_OUT)/base
+		--gen_eval_data=$(DEMO_DATA)/test.jsonl --max_iters=0 --out_dir=$(DEMO_OUT)/base
 	$(DEMO_ENV) $(PY) sample_sft.py $(DEMO_OUT)/base/ckpt.pt --temperature 0 --max_new_tokens 16 --prompt "$(DEMO_PROMPT)"
 	@echo; echo "== supervised fine-tuning =="
 	$(DEMO_ENV) $(PY) train_sft.py configs/sft_demo_cpu.py --data_dir=$(DEMO_DATA)/sft $(DEMO_TRAIN_ARGS) \
-		--out_dir=$(DEMO_OUT)
+		--gen_eval_data=$(DEMO_DATA)/test.jsonl --out_dir=$(DEMO_OUT)
 	$(DEMO_ENV) $(PY) sample_sft.py $(DEMO_OUT)/ckpt.pt --temperature 0 --max_new_tokens 16 --prompt "$(DEMO_PROMPT)"
 	@echo; echo "== held-out evaluation: base vs fine-tuned =="
 	$(DEMO_ENV) $(PY) eval_sft.py $(DEMO_DATA)/test.jsonl $(DEMO_OUT)/base/ckpt.pt $(DEMO_OUT)/ckpt.pt \
 		--labels base sft --max_new_tokens 32 --batch_size 32 --show 3 --out $(DEMO_OUT)/eval.json
 	$(PY) plot_run.py $(DEMO_OUT)/run_*.json --out $(DEMO_OUT)/loss.png
 	@echo; echo "demo outputs: $(DEMO_DATA)/ (conversations, tokenizer, shards), $(DEMO_OUT)/ckpt.pt (fine-tuned),"
-	@echo "  $(DEMO_OUT)/eval.json (the table above), $(DEMO_OUT)/loss.png (loss and LR curves)."
+	@echo "  $(DEMO_OUT)/eval.json (the table above), $(DEMO_OUT)/loss.png (loss, held-out accuracy and LR curves)."
 	@echo "  chat with it: $(PY) sample_sft.py $(DEMO_OUT)/ckpt.pt"
 
 # LoRA and QLoRA on the demo (configs/lora_demo_cpu.py): a base (30 full steps), then 370 steps of full

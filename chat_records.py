@@ -3,22 +3,31 @@
     for where, messages in iter_records('data.jsonl'):   # where = 'data.jsonl:12'
         ...
 
-Input: JSONL or a JSON array; each record, auto-detected (or forced with fmt=):
+Input files: JSONL (read line by line, so any size), a JSON array (read whole), or Parquet / Arrow
+IPC (.parquet, .arrow: the files Hugging Face datasets writes and caches; needs the optional pyarrow,
+read in record batches of 256 rows, so any size). Each record, auto-detected (or forced with fmt=):
   messages           {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}
   sharegpt           {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}
   alpaca             {"instruction": "...", "input": "...", "output": "..."}  (+ optional "system")
   prompt_completion  {"prompt": "...", "completion": "..."}  (either side may be a messages list)
   gsm8k              {"question": "...", "answer": "... #### 42"}
+In Parquet / Arrow these are columns (nested lists of structs for messages); the format is detected
+once per file from its columns, and only the columns it needs are read.
 Messages may carry `train: true/false` (assistant turns only), `reasoning_content`, `tool_calls`;
 role `tool` holds tool results (and may carry `tool_call_id`). A record-level "tools" list of
 schemas (or a JSON string of one) is kept on the first message; ShareGPT turns may carry axolotl's
 "weight": 0/1.
-A bad record raises DataError `file:line: what is wrong` (or is skipped and counted with
-skip_invalid). DataError is the one error type of the whole data path (records, shards, batching).
+A bad record raises DataError `file:line: what is wrong` (Parquet / Arrow: `file:row N:`, N counted
+from 0 like a datasets index), or is skipped and counted with skip_invalid. DataError is the one
+error type of the whole data path (records, shards, batching).
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import os
+import unicodedata
 
 ROLES = ('system', 'user', 'assistant', 'tool')
 FORMATS = ('auto', 'messages', 'sharegpt', 'alpaca', 'prompt_completion', 'gsm8k')
@@ -35,20 +44,21 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Reading records
 
-def _detect(rec: dict) -> str:
-    if 'messages' in rec:
-        return 'messages'
-    if 'conversations' in rec:
-        return 'sharegpt'
-    if 'instruction' in rec and 'output' in rec:
-        return 'alpaca'
-    if 'prompt' in rec and 'completion' in rec:
-        return 'prompt_completion'
-    if 'question' in rec and 'answer' in rec:
-        return 'gsm8k'
-    raise ValueError('unrecognised record: expected "messages", "conversations", '
-                     '"instruction"+"output", "prompt"+"completion" or "question"+"answer"; '
-                     f'got keys {sorted(rec)[:10]}')
+# format -> (the keys that identify it, in detection order; optional keys it reads)
+FORMAT_KEYS = {'messages': (('messages',), ('tools',)),
+               'sharegpt': (('conversations',), ('system', 'tools')),
+               'alpaca': (('instruction', 'output'), ('input', 'system')),
+               'prompt_completion': (('prompt', 'completion'), ()),
+               'gsm8k': (('question', 'answer'), ())}
+KNOWN_KEYS = ('"messages", "conversations", "instruction"+"output", "prompt"+"completion" or '
+              '"question"+"answer"')
+
+
+def _detect(rec) -> str:
+    for fmt, (required, _) in FORMAT_KEYS.items():
+        if all(k in rec for k in required):
+            return fmt
+    raise ValueError(f'unrecognised record: expected {KNOWN_KEYS}; got keys {sorted(rec)[:10]}')
 
 
 def _need_str(rec: dict, key: str) -> str:
@@ -184,45 +194,47 @@ def to_messages(rec, fmt: str = 'auto') -> list[dict]:
     raise ValueError(f'unknown format {fmt!r} (expected one of {", ".join(FORMATS)})')
 
 
-def _json_items(path: str, data: bytes):
-    """Yields (line, record_or_exception) from a JSONL file or a JSON array."""
-    if data.startswith(b'\xef\xbb\xbf'):
-        data = data[3:]
-    if data.lstrip()[:1] == b'[':
-        try:
-            text = data.decode('utf-8')
-        except UnicodeDecodeError as e:
-            line = data.count(b'\n', 0, e.start) + 1
-            raise DataError(f'{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})') from None
-        dec = json.JSONDecoder()
-        pos = text.index('[') + 1
-        while True:
-            while pos < len(text) and text[pos] in ' \t\r\n':
-                pos += 1
-            if pos < len(text) and text[pos] == ']':
-                if text[pos + 1:].strip(' \t\r\n'):
-                    raise DataError(f'{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON '
-                                    "(data after the array's closing ']')")
-                return
-            line, start = text.count('\n', 0, pos) + 1, pos
-            try:
-                rec, pos = dec.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                # a broken array cannot be resynchronised: always fatal
-                raise DataError(f'{path}:{e.lineno}: invalid JSON ({e.msg})') from None
-            except (ValueError, RecursionError) as e:
-                raise DataError(f'{path}:{line}: invalid JSON ({_short(e)})') from None
-            yield line, _no_lone_surrogates(rec, text[start:pos])
-            while pos < len(text) and text[pos] in ' \t\r\n':
-                pos += 1
-            if pos < len(text) and text[pos] == ',':
-                pos += 1
-            elif pos >= len(text) or text[pos] != ']':
+def _json_array_items(path: str, data: bytes):
+    """Yields (line, record_or_exception) from a JSON array (read whole: use JSONL for big data)."""
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = data.count(b'\n', 0, e.start) + 1
+        raise DataError(f'{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})') from None
+    dec = json.JSONDecoder()
+    pos = text.index('[') + 1
+    while True:
+        while pos < len(text) and text[pos] in ' \t\r\n':
+            pos += 1
+        if pos < len(text) and text[pos] == ']':
+            if text[pos + 1:].strip(' \t\r\n'):
                 raise DataError(f'{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON '
-                                "(expected ',' or ']' in the array)")
-        return
-    for line, raw in enumerate(data.split(b'\n'), 1):
-        raw = raw.rstrip(b'\r')
+                                "(data after the array's closing ']')")
+            return
+        line, start = text.count('\n', 0, pos) + 1, pos
+        try:
+            rec, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            # a broken array cannot be resynchronised: always fatal
+            raise DataError(f'{path}:{e.lineno}: invalid JSON ({e.msg})') from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(f'{path}:{line}: invalid JSON ({_short(e)})') from None
+        yield line, _no_lone_surrogates(rec, text[start:pos])
+        while pos < len(text) and text[pos] in ' \t\r\n':
+            pos += 1
+        if pos < len(text) and text[pos] == ',':
+            pos += 1
+        elif pos >= len(text) or text[pos] != ']':
+            raise DataError(f'{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON '
+                            "(expected ',' or ']' in the array)")
+
+
+def _jsonl_items(lines):
+    """Yields (line, record_or_exception) from (line number, bytes) pairs, one line at a time."""
+    for line, raw in lines:
+        raw = raw.rstrip(b'\n').rstrip(b'\r')
+        if line == 1 and raw.startswith(b'\xef\xbb\xbf'):
+            raw = raw[3:]
         if not raw.strip():
             continue
         try:
@@ -237,6 +249,29 @@ def _json_items(path: str, data: bytes):
         except (ValueError, RecursionError) as e:   # 5000-digit numbers, 100000-deep nesting
             rec = ValueError(f'invalid JSON ({_short(e)})')
         yield line, _no_lone_surrogates(rec, text)
+
+
+def _json_items(path: str):
+    """Yields (line, record_or_exception) from a JSONL file (streamed: one line at a time, never
+    the whole file) or a JSON array (read whole)."""
+    try:
+        f = open(path, 'rb')
+    except OSError as e:
+        raise DataError(f'{path}: cannot read ({e.strerror})') from None
+    with f:
+        lines = enumerate(f, 1)
+        blank = []
+        for line, raw in lines:   # the first non-blank line tells JSONL from a JSON array
+            if raw.strip(b' \t\r\n\xef\xbb\xbf'):
+                break
+            blank.append(raw)
+        else:
+            raise DataError(f'{path}:1: empty file (no records)')
+        if raw.lstrip(b' \t\r\n\xef\xbb\xbf')[:1] == b'[':
+            data = b''.join(blank) + raw + f.read()
+            yield from _json_array_items(path, data[3:] if data.startswith(b'\xef\xbb\xbf') else data)
+            return
+        yield from _jsonl_items(itertools.chain([(line, raw)], lines))
 
 
 def _short(e: Exception) -> str:
@@ -256,35 +291,166 @@ def _no_lone_surrogates(rec, text: str):
     return rec
 
 
-def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, problems=None):
-    """Yields (f'{path}:{line}', messages). Bad records raise DataError, or with skip_invalid are
-    appended to `problems` as 'file:line: what is wrong' strings and skipped."""
+# ----------------------------------------------------------------------------------------------
+# Parquet and Arrow IPC (optional pyarrow)
+
+ARROW_SUFFIXES = ('.parquet', '.arrow')
+ARROW_BATCH_ROWS = 256   # rows converted to python at a time: memory stays bounded by a batch
+
+
+def is_arrow(path: str) -> bool:
+    return str(path).lower().endswith(ARROW_SUFFIXES)
+
+
+def _pyarrow(path: str):
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401  (submodules used below)
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError(f'{path}: reading Parquet / Arrow files needs pyarrow, an optional '
+                        'dependency: pip install pyarrow') from None
+    return pyarrow
+
+
+def _arrow_open(path: str):
+    """-> (schema, a function yielding RecordBatches of the given columns). Parquet is read one
+    row group at a time; an Arrow IPC file (random access) or stream (what datasets caches) one
+    record batch at a time, from an ordinary file (not memory-mapped, so a memory cap holds)."""
+    pa = _pyarrow(path)
+    try:
+        if path.lower().endswith('.parquet'):
+            pf = pa.parquet.ParquetFile(path, pre_buffer=False)   # pre-buffering reads ahead
+            return pf.schema_arrow, lambda cols: pf.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=cols)
+        src = pa.OSFile(path)
+        try:
+            reader = pa.ipc.open_file(src)
+            batches = lambda: (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            src.seek(0)
+            reader = pa.ipc.open_stream(src)
+            batches = lambda: iter(reader)
+    except (OSError, pa.ArrowException) as e:
+        kind = 'Parquet' if path.lower().endswith('.parquet') else 'Arrow IPC'
+        raise DataError(f'{path}: cannot read as {kind} ({str(e).splitlines()[0][:200]})') from None
+
+    def select(cols):
+        for batch in batches():
+            for start in range(0, batch.num_rows, ARROW_BATCH_ROWS):
+                yield batch.slice(start, ARROW_BATCH_ROWS).select(cols)
+    return reader.schema, select
+
+
+def arrow_format(path: str, names, fmt: str = 'auto') -> tuple[str, list[str]]:
+    """The record format of a Parquet / Arrow file from its column names -> (format, the columns
+    to read). DataError naming the file and its columns when no format fits."""
+    names = list(names)
+    if fmt == 'auto':
+        try:
+            fmt = _detect(set(names))
+        except ValueError:
+            raise DataError(f'{path}: no columns of a known record format: expected {KNOWN_KEYS}; '
+                            f'the file has columns {names[:20]}') from None
+    required, optional = FORMAT_KEYS[fmt]
+    missing = [k for k in required if k not in names]
+    if missing:
+        raise DataError(f'{path}: format {fmt!r} needs the column(s) {missing}; the file has '
+                        f'columns {names[:20]}')
+    return fmt, list(required) + [k for k in optional if k in names]
+
+
+def _drop_nulls(rec: dict) -> dict:
+    """Arrow gives every row every struct field (null where a JSON record would have no key):
+    drop the nulls of the record and of its messages so the JSON rules apply unchanged."""
+    rec = {k: v for k, v in rec.items() if v is not None}
+    for k, v in rec.items():
+        if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
+            rec[k] = [{mk: mv for mk, mv in m.items() if mv is not None} for m in v]
+    return rec
+
+
+def _arrow_items(path: str, fmt: str):
+    """Yields (row, record, format) from a Parquet / Arrow file, one record batch at a time."""
+    schema, batches = _arrow_open(path)
+    fmt, cols = arrow_format(path, schema.names, fmt)
+    row = 0
+    try:
+        for batch in batches(cols):
+            for rec in batch.to_pylist():
+                yield row, _drop_nulls(rec), fmt
+                row += 1
+    except (OSError, ValueError) as e:   # pyarrow's errors derive from these
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f'{path}:row {row}: cannot read ({str(e).splitlines()[0][:200]})') from None
+
+
+def check_input(path: str, fmt: str = 'auto') -> None:
+    """The checks iter_records would fail on first, without reading records: the file exists and
+    is readable; a Parquet / Arrow file has pyarrow and the columns of a record format."""
+    if not os.path.exists(path):
+        raise DataError(f'{path}: no such file')
+    if not os.path.isfile(path):
+        raise DataError(f'{path}: not a file')
     if fmt not in FORMATS:
         raise DataError(f'unknown --format {fmt!r} (expected one of {", ".join(FORMATS)})')
-    try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f'{path}: cannot read ({e.strerror})') from None
-    if not data.strip(b' \t\r\n\xef\xbb\xbf'):
-        raise DataError(f'{path}:1: empty file (no records)')
+    if is_arrow(path):
+        schema, _ = _arrow_open(path)
+        arrow_format(path, schema.names, fmt)
+    elif not os.access(path, os.R_OK):
+        raise DataError(f'{path}: cannot read (permission denied)')
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading any input file
+
+def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, problems=None):
+    """Yields (f'{path}:{line}', messages) (Parquet / Arrow: f'{path}:row {n}'), streaming: memory
+    does not grow with the file (except a JSON array, read whole). Bad records raise DataError, or
+    with skip_invalid are appended to `problems` as 'file:line: what is wrong' strings and skipped."""
+    if fmt not in FORMATS:
+        raise DataError(f'unknown --format {fmt!r} (expected one of {", ".join(FORMATS)})')
+    path = str(path)
+    if is_arrow(path):
+        items = ((f'{path}:row {row}', rec, rec_fmt) for row, rec, rec_fmt in _arrow_items(path, fmt))
+    else:
+        items = ((f'{path}:{line}', rec, fmt) for line, rec in _json_items(path))
     n = 0
-    for line, rec in _json_items(path, data):
+    for where, rec, rec_fmt in items:
         try:
             if isinstance(rec, Exception):
                 raise rec
-            msgs = to_messages(rec, fmt)
+            msgs = to_messages(rec, rec_fmt)
         except ValueError as e:
-            msg = f'{path}:{line}: {e}'
+            msg = f'{where}: {e}'
             if not skip_invalid:
                 raise DataError(msg) from None
             if problems is not None:
                 problems.append(msg)
             continue
         n += 1
-        yield f'{path}:{line}', msgs
+        yield where, msgs
     if n == 0 and not skip_invalid:
-        raise DataError(f'{path}:1: no records')
+        raise DataError(f'{path}:1: no records' if not is_arrow(path) else f'{path}: no records (0 rows)')
+
+
+def conversation_key(messages) -> bytes:
+    """The 16-byte identity of a conversation for exact dedup. Two conversations are the same when
+    they are equal after this normalization: every string NFC-normalized (what the tokenizer does
+    too) with whitespace stripped at both ends, roles canonical (to_messages maps ShareGPT's
+    'human'/'gpt' to 'user'/'assistant', so the input format does not matter), key order ignored.
+    Everything else counts: a different system prompt, train flag, tool or reasoning text is a
+    different conversation."""
+    def norm(v):
+        if isinstance(v, str):
+            return unicodedata.normalize('NFC', v).strip()
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+    text = json.dumps(norm(messages), sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
 
 
 def load_records(path: str, fmt: str = 'auto', skip_invalid: bool = False) -> list[list[dict]]:

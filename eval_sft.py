@@ -10,11 +10,9 @@ prepare_sft.py reads are scored on loss and format only.
 Metrics per checkpoint:
 - val loss / perplexity: mean cross-entropy over the trained (assistant) tokens of the whole file,
   token-weighted, with exactly the tokens and masks training uses (chat_format.encode_conversation);
-- format compliance: share of greedy replies that end with the format's end-of-turn token (<|im_end|>,
-  <|eot_id|>, </s>, ...) within --max_new_tokens;
-- accuracy: exact match of the reply with `reference` after collapsing whitespace (GSM8K: the last
-  number in the reply equals the #### number), over the conversations that have a reference.
-The prompt for generation is the conversation up to (without) its last assistant reply.
+- format compliance (replies that end with the format's end-of-turn token: <|im_end|>, <|eot_id|>,
+  </s>, ...), accuracy and the share cut off by --max_new_tokens: greedy replies scored by
+  gen_eval.py (the same code train_sft.py runs every gen_eval_interval steps): see there.
 Writes a JSON report (atomically) and prints a markdown table, one row per checkpoint.
 """
 from __future__ import annotations
@@ -23,95 +21,19 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 
 import torch
+
+from chat_format import encode_conversation
+from chat_records import DataError
+from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies
 from progress import Progress
-
-NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?')
-
-
-def normalize(text: str) -> str:
-    return ' '.join(text.split())
-
-
-def to_number(s: str) -> float | None:
-    try:
-        return float(s.replace(',', ''))
-    except ValueError:
-        return None
-
-
-def load_eval_records(path: str, limit: int | None = None) -> list[dict]:
-    """-> [{'messages', 'reference' (str|None), 'numeric' (bool), 'task'}]."""
-    recs: list[dict] = []
-    try:
-        f = open(path, encoding='utf-8')
-    except OSError as e:
-        raise SystemExit(f'{path}: cannot read: {e.strerror}')
-    with f:
-        first = f.read(1)
-        f.seek(0)
-        if first == '[':  # a JSON array: leave the formats to prepare_sft's reader
-            return _via_prepare(path, limit)
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f'{path}:{lineno}: not valid JSON ({e.msg})')
-            if not isinstance(rec, dict):
-                raise SystemExit(f'{path}:{lineno}: expected a JSON object per line')
-            if 'question' in rec and 'answer' in rec:
-                ans = str(rec['answer'])
-                if '####' not in ans:
-                    raise SystemExit(f"{path}:{lineno}: GSM8K 'answer' has no '#### <number>'")
-                recs.append({'messages': [{'role': 'user', 'content': str(rec['question'])},
-                                          {'role': 'assistant', 'content': ans}],
-                             'reference': ans.split('####')[-1].strip(), 'numeric': True,
-                             'task': 'gsm8k'})
-            elif 'messages' in rec:
-                msgs = rec['messages']
-                if (not isinstance(msgs, list) or not msgs
-                        or not all(isinstance(m, dict) and 'role' in m and 'content' in m for m in msgs)):
-                    raise SystemExit(f"{path}:{lineno}: 'messages' must be a non-empty list of "
-                                     '{role, content} objects')
-                ref = rec.get('reference')
-                recs.append({'messages': msgs, 'reference': None if ref is None else str(ref),
-                             'numeric': False, 'task': str(rec.get('task', 'all'))})
-            else:
-                return _via_prepare(path, limit)
-            if limit is not None and len(recs) >= limit:
-                break
-    if not recs:
-        raise SystemExit(f'{path}: no conversations')
-    return recs
-
-
-def _via_prepare(path: str, limit: int | None) -> list[dict]:
-    from chat_records import load_records
-    try:
-        convs = load_records(path)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    convs = convs[:limit] if limit is not None else convs
-    return [{'messages': m, 'reference': None, 'numeric': False, 'task': 'all'} for m in convs]
-
-
-def is_correct(reply: str, reference: str, numeric: bool) -> bool:
-    if numeric:
-        nums = NUMBER.findall(reply)
-        want, got = to_number(reference), to_number(nums[-1]) if nums else None
-        return want is not None and got is not None and abs(got - want) < 1e-6
-    return normalize(reply) == normalize(reference)
 
 
 @torch.no_grad()
 def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple[float, int, int]:
     """-> (summed loss over trained tokens, trained tokens, truncated conversations)."""
-    from chat_format import encode_conversation
     block = model.config.block_size
     encoded, truncated = [], 0
     for r in records:
@@ -141,47 +63,6 @@ def masked_loss(model, tok, records, chat_template, batch_size, device) -> tuple
     return total, count, truncated
 
 
-@torch.no_grad()
-def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_size, device):
-    """Greedy replies to every conversation's prompt. -> list of (text, stopped at the format's
-    end-of-turn token, cut off: max_new_tokens reached before any stop token)."""
-    from chat_format import encode_prompt, get_format
-    budget = model.config.block_size - max_new_tokens
-    if budget <= 0:
-        raise SystemExit(f'--max_new_tokens {max_new_tokens} >= block_size {model.config.block_size}')
-    prompts = []
-    for r in records:
-        msgs = r['messages']
-        if msgs[-1]['role'] == 'assistant':
-            msgs = msgs[:-1]
-        ids = encode_prompt(msgs, tok, chat_template=chat_template)
-        prompts.append(ids[-budget:])  # keeps the question and generation prompt when too long
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list = [None] * len(prompts)
-    fmt = get_format(chat_template, tok)
-    stops = fmt.stop_ids
-    bar = Progress(len(order), '  generate', 'conv', out=sys.stderr)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        gen = model.generate([prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                             temperature=0.0, stop_ids=stops)
-        for i, new in zip(idx, gen):
-            stopped = bool(new) and new[-1] in stops
-            out[i] = (tok.decode(new[:-1] if stopped else new), stopped and new[-1] == fmt.end_id,
-                      not stopped)
-        bar.update(len(idx))
-    bar.close()
-    return out
-
-
-def default_max_new_tokens(records, tok, block_size: int) -> int:
-    """Room for the longest held-out reply (the last assistant message, as training encodes it) plus
-    16 tokens, at most half the block: a limit shorter than the replies scores cut-off text."""
-    longest = max((len(tok.encode(r['messages'][-1]['content'])) for r in records
-                   if r['messages'][-1]['role'] == 'assistant'), default=240)
-    return max(1, min(longest + 16, block_size // 2))
-
-
 def evaluate(model_path, records, args, label=None) -> dict:
     from sample_sft import load_model
     model, tok, chat_template = load_model(model_path, args.device, args.tokenizer, getattr(args, 'base', None))
@@ -189,38 +70,25 @@ def evaluate(model_path, records, args, label=None) -> dict:
     loss_sum, n_tok, truncated = masked_loss(model, tok, records, chat_template,
                                              args.batch_size, args.device)
     replies = generate_replies(model, tok, records, chat_template, max_new, args.batch_size, args.device)
-    n_cut = sum(cut for _, _, cut in replies)
-    if n_cut > len(replies) / 2:
-        print(f'warning: {n_cut} of {len(replies)} replies reached --max_new_tokens {max_new} before '
-              f'ending: format compliance and accuracy measure cut-off text; raise --max_new_tokens',
+    counts = score_replies(records, replies)
+    if counts['cut'] > len(replies) / 2:
+        print(f"warning: {counts['cut']} of {len(replies)} replies reached --max_new_tokens {max_new} before "
+              f"ending: format compliance and accuracy measure cut-off text; raise --max_new_tokens",
               file=sys.stderr)
-    per_task: dict[str, list[int]] = {}
     samples = []
-    n_ref = n_ok = 0
-    for r, (text, ended, cut) in zip(records, replies):
-        ok = None
-        if r['reference'] is not None:
-            # a cut-off reply has no final answer: its last number is not one
-            ok = not cut and is_correct(text, r['reference'], r['numeric'])
-            n_ref += 1
-            n_ok += ok
-            t = per_task.setdefault(r['task'], [0, 0])
-            t[0] += ok
-            t[1] += 1
-        if len(samples) < args.n_samples:
-            samples.append({'prompt': r['messages'][-2]['content'] if len(r['messages']) > 1
-                            else r['messages'][-1]['content'],
-                            'reply': text, 'ended_with_im_end': ended, 'cut_off': cut,
-                            'reference': r['reference'], 'correct': ok})
+    for r, (text, ended, cut), ok in zip(records, replies, counts['correct_each']):
+        if len(samples) >= args.n_samples:
+            break
+        samples.append({'prompt': r['messages'][-2]['content'] if len(r['messages']) > 1
+                        else r['messages'][-1]['content'],
+                        'reply': text, 'ended_with_im_end': ended, 'cut_off': cut,
+                        'reference': r['reference'], 'correct': ok})
     val_loss = loss_sum / n_tok if n_tok else float('nan')
     return {
         'model': model_path, 'label': label or model_path,
         'n': len(records), 'trained_tokens': n_tok, 'truncated': truncated,
         'val_loss': val_loss, 'perplexity': math.exp(min(val_loss, 50)) if n_tok else float('nan'),
-        'format_compliance': sum(e for _, e, _ in replies) / len(replies),
-        'cut_off': n_cut / len(replies), 'max_new_tokens': max_new,
-        'accuracy': n_ok / n_ref if n_ref else None, 'n_with_reference': n_ref,
-        'accuracy_per_task': {k: v[0] / v[1] for k, v in sorted(per_task.items())},
+        **metrics(counts), 'max_new_tokens': max_new, 'n_with_reference': counts['with_reference'],
         'samples': samples,
     }
 
@@ -274,13 +142,19 @@ def main(argv=None) -> None:
     if args.limit is not None and args.limit < 1:
         raise SystemExit('--limit must be >= 1')
     args.n_samples = max(args.n_samples, args.show)
-    records = load_eval_records(args.data, args.limit)
+    try:
+        records = load_eval_records(args.data, args.limit)
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     results = []
     for k, path in enumerate(args.models):
         label = args.labels[k] if args.labels else None
         print(f'evaluating {label or path} on {len(records)} conversations from {args.data}',
               file=sys.stderr)
-        res = evaluate(path, records, args, label)
+        try:
+            res = evaluate(path, records, args, label)
+        except DataError as e:
+            raise SystemExit(str(e)) from None
         for s in res['samples'][:args.show]:
             mark = '' if s['correct'] is None else (' ok' if s['correct'] else f" (want {s['reference']!r})")
             print(f"  {s['prompt']!r} -> {s['reply']!r}{'' if s['ended_with_im_end'] else ' [no end-of-turn token]'}{mark}",

@@ -16,6 +16,7 @@ NORM_TYPES = ('layernorm', 'rmsnorm')
 POS_ENCODINGS = ('learned', 'rope')
 MLP_TYPES = ('gelu', 'swiglu')
 GELU_APPROXIMATIONS = ('none', 'tanh')   # torch.nn.functional.gelu's `approximate`
+ATTENTION_CHOICES = ('auto', 'dense', 'varlen', 'per_doc')   # packed rows' kernels: attention.py
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ModelArchitectureConfig:
     gelu_approximate: str = 'none'            # nanoGPT uses exact GELU; HF GPT-2 'gelu_new' = tanh
     tie_word_embeddings: bool = True
     init_std: float = 0.02                    # weight init when training from scratch
+    attention: str = 'auto'                   # packed rows: 'auto' | 'varlen' | 'per_doc' | 'dense'
+                                              # (how, not what: every choice computes the same)
 
     # ----- resolved values (the None defaults spelled out) -----
     @property
@@ -115,7 +118,8 @@ class ModelArchitectureConfig:
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {v}")
         for name, allowed in (('norm_type', NORM_TYPES), ('pos_encoding', POS_ENCODINGS),
-                              ('mlp_type', MLP_TYPES), ('gelu_approximate', GELU_APPROXIMATIONS)):
+                              ('mlp_type', MLP_TYPES), ('gelu_approximate', GELU_APPROXIMATIONS),
+                              ('attention', ATTENTION_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                                  f"got {getattr(self, name)!r}")

@@ -1,9 +1,11 @@
-"""Plot one or several training runs: run_*.json -> PNG of loss and learning-rate curves.
+"""Plot one or several training runs: run_*.json -> PNG of loss, eval and learning-rate curves.
 
     python plot_run.py out-demo/run_*.json --out out-demo/loss.png
 
 Top panel: train loss per iteration (line) and the periodic eval's val loss (points) against
-iteration, with the number of tokens seen on a second x-axis. Bottom panel: learning rate.
+iteration, with the number of tokens seen on a second x-axis. Middle panel (when the run had
+gen_eval_data): the generation evals' accuracy (solid) and format compliance (dashed), in percent.
+Bottom panel: learning rate.
 Several runs share the axes (one colour each), e.g. a base run and its SFT run.
 matplotlib is an optional extra (`make demo` installs it); it is imported only here.
 """
@@ -75,11 +77,23 @@ def _human(v: float) -> str:
     return f'{v:g}'
 
 
-def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
-    runs = [(p, load_run(p)) for p in paths]
+def gen_evals(run: dict) -> list[tuple[int, float | None, float | None]]:
+    """(iteration, accuracy, format compliance) of the run's generation evals."""
+    return [(e['iter'], e.get('accuracy'), e.get('format_compliance')) for e in run.get('evals', [])
+            if e.get('accuracy') is not None or e.get('format_compliance') is not None]
+
+
+def figure(runs: list[tuple[str, dict]], title: str | None = None):
+    """The matplotlib figure of the runs (see the module docstring)."""
     plt = import_pyplot()
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
-                                         gridspec_kw={'height_ratios': [3, 1.3]})
+    paths = [p for p, _ in runs]
+    with_gen = any(gen_evals(run) for _, run in runs)
+    if with_gen:
+        fig, (ax_loss, ax_gen, ax_lr) = plt.subplots(3, 1, figsize=(9, 9), sharex=True,
+                                                     gridspec_kw={'height_ratios': [3, 2, 1.3]})
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+                                             gridspec_kw={'height_ratios': [3, 1.3]})
     tokens_at = {}  # iteration -> tokens seen, for the second x-axis (first run's scale)
     for k, (path, run) in enumerate(runs):
         color = f'C{k}'
@@ -94,6 +108,14 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
         if evals:
             ax_loss.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 'o--',
                          color=color, ms=5, label=f'{label} val')
+        gen = gen_evals(run)
+        if gen:
+            acc = [(i, 100 * a) for i, a, _ in gen if a is not None]
+            fmt = [(i, 100 * f) for i, _, f in gen if f is not None]
+            if acc:
+                ax_gen.plot(*zip(*acc), 'o-', color=color, ms=4, label=f'{label} accuracy')
+            if fmt:
+                ax_gen.plot(*zip(*fmt), 's--', color=color, ms=3, alpha=0.6, label=f'{label} format')
         lrs = [(r['iter'], r['lr']) for r in its if r.get('lr') is not None]
         if lrs:
             ax_lr.plot(*zip(*lrs), color=color, lw=1.2)
@@ -102,6 +124,11 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
     ax_loss.set_ylabel('loss (mean over trained tokens)')
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
+    if with_gen:
+        ax_gen.set_ylabel('generation eval (%)')
+        ax_gen.set_ylim(-3, 103)
+        ax_gen.grid(alpha=0.3)
+        ax_gen.legend(fontsize=8)
     ax_lr.set_ylabel('learning rate')
     ax_lr.set_xlabel('iteration')
     ax_lr.grid(alpha=0.3)
@@ -114,8 +141,15 @@ def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
                                                         lambda v: _interp(v, ti, xi)))
         sec.set_xlabel('tokens seen' + (' (first run)' if len(runs) > 1 else ''))
         sec.xaxis.set_major_formatter(lambda v, _: _human(v))
-    fig.suptitle(title or 'nanoSFT: ' + ', '.join(os.path.basename(p) for p, _ in runs), fontsize=10)
+    fig.suptitle(title or 'nanoSFT: ' + ', '.join(os.path.basename(p) for p in paths), fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
+    runs = [(p, load_run(p)) for p in paths]
+    fig = figure(runs, title)
+    plt = import_pyplot()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     root, ext = os.path.splitext(out)
     tmp = f'{root}.tmp{os.getpid()}{ext or ".png"}'  # keep the extension: it picks the format

@@ -41,10 +41,10 @@ def fmt_seconds(s: float) -> str:
 
 class Progress:
     """A tqdm bar at a terminal, plain periodic lines otherwise (every=None: no periodic lines, for
-    loops that print their own). write() prints a line of its own in both cases. enabled=False (a
+    loops that print their own; total=None: a count without a total, for streamed input). write() prints a line of its own in both cases. enabled=False (a
     rank other than 0): silent."""
 
-    def __init__(self, total: int, desc: str, unit: str = 'it', initial: int = 0,
+    def __init__(self, total: int | None, desc: str, unit: str = 'it', initial: int = 0,
                  every: float | None = 30.0, enabled: bool = True, out=None):
         self.total, self.desc, self.unit, self.n, self.every = total, desc, unit, initial, every
         self.out = out   # where plain lines go (default stdout)
@@ -69,7 +69,7 @@ class Progress:
     def status(self, now: float | None = None) -> str:
         """'desc: 120/400 it (30%), 12.5 it/s, elapsed 0:09, ETA 0:22'."""
         now = time.time() if now is None else now
-        line = f'{self.desc}: {self.n:,}/{self.total:,} {self.unit}'
+        line = f'{self.desc}: {self.n:,}' + (f'/{self.total:,}' if self.total else '') + f' {self.unit}'
         if self.total:
             line += f' ({100 * self.n / self.total:.0f}%)'
         rate = (self.n - self.start) / max(now - self.t0, 1e-9)

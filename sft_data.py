@@ -1,16 +1,19 @@
 """
 The data side of train_sft.py: the shard format prepare_sft.py writes (ShardWriter) and training
-reads (ShardDataset, memory-mapped), a .jsonl split tokenized in memory (JsonlSplit), examples turned
-into training rows (padding, or best-fit packing with document ids), and the world-size-invariant
-global sampler whose cursor (epoch, position) is all that resume needs.
+reads (ShardDataset, memory-mapped), a .jsonl split tokenized in memory (JsonlSplit), the weighted
+mixture of sources (Mixture), examples turned into training rows (padding, or best-fit packing with
+document ids), and the world-size-invariant global sampler whose cursor (epoch, position) is all
+that resume needs.
 
 A data dir holds, per split ('train', 'val'):
   {split}.bin    tokens, uint32 (uint16 when the vocabulary fits), all examples back to back
   {split}.mask   uint8, 1 = trained token (assistant content and its end-of-turn token)
   {split}.idx    int64 offsets, n+1 entries: example i is [idx[i], idx[i+1])
-and meta.json (format_version, token_dtype, tokenizer, settings, counts, audit stats, and the
-sha256 of every shard file, checked before training: a flipped byte would otherwise train silently on
-a wrong token or mask).
+  {split}.src    uint16, the source (index into meta.json's 'sources') of each example; optional
+                 (data dirs written before it have one source)
+and meta.json (format_version, token_dtype, tokenizer, settings, sources and their weights,
+mixture_by, counts, audit stats, and the sha256 of every shard file, checked before training: a
+flipped byte would otherwise train silently on a wrong token or mask).
 """
 from __future__ import annotations
 
@@ -30,15 +33,18 @@ IGNORE_INDEX = -100
 DEFAULT_PAD_ID = 151643      # <|endoftext|>
 SHARD_FORMAT_VERSION = 1
 SPLITS = ('train', 'val')
+SOURCE_DTYPE = np.uint16     # the .src files: up to 65,535 sources
+MIXTURE_BY = ('examples', 'tokens')
 
 
 # ----------------------------------------------------------------------------------------------
 # The shard format: writing and reading
 
 class ShardWriter:
-    """Writes a data dir's shard files under temporary names; commit(meta) renames them into place,
-    meta.json last, so a directory with a meta.json always has complete shards beside it, and a
-    failed or killed run leaves no half-written shard (use it as a context manager)."""
+    """Writes a data dir's shard files under temporary names, example by example (nothing is
+    held in memory but the open files); commit(meta) renames them into place, meta.json last, so a
+    directory with a meta.json always has complete shards beside it, and a failed or killed run
+    leaves no half-written shard (use it as a context manager)."""
 
     def __init__(self, out_dir: str, token_dtype):
         self.out_dir, self.dtype = out_dir, np.dtype(token_dtype)
@@ -49,31 +55,32 @@ class ShardWriter:
             raise DataError(f'--out_dir {out_dir}: cannot create the directory ({e.strerror or e})') from None
         _remove_stale_tmp(out_dir)
         suffix = f'.tmp-{os.getpid()}'
-        names = [f'{s}.{e}' for s in SPLITS for e in ('bin', 'mask', 'idx')] + ['meta.json']
+        names = [f'{s}.{e}' for s in SPLITS for e in ('bin', 'mask', 'idx', 'src')] + ['meta.json']
         self.final = {n: os.path.join(out_dir, n) for n in names}
         self.tmp = {n: p + suffix for n, p in self.final.items()}
         self.files, self.hashes = {}, {}
-        self.offsets = {s: [0] for s in SPLITS}
+        self.n_tokens = {s: 0 for s in SPLITS}
         for s in SPLITS:
-            for e in ('bin', 'mask'):
+            for e in ('bin', 'mask', 'idx', 'src'):
                 self.files[f'{s}.{e}'] = open(self.tmp[f'{s}.{e}'], 'wb')
                 self.hashes[f'{s}.{e}'] = hashlib.sha256()
+            self._write(f'{s}.idx', np.int64(0).tobytes())
 
-    def add(self, split: str, ids: np.ndarray, mask: np.ndarray) -> None:
-        for name, data in ((f'{split}.bin', np.asarray(ids).astype(self.dtype).tobytes()),
-                           (f'{split}.mask', np.asarray(mask, dtype=np.uint8).tobytes())):
-            self.files[name].write(data)
-            self.hashes[name].update(data)   # as written: no second read of the shards
-        self.offsets[split].append(self.offsets[split][-1] + len(ids))
+    def _write(self, name: str, data: bytes) -> None:
+        self.files[name].write(data)
+        self.hashes[name].update(data)   # as written: no second read of the shards
+
+    def add(self, split: str, ids: np.ndarray, mask: np.ndarray, source: int = 0) -> None:
+        self._write(f'{split}.bin', np.asarray(ids).astype(self.dtype).tobytes())
+        self._write(f'{split}.mask', np.asarray(mask, dtype=np.uint8).tobytes())
+        self.n_tokens[split] += len(ids)
+        self._write(f'{split}.idx', np.int64(self.n_tokens[split]).tobytes())
+        self._write(f'{split}.src', SOURCE_DTYPE(source).tobytes())
 
     def commit(self, meta: dict) -> dict:
         """Finish every file, write meta.json (+ format_version, token_dtype), rename all into place."""
         for f in self.files.values():
             f.close()
-        for s in SPLITS:
-            idx = np.asarray(self.offsets[s], dtype=np.int64)
-            idx.tofile(self.tmp[f'{s}.idx'])
-            self.hashes[f'{s}.idx'] = hashlib.sha256(idx.tobytes())
         meta = {'format_version': SHARD_FORMAT_VERSION, 'token_dtype': self.dtype.name, **meta,
                 'sha256': {name: h.hexdigest() for name, h in sorted(self.hashes.items())}}
         with open(self.tmp['meta.json'], 'w') as f:
@@ -139,8 +146,10 @@ class ShardDataset:
         for p in paths.values():
             if not os.path.exists(p):
                 raise DataError(f'{p}: missing shard file (listed by {meta_path})')
+        src = os.path.join(data_dir, f'{split}.src')
         if verify:
-            verify_shards(data_dir, self.meta, [f'{split}.{ext}' for ext in ('bin', 'mask', 'idx')])
+            verify_shards(data_dir, self.meta, [f'{split}.{ext}' for ext in ('bin', 'mask', 'idx')] +
+                          ([f'{split}.src'] if os.path.exists(src) else []))
         self.idx = self._map(paths['idx'], np.int64)
         n_tok = int(self.idx[-1]) if len(self.idx) else -1
         if len(self.idx) == 0 or self.idx[0] != 0 or np.any(np.diff(self.idx) < 0):
@@ -157,6 +166,26 @@ class ShardDataset:
         self.mask = self._map(paths['mask'], np.uint8)
         self.lengths = np.diff(self.idx)
         self.split = split
+        self.sources = None   # the source of each example (None: one source)
+        if os.path.exists(src):
+            size, want = os.path.getsize(src), len(self) * np.dtype(SOURCE_DTYPE).itemsize
+            if size != want:
+                raise DataError(f'{src}: {size} bytes, but {paths["idx"]} says {len(self)} examples '
+                                f'({want} bytes of {np.dtype(SOURCE_DTYPE).name})')
+            self.sources = self._map(src, SOURCE_DTYPE)
+
+    def trained_counts(self, chunk_tokens: int = 1 << 24) -> np.ndarray:
+        """Trained tokens of every example (one pass over the mask, a chunk at a time)."""
+        out = np.zeros(len(self), dtype=np.int64)
+        i = 0
+        while i < len(self):
+            j = max(i + 1, int(np.searchsorted(self.idx, self.idx[i] + chunk_tokens, 'right')) - 1)
+            j = min(j, len(self))
+            a = int(self.idx[i])
+            cs = np.concatenate([[0], np.cumsum(self.mask[a:int(self.idx[j])], dtype=np.int64)])
+            out[i:j] = cs[self.idx[i + 1:j + 1] - a] - cs[self.idx[i:j] - a]
+            i = j
+        return out
 
     @staticmethod
     def _map(path, dtype):
@@ -252,6 +281,93 @@ def open_split(path, split, tokenizer='qwen3', train_on='all', chat_template='au
         raise DataError(f"data_dir {path}: cannot read the {split} split: {e}") from e
 
 
+# ----------------------------------------------------------------------------------------------
+# Weighted mixtures of sources
+
+class Mixture:
+    """
+    Weighted sampling of a split's sources (prepare_sft.py --input a.jsonl:0.7 b.parquet:0.3).
+
+    An epoch is as large as the split: its examples (by='examples') or its trained tokens
+    (by='tokens'), and source s gets the share weights[s] of it, b_s = weight_s * epoch size. Each
+    source is an endless stream of its examples: seeded permutations one after another (cycle c is
+    default_rng([seed, 1, s, c]).permutation), so an upsampled source repeats in a new order each
+    time through, and a downsampled one reaches all its examples over several epochs. Epoch e takes
+    from source s the stretch of its stream whose cumulative size (1 per example, or trained tokens)
+    ends in (e * b_s, (e + 1) * b_s]; the sources' picks are then shuffled together
+    (default_rng([seed, 2, e])). Epoch e is a pure function of (seed, e): nothing carries over from
+    epoch to epoch, so the sampler's cursor stays all that resume needs, and the realized share of a
+    source in any epoch is its weight to within one example.
+    """
+
+    def __init__(self, sources, weights, by: str = 'examples', trained=None, seed: int = 1337,
+                 names=None):
+        if by not in MIXTURE_BY:
+            raise DataError(f'mixture_by={by!r}: expected one of {MIXTURE_BY}')
+        sources = np.asarray(sources)
+        self.names = list(names) if names is not None else [f'source {k}' for k in range(len(weights))]
+        self.by, self.seed = by, seed
+        self.weights = np.asarray(weights, dtype=np.float64)
+        if not len(self.weights) or not np.all(np.isfinite(self.weights)) or np.any(self.weights <= 0):
+            raise DataError(f'mixture weights must be positive numbers, got {list(weights)}')
+        self.members = [np.flatnonzero(sources == k) for k in range(len(self.weights))]
+        self.trained = np.asarray(trained, dtype=np.int64) if trained is not None else None
+        self.sizes = (np.ones(len(sources)) if by == 'examples' else
+                      np.asarray(trained, dtype=np.float64))
+        self.totals = np.array([self.sizes[m].sum() for m in self.members])
+        for k, total in enumerate(self.totals):
+            if total <= 0:
+                raise DataError(f'mixture: source {self.names[k]!r} has weight {weights[k]} but no '
+                                f'{"examples" if by == "examples" else "trained tokens"} in this split')
+        self.budget = self.weights / self.weights.sum() * self.totals.sum()
+
+    def picks(self, k: int, epoch: int) -> np.ndarray:
+        """Source k's examples in epoch `epoch`, in stream order."""
+        lo, hi, total = epoch * self.budget[k], (epoch + 1) * self.budget[k], self.totals[k]
+        out = []
+        for cycle in range(int(lo // total), int(hi // total) + 1):
+            perm = np.random.default_rng([self.seed, 1, k, cycle]).permutation(self.members[k])
+            ends = cycle * total + np.cumsum(self.sizes[perm])
+            out.append(perm[(ends > lo) & (ends <= hi)])
+        return np.concatenate(out)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch` of the mixture: every source's picks, shuffled together."""
+        picks = np.concatenate([self.picks(k, epoch) for k in range(len(self.weights))])
+        return np.random.default_rng([self.seed, 2, epoch]).permutation(picks)
+
+    def report(self, epoch: int = 0) -> list[dict]:
+        """Per source: weight, examples and trained tokens in the split, and what epoch `epoch`
+        realizes: examples, trained tokens and their shares, how often the source is gone through."""
+        picks = [self.picks(k, epoch) for k in range(len(self.weights))]
+        n_all = max(sum(len(p) for p in picks), 1)
+        t_all = max(sum(int(self.trained[p].sum()) for p in picks), 1) if self.trained is not None else 1
+        rows = []
+        for k, p in enumerate(picks):
+            t = int(self.trained[p].sum()) if self.trained is not None else None
+            rows.append({'name': self.names[k], 'weight': float(self.weights[k] / self.weights.sum()),
+                         'examples': len(self.members[k]), 'epoch_examples': len(p),
+                         'example_share': len(p) / n_all,
+                         'epoch_trained_tokens': t, 'token_share': None if t is None else t / t_all,
+                         'passes': float(self.budget[k] / self.totals[k])})
+        return rows
+
+
+def mixture_of(split, by: str = '', seed: int = 1337) -> Mixture | None:
+    """The Mixture a data dir's meta.json asks for (sources with weights), or None (one source, or
+    sources without weights: every example once per epoch). by='' keeps the data dir's mixture_by."""
+    meta = getattr(split, 'meta', None) or {}
+    sources = meta.get('sources') or []
+    if not sources or any(s.get('weight') is None for s in sources):
+        return None
+    if getattr(split, 'sources', None) is None:
+        raise DataError('meta.json has weighted sources but the split has no .src file (damaged data dir)')
+    by = by or meta.get('mixture_by') or 'examples'
+    trained = split.trained_counts()
+    return Mixture(split.sources, [s['weight'] for s in sources], by, trained, seed,
+                   [s.get('name', f'source {k}') for k, s in enumerate(sources)])
+
+
 def pack_best_fit(order, lengths, block_size) -> list[list[int]]:
     """
     Best-fit packing of examples, taken in the given (shuffled) order, into rows of block_size tokens:
@@ -300,12 +416,14 @@ class SFTDataset:
     """
     Examples of one split turned into training rows. A unit is what fills one row of a micro-batch:
     one example (padding) or a packed list of examples (packing). `units(epoch)` is a seeded
-    permutation of the split (packed after shuffling), the global order the sampler walks through.
+    permutation of the split, or with a Mixture its weighted epoch (packed after shuffling): the
+    global order the sampler walks through.
     """
 
-    def __init__(self, data, block_size, packing=False, pad_id=DEFAULT_PAD_ID, seed=1337, shuffle=True):
+    def __init__(self, data, block_size, packing=False, pad_id=DEFAULT_PAD_ID, seed=1337, shuffle=True,
+                 mixture: Mixture | None = None):
         self.data, self.block_size, self.packing = data, block_size, packing
-        self.pad_id, self.seed, self.shuffle = pad_id, seed, shuffle
+        self.pad_id, self.seed, self.shuffle, self.mixture = pad_id, seed, shuffle, mixture
         self.lengths = np.asarray(getattr(data, 'lengths', None) if getattr(data, 'lengths', None) is not None
                                   else [len(data[i][0]) for i in range(len(data))], dtype=np.int64)
         self.truncated = 0          # examples cut to block_size when batched (reported, never silent)
@@ -321,8 +439,10 @@ class SFTDataset:
         if self._cache[0] == epoch:
             return self._cache[1]
         n = len(self.data)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                 else np.arange(n))
+        if self.mixture is not None:
+            order = self.mixture.order(epoch)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         units = pack_best_fit(order, self.lengths, self.block_size) if self.packing else Singletons(order)
         self._cache = (epoch, units)
         return units
@@ -349,11 +469,16 @@ class SFTDataset:
         return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y)}
 
     def _collate_packed(self, units):
+        """Rows of best-fit packed examples. doc_ids number the documents of each row (the pad tail
+        is one of its own); cu_seqlens (int32) are the documents' start offsets in the flattened
+        B*T tokens plus B*T at the end: the boundaries the attention kernels take, made here on the
+        host so the model needs no device sync to read them."""
         B, T = len(units), self.block_size
         x = np.full((B, T), self.pad_id, dtype=np.int64)
         y = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
         pos = np.zeros((B, T), dtype=np.int64)
         doc = np.zeros((B, T), dtype=np.int64)
+        starts = []
         for r, unit in enumerate(units):
             t = 0
             for d, i in enumerate(unit):
@@ -363,12 +488,16 @@ class SFTDataset:
                 y[r, t] = IGNORE_INDEX   # a document's first token is never a target of the one before
                 pos[r, t:t + n] = np.arange(n)
                 doc[r, t:t + n] = d
+                starts.append(r * T + t)
                 t += n
             if t < T:  # the pad tail is a document of its own, so no real token attends to it
                 doc[r, t:] = len(unit)
                 pos[r, t:] = np.arange(T - t)
+                starts.append(r * T + t)
+        cu = np.array(starts + [B * T], dtype=np.int32)
         return {'input_ids': torch.from_numpy(x), 'labels': torch.from_numpy(y),
-                'position_ids': torch.from_numpy(pos), 'doc_ids': torch.from_numpy(doc)}
+                'position_ids': torch.from_numpy(pos), 'doc_ids': torch.from_numpy(doc),
+                'cu_seqlens': torch.from_numpy(cu)}
 
 
 class GlobalSampler:

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from configurator import ConfigError, configure, help_text
+from model_config import ATTENTION_CHOICES
 from progress import Progress, say
 
 
@@ -35,12 +36,23 @@ class TrainConfig:
     log_interval: int = 1             # a log line every this many steps
     eval_iters: int = 20              # batches per split in each evaluation
     eval_only: bool = False           # evaluate the starting model once and exit
+    best_metric: str = 'val_loss'     # what ckpt_best.pt and early stopping follow: 'val_loss' |
+                                      # 'accuracy' | 'format' (the generation evals' metrics)
+    early_stopping_patience: int = 0  # stop after this many evaluations without a new best
+                                      # best_metric (0 = never)
     keep_last_n: int = 0              # keep only the newest n ckpt_XXXXXX.pt (0 = keep all)
     checkpoint_format: str = 'auto'   # 'file' (one torch.save file, gathered on rank 0) | 'sharded' (a
                                       # directory, each rank writes its shard: torch.distributed.
                                       # checkpoint) | 'auto' (sharded under parallel='fsdp', else file;
                                       # LoRA checkpoints are always one file)
     init_from: str = 'scratch'        # 'scratch' | 'resume' | path/to/ckpt.pt | 'hf:/local/hf/dir'
+    # generation evals: greedy replies scored for format and exact match (gen_eval.py, as eval_sft.py)
+    gen_eval_data: str = ''           # held-out JSONL with `reference`s (or GSM8K); '' = off
+    gen_eval_interval: int = 0        # every this many steps (0 = every eval_interval)
+    gen_eval_limit: int = 0           # the first N conversations only (0 = all)
+    gen_eval_max_new_tokens: int = 0  # reply limit (0 = the longest held-out reply + 16 tokens, at
+                                      # most half the block, as eval_sft.py); cut-off replies are wrong
+    gen_eval_batch_size: int = 64     # prompts per batched generate call, per process
     # wandb
     wandb_log: bool = False           # also log to Weights & Biases (if installed)
     wandb_project: str = 'nanosft'
@@ -52,6 +64,9 @@ class TrainConfig:
     train_on: str = 'all'             # .jsonl data only: 'all' assistant turns or the 'last' one
     chat_template: str = 'auto'       # .jsonl data only: auto | chatml | qwen3 | qwen2.5 | llama3 |
                                       # mistral | hf (chat_format.py; auto: from the tokenizer)
+    mixture_by: str = ''              # weighted sources (prepare_sft.py --input a:0.7 b:0.3): the
+                                      # weights are shares of 'examples' | 'tokens' (trained); '' =
+                                      # as prepared (meta.json mixture_by)
     gradient_accumulation_steps: int = 4   # micro-steps per optimizer step, per process
     batch_size: int = 4               # rows per micro-step per process
     block_size: int = 2048            # longest row in tokens (longer examples are truncated, counted)
@@ -103,26 +118,53 @@ class TrainConfig:
     dtype: str = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other
                                       # CUDA, float32 on CPU
     compile: bool = False             # torch.compile the model
+    attention: str = 'auto'           # packed rows: 'auto' (flash varlen on CUDA bf16/fp16, SDPA per
+                                      # document elsewhere) | 'varlen' | 'per_doc' | 'dense' (the
+                                      # O(T^2) mask: a reference); all compute the same (attention.py)
+    activation_checkpointing: str = 'none'  # 'none' | 'full' (recompute every block in backward:
+                                      # ~1/3 more compute, activations ~ one n_embd vector per token
+                                      # per layer) | 'selective' (every k-th block, k below)
+    activation_checkpointing_every: int = 2  # 'selective': checkpoint blocks 0, k, 2k, ...
     peak_flops: float = 0.0           # per GPU, for MFU; 0 -> guess from the device name
 
     def __post_init__(self):
         choices = {'parallel': ('ddp', 'fsdp'), 'train_on': ('all', 'last'), 'finetune': ('full', 'lora', 'qlora'),
                    'checkpoint_format': ('auto', 'file', 'sharded'),
-                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16')}
+                   'dtype': ('', 'float32', 'bfloat16', 'float16', 'fp32', 'bf16', 'fp16'),
+                   'mixture_by': ('', 'examples', 'tokens'),
+                   'best_metric': ('val_loss', 'accuracy', 'format'),
+                   'attention': ATTENTION_CHOICES,
+                   'activation_checkpointing': ('none', 'full', 'selective')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
         for key in ('eval_interval', 'log_interval', 'gradient_accumulation_steps', 'batch_size',
-                    'max_nan_steps'):
+                    'max_nan_steps', 'activation_checkpointing_every'):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.block_size < 2:
             raise ConfigError(f"block_size={self.block_size}: must be >= 2")
         if self.eval_iters < 0 or self.max_iters < 0 or self.keep_last_n < 0:
             raise ConfigError("eval_iters, max_iters and keep_last_n must be >= 0")
+        for key in ('gen_eval_interval', 'gen_eval_limit', 'early_stopping_patience'):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        if self.gen_eval_batch_size < 1 or not 0 <= self.gen_eval_max_new_tokens < self.block_size:
+            raise ConfigError("gen_eval_batch_size must be >= 1 and gen_eval_max_new_tokens in "
+                              f"[0, block_size={self.block_size})")
+        if self.best_metric != 'val_loss':
+            if not self.gen_eval_data:
+                raise ConfigError(f"best_metric={self.best_metric!r} is a generation-eval metric: "
+                                  "set gen_eval_data too")
+            if self.eval_interval % (self.gen_eval_interval or self.eval_interval):
+                raise ConfigError(f"best_metric={self.best_metric!r}: the generation evals must run at "
+                                  f"every checkpoint, so eval_interval={self.eval_interval} must be a "
+                                  f"multiple of gen_eval_interval={self.gen_eval_interval}")
 
 
-USAGE = 'usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]'
+USAGE = ('usage: [torchrun ...] train_sft.py [config.py ...] [--key=value ...] [--help]\n'
+         '       train_sft.py [config.py ...] [--key=value ...] --plan [--gpus N] [--gpu_memory_gb G]'
+         '   (memory per GPU of this run and its alternatives, nothing trained)')
 if __name__ == '__main__' and {'-h', '--help'} & set(sys.argv[1:]):
     # --help answers here, before torch is imported (seconds on a cold start)
     try:
@@ -144,15 +186,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from attention import describe as describe_attention  # noqa: E402
 from chat_records import DataError  # noqa: E402
 from checkpoint import (CheckpointError, base_source, is_sharded_checkpoint, load_checkpoint,  # noqa: E402
                         lora_model, materialize, open_sharded_checkpoint, restore_training_state,
                         save_training_state)
 from lora import (LoRAConfig, LoRAError, apply_lora, base_fingerprint, check_qlora_device,  # noqa: E402
                   is_nf4, merge_lora, quantizer_version, read_peft_adapter)
+from gen_eval import HeldOut, load_held_out, sharded_eval  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
-                      check_token_ids, eval_batches, open_split)
+                      check_token_ids, eval_batches, mixture_of, open_split)
 
 
 class TrainError(RuntimeError):
@@ -188,15 +232,13 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     denom = total[0].clamp(min=1.0).float()
     stats = torch.zeros(3, dtype=torch.float64, device=dev)
     for m, (batch, index) in enumerate(zip(batches, indices)):
-        batch = {k: v.to(dev, non_blocking=True) for k, v in dict(batch, trained_index=index).items()}
+        kw = model_inputs(batch, dev)
         # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-step.
         if fsdp:
             model.set_requires_gradient_sync(m == len(batches) - 1)
         with (model.no_sync() if ddp and not fsdp and m < len(batches) - 1 else nullcontext()):
             with autocast:
-                _, loss_sum = model(batch['input_ids'], labels=batch['labels'],
-                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'),
-                                    reduction='sum', trained_index=batch['trained_index'])
+                _, loss_sum = model(**kw, reduction='sum', trained_index=index.to(dev, non_blocking=True))
             # x world: DDP and FSDP average gradients over ranks, but the global count already normalized.
             loss = loss_sum.float() / denom * world
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -204,6 +246,17 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
         stats[1] += len(index)
         stats[2] += batch['input_ids'].numel()
     return stats
+
+
+def model_inputs(batch: dict, dev) -> dict:
+    """A collated batch -> the model's keyword arguments on dev. Packed rows' document boundaries
+    (cu_seqlens) stay on the host with their longest document read there, free: the model copies
+    what its attention kernel needs, and nothing waits for the device."""
+    kw = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != 'cu_seqlens'}
+    if 'cu_seqlens' in batch:
+        cu = batch['cu_seqlens']
+        kw.update(cu_seqlens=cu, max_seqlen=int(torch.diff(cu).max()))
+    return kw
 
 
 @torch.no_grad()
@@ -216,16 +269,70 @@ def estimate_loss(model, datasets: dict, cfg: TrainConfig, rt: 'Runtime') -> dic
         acc = torch.zeros(2, dtype=torch.float64, device=rt.device)
         if len(units):
             for batch in eval_batches(ds, units, cfg.eval_iters, rt.world, rt.rank, cfg.batch_size):
-                batch = {k: v.to(rt.device) for k, v in batch.items()}
                 with rt.autocast:
-                    _, loss = model(batch['input_ids'], labels=batch['labels'], reduction='sum',
-                                    position_ids=batch.get('position_ids'), doc_ids=batch.get('doc_ids'))
+                    _, loss = model(**model_inputs(batch, rt.device), reduction='sum')
                 acc[0] += loss.double()
                 acc[1] += (batch['labels'][:, 1:] != IGNORE_INDEX).sum()   # targets: labels shifted
         rt.all_reduce(acc)
         out[name] = (acc[0] / acc[1]).item() if acc[1] > 0 else float('nan')
     model.train()
     return out
+
+
+def evaluate(model, raw_model, train_ds, val_ds, gen, cfg: TrainConfig, rt: 'Runtime', iter_num: int,
+             do_loss: bool, do_gen: bool, say) -> tuple[dict, dict]:
+    """This iteration's evaluations (every rank): the loss of both splits and / or the generation
+    evals. -> (the run log's record, the wandb record); says one line for each."""
+    record, wb = {'iter': iter_num}, {'iter': iter_num}
+    if do_loss:
+        losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
+        say(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        record.update(train_loss=losses['train'], val_loss=losses['val'])
+        wb.update({'train/eval_loss': losses['train'], 'val/loss': losses['val']})
+    if do_gen:
+        g = sharded_eval(raw_model, gen, cfg.gen_eval_batch_size, rt.rank, rt.world, rt.all_reduce, rt.fsdp)
+        say(f"gen eval iter {iter_num}: accuracy {100 * g['accuracy']:.1f}% ({g['correct']}/{g['with_reference']}), "
+            f"format {100 * g['format_compliance']:.1f}% ({g['gen_eval_s']:.1f} s); "
+            f"{g['sample']['prompt'][:40]!r} -> {(g['sample']['reply'] or '')[:40]!r}")
+        record.update(g)
+        wb.update({'val/accuracy': g['accuracy'], 'val/format_compliance': g['format_compliance']})
+    return record, wb
+
+
+METRIC_KEYS = {'val_loss': 'val_loss', 'accuracy': 'accuracy', 'format': 'format_compliance'}
+
+
+def mixture_spec(ds: SFTDataset) -> dict | None:
+    """What the sample order of a mixture depends on besides (seed, cursor): kept in the data
+    state, so a resume that changed it says so."""
+    m = ds.mixture
+    return None if m is None else {'by': m.by, 'names': m.names, 'weights': m.weights.tolist()}
+
+
+class BestMetric:
+    """best_metric's best value so far and the evaluations since it (early stopping's patience);
+    its state travels in the checkpoint, so a resumed run keeps counting."""
+
+    def __init__(self, name: str):
+        self.name, self.value, self.since = name, None, 0
+
+    def update(self, value) -> bool:
+        """Record this evaluation's value; True when it is a new best."""
+        ok = value is not None and math.isfinite(value)
+        better = ok and (self.value is None or
+                         (value < self.value if self.name == 'val_loss' else value > self.value))
+        if better:
+            self.value, self.since = value, 0
+        else:
+            self.since += 1
+        return better
+
+    def state_dict(self) -> dict:
+        return {'name': self.name, 'value': self.value, 'since': self.since}
+
+    def load_state_dict(self, state: dict | None):
+        if state and state.get('name') == self.name:
+            self.value, self.since = state.get('value'), state.get('since', 0)
 
 
 def get_lr(it: int, cfg) -> float:
@@ -307,9 +414,18 @@ def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, di
                   f"the shards are not verified")
     tok = data_tokenizer(getattr(train_split, 'meta', None) or {})
     pad_id = int(tok['pad_id'] if tok.get('pad_id') is not None else DEFAULT_PAD_ID)
-    train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed)
+    mixture = mixture_of(train_split, cfg.mixture_by, cfg.seed)
+    train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, mixture=mixture)
     val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
     rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
+    if mixture is not None:
+        rt.print0(f"mixture by {mixture.by} (an epoch = the split's {mixture.by}; epoch 0 realizes):")
+        for r in mixture.report(0):
+            rt.print0(f"  {r['name']}: weight {r['weight']:.3f} -> {100 * r['example_share']:.2f}% of examples, "
+                      f"{100 * r['token_share']:.2f}% of trained tokens, {r['passes']:.2f} passes/epoch "
+                      f"over its {r['examples']} examples")
+    elif cfg.mixture_by:
+        rt.print0(f"note: mixture_by={cfg.mixture_by!r} has no effect: {cfg.data_dir} has no weighted sources")
     return train_ds, val_ds, tok
 
 
@@ -331,6 +447,15 @@ def jsonl_tokenizer(cfg: TrainConfig) -> str:
             raise TrainError(f"tokenizer/model mismatch: tokenizer {name} has {size} tokens but {hf_dir} "
                              f"has vocab_size {vocab}; set tokenizer= to the model's own")
     return name
+
+
+def load_gen_eval(cfg: TrainConfig, tok: dict) -> HeldOut | None:
+    """The generation evals' held-out set, rendered in the data's chat format and checked now,
+    before any work (see gen_eval.load_held_out)."""
+    if not cfg.gen_eval_data:
+        return None
+    return load_held_out(cfg.gen_eval_data, tok, cfg.block_size, cfg.gen_eval_max_new_tokens,
+                         cfg.gen_eval_limit or None)
 
 
 def data_tokenizer(meta: dict) -> dict:
@@ -357,11 +482,24 @@ def is_peft_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, 'adapter_config.json'))
 
 
+def scratch_architecture(cfg: TrainConfig):
+    """init_from='scratch': the preset with the config's architecture keys on top."""
+    from model_config import ModelArchitectureConfig
+    arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
+    for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
+        if getattr(cfg, k) is not None:
+            arch[k] = getattr(cfg, k)
+    arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
+    try:
+        return ModelArchitectureConfig.from_dict(arch)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+
+
 def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dict | None, dict | None]:
     """The starting model from init_from -> (model, its checkpoint dict or None, the LoRA base record
     or None). finetune='lora'/'qlora': the base is frozen and adapters added (or continued: from a
     LoRA checkpoint or a PEFT adapter directory, whose rank, alpha and targets then hold)."""
-    from model_config import ModelArchitectureConfig
     init, ckpt, base = cfg.init_from, None, None
     lora_run = cfg.finetune != 'full'
     want = lora_config(cfg) if lora_run else None
@@ -373,15 +511,7 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
             if lora_run:
                 raise TrainError(f"finetune={cfg.finetune!r} adapts a trained base: set init_from to a "
                                  f"checkpoint or 'hf:/local/hf/dir' (a frozen random base learns little)")
-            arch = ModelArchitectureConfig.from_preset(cfg.model_preset).to_dict() if cfg.model_preset else {}
-            for k in ('n_layer', 'n_head', 'n_kv_head', 'n_embd', 'head_dim', 'intermediate_size', 'vocab_size'):
-                if getattr(cfg, k) is not None:
-                    arch[k] = getattr(cfg, k)
-            arch.update(block_size=cfg.block_size, dropout=cfg.dropout)
-            try:
-                model = ConfigurableGPT(ModelArchitectureConfig.from_dict(arch))
-            except (TypeError, ValueError) as e:
-                raise TrainError(f"init_from='scratch': bad model config: {e}") from e
+            model = ConfigurableGPT(scratch_architecture(cfg))
         elif is_peft_dir(init):   # an adapter trained elsewhere (PEFT), continued here
             if not lora_run:
                 raise TrainError(f"init_from={init} is a PEFT adapter directory: continue it with "
@@ -452,6 +582,8 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
         except LoRAError as e:
             raise TrainError(f"init_from={init}: {e}") from e
     set_dropout(model, cfg.dropout)
+    model.config.attention = cfg.attention     # how, not what: a training choice like dropout
+    model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.activation_checkpointing_every)
     if cfg.block_size > model.config.block_size:
         raise TrainError(f"block_size={cfg.block_size} is larger than the model's block_size "
                          f"{model.config.block_size}")
@@ -714,6 +846,11 @@ def train(cfg: TrainConfig) -> dict:
     for w in schedule_warnings(cfg):
         rt.print0(f"warning: {w}")
     train_ds, val_ds, tok = load_data(cfg, rt)            # before the model: bad data fails fast
+    gen = load_gen_eval(cfg, tok)                           # the held-out set too
+    if gen is not None:
+        rt.print0(f"generation evals: {len(gen.records)} conversations from {gen.path} every "
+                  f"{cfg.gen_eval_interval or cfg.eval_interval} steps, replies up to {gen.max_new_tokens} "
+                  f"tokens ({rt.world} rank(s) share them)")
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
     if cfg.finetune != 'full':   # before anything is loaded
@@ -730,9 +867,17 @@ def train(cfg: TrainConfig) -> dict:
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}), init_from={cfg.init_from}"
               + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))
+    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
+                                 cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
+    best = BestMetric(cfg.best_metric)
+    if cfg.init_from == 'resume':
+        best.load_state_dict(ckpt.get('best_metric'))
+        if ((ckpt.get('data_state') or {}).get('mixture') or None) != mixture_spec(train_ds):
+            rt.print0("warning: the data mixture (sources, weights or mixture_by) changed since the "
+                      "checkpoint: the sample order will differ from an uninterrupted run")
     ckpt = None  # free the checkpoint's tensors
     run_log = RunLog(cfg, rt)
     extra = {'config': dataclasses.asdict(cfg), 'tokenizer': tok}
@@ -740,7 +885,9 @@ def train(cfg: TrainConfig) -> dict:
         extra['base'] = base   # a LoRA checkpoint names its frozen base instead of holding it
 
     def save(step_file, is_best=False):
-        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed})
+        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed,
+                                        'mixture': mixture_spec(train_ds)},
+                     best_metric=best.state_dict())
         if scaler.is_enabled():
             state['scaler'] = scaler.state_dict()
         return save_training_state(cfg.out_dir, raw_model, optimizer, iter_num=iter_num,
@@ -752,25 +899,40 @@ def train(cfg: TrainConfig) -> dict:
     meter = StepMeter(cfg, rt, raw_model)
     bar = Progress(cfg.max_iters, 'sft', 'step', initial=iter_num, every=None, enabled=rt.master)
     nan_streak, skipped, last_val, last_loss = 0, 0, None, None
+    early_stop, gen_time = False, 0.0
     with StopSignal() as stop:
         while True:
-            # ---- evaluate and save a step checkpoint (not again at the iteration we resumed from)
-            at_end = iter_num >= cfg.max_iters
-            if (iter_num % cfg.eval_interval == 0 and iter_num != resumed_at) or at_end or cfg.eval_only:
-                losses = estimate_loss(model, {'train': train_ds, 'val': val_ds}, cfg, rt)
-                last_val = losses['val']
-                bar.write(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {last_val:.4f}")
-                run_log.log('evals', {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': last_val},
-                            {'iter': iter_num, 'train/eval_loss': losses['train'], 'val/loss': last_val})
+            # ---- evaluate (loss, and greedy replies when gen_eval_data is set) and save a step
+            # checkpoint; not again at the iteration we resumed from
+            at_end, fresh = iter_num >= cfg.max_iters, iter_num != resumed_at
+            do_loss = (iter_num % cfg.eval_interval == 0 and fresh) or at_end or cfg.eval_only
+            do_gen = gen is not None and (
+                (iter_num % (cfg.gen_eval_interval or cfg.eval_interval) == 0 and fresh) or at_end or cfg.eval_only)
+            if do_loss or do_gen:
+                record, wb = evaluate(model, raw_model, train_ds, val_ds, gen, cfg, rt, iter_num, do_loss, do_gen,
+                                      bar.write)
+                last_val = record.get('val_loss', last_val)
+                gen_time += record.get('gen_eval_s', 0.0)
+                run_log.log('evals', record, wb)
                 if cfg.eval_only:
                     break
                 # Iteration 0 is saved only by a 0-step run: the starting model as a checkpoint (an HF
                 # import, or the demo's untrained base model to compare against).
-                if (iter_num > 0 or at_end) and iter_num != resumed_at:
-                    is_best = math.isfinite(last_val) and last_val < best_val_loss
-                    best_val_loss = last_val if is_best else best_val_loss
+                if do_loss and (iter_num > 0 or at_end) and fresh:
+                    if math.isfinite(last_val):
+                        best_val_loss = min(best_val_loss, last_val)
+                    is_best = best.update(record.get(METRIC_KEYS[cfg.best_metric]))
                     bar.write(save(step_file=True, is_best=is_best))
+                    # rank-uniform: the metrics are all-reduced, and the flag is agreed on over ranks
+                    patience_out = cfg.early_stopping_patience and best.since >= cfg.early_stopping_patience
+                    early_stop = rt.all_reduce(torch.tensor([float(patience_out)], device=rt.device),
+                                               dist.ReduceOp.MAX).item() > 0
                 run_log.write()
+                if early_stop and not at_end:
+                    bar.write(f"early stopping at iter {iter_num}: {cfg.best_metric} has not improved on "
+                              f"{best.value:.4g} for {best.since} evaluations (early_stopping_patience="
+                              f"{cfg.early_stopping_patience})")
+                    break
             if at_end:
                 break
 
@@ -830,10 +992,16 @@ def train(cfg: TrainConfig) -> dict:
                 break
     bar.close()
 
+    wall = time.time() - meter.t_start
     summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
                'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
                'truncated_examples': train_ds.truncated, 'world_size': rt.world,
-               'wall_time_s': time.time() - meter.t_start, 'stopped_early': iter_num < cfg.max_iters}
+               'wall_time_s': wall, 'stopped_early': iter_num < cfg.max_iters,
+               'early_stopped': early_stop and iter_num < cfg.max_iters, 'best_metric': cfg.best_metric,
+               'best_metric_value': best.value}
+    if gen is not None:
+        summary.update(gen_eval_time_s=gen_time, gen_eval_share=gen_time / wall if wall > 0 else None)
+        rt.print0(f"generation evals took {gen_time:.1f} s of {wall:.1f} s ({100 * gen_time / max(wall, 1e-9):.1f}%)")
     run_log.write(summary)
     if train_ds.truncated:
         rt.print0(f"note: {train_ds.truncated} training examples were longer than block_size "
@@ -841,17 +1009,33 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+# -----------------------------------------------------------------------------
+# --plan: will it fit? (memory_plan.py does the arithmetic; imported for --plan only)
+
 def main(argv=None):
+    from memory_plan import plan_args, planned_architecture, report_for_config
     argv = sys.argv[1:] if argv is None else argv
     try:
         if '-h' in argv or '--help' in argv:
             print(help_text(TrainConfig, argv, USAGE))
             return
+        argv, planning = plan_args(argv)
         cfg = configure(TrainConfig, argv)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     try:
+        if planning is not None:
+            try:
+                print(report_for_config(cfg, planned_architecture(cfg, scratch_architecture), **planning))
+            except ValueError as e:
+                raise TrainError(str(e)) from e
+            return
         train(cfg)
+        if dist.is_initialized():
+            # every rank done before any tears its connections down: a rank that exits while another
+            # still talks to it makes gloo's thread abort that one ("terminate called without an
+            # active exception", seen after a sharded save under load)
+            dist.barrier()
     except (TrainError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     finally:

@@ -75,7 +75,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     report = {'rank': rt.rank}
     if args.worker == 'save':
-        model, _ = train_sft.build_model(cfg, rt.device)
+        model, *_ = train_sft.build_model(cfg, rt.device)
         model, raw, opt, *_ = train_sft.parallelize(cfg, rt, model, None, None, rt.world)
         ids = torch.randint(0, args.vocab_size, (1, 64), generator=torch.Generator().manual_seed(rt.rank))
         _, loss = model(ids, labels=ids)
@@ -90,7 +90,7 @@ def worker(args) -> None:
     else:
         dist.barrier()
         (model, raw, *_), report['op'] = measure(
-            lambda: train_sft.parallelize(cfg, rt, *train_sft.build_model(cfg, rt.device), None, rt.world))
+            lambda: train_sft.parallelize(cfg, rt, *train_sft.build_model(cfg, rt.device)[:2], None, rt.world))
     report['checksum'] = checksum(raw)
     with open(os.path.join(args.out, f'report.{rt.rank}.json'), 'w') as f:
         json.dump(report, f)

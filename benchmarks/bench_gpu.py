@@ -2,6 +2,8 @@
 
     python benchmarks/bench_gpu.py                        # qwen3-0.6b and qwen3-1.7b, bf16, compile
     python benchmarks/bench_gpu.py --presets qwen3-1.7b --batch_sizes 1,2,4,8,16 --json out.json
+    python benchmarks/bench_gpu.py --presets qwen3-1.7b --block_size 16384 --batch_sizes 1 \\
+        --activation_checkpointing full               # does 16k fit one 80 GB GPU with AC?
     python benchmarks/bench_gpu.py --device cpu --presets tiny --block_size 256 --dtype float32 \\
         --no_compile --batch_sizes 1,2 --steps 2      # the CPU smoke test CI runs
 
@@ -11,6 +13,10 @@ the values), GSM8K conversations as chat packed at block_size with document mask
 weights, gradient clipping, AdamW from configure_optimizers (fused on CUDA). Each (preset, batch size)
 runs in its own subprocess, so an out-of-memory error ends that batch-size search cleanly and one
 run's compile caches and allocator state do not leak into the next.
+
+Packed rows take the document-masked attention path (--attention auto: flash varlen_attn on CUDA in
+bf16, no mask); --activation_checkpointing recomputes blocks in backward. Each run also prints the
+memory planner's prediction for itself (memory_plan.py) next to the measured peak.
 
 MFU = model FLOPs per second / the GPU's peak (H100 SXM dense bf16: 989 TFLOP/s; --peak_tflops).
 Model FLOPs per token follow PaLM / nanoGPT / nanochat: ModelArchitectureConfig.flops_per_token
@@ -42,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument('--steps', type=int, default=10, help='timed steps')
     p.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
     p.add_argument('--no_compile', action='store_true')
+    p.add_argument('--attention', default='auto', help="packed rows' path: auto (flash varlen on CUDA "
+                   "bf16) | varlen | per_doc | dense (the O(T^2) mask, for comparison)")
+    p.add_argument('--activation_checkpointing', default='none', choices=('none', 'full', 'selective'))
+    p.add_argument('--ac_every', type=int, default=2, help="'selective': checkpoint every k-th block")
     p.add_argument('--device', default='cuda')
     p.add_argument('--peak_tflops', type=float, default=None,
                    help='per-GPU peak for MFU (default: guessed from the GPU name; none on CPU)')
@@ -59,6 +69,8 @@ def run_child(args) -> dict:
     import torch
     from model_builder import ConfigurableGPT
     from model_config import ModelArchitectureConfig
+    import memory_plan
+    from attention import resolve
     from chat_format import encode_conversation
     from tokenizer import load_tokenizer
     from train_sft import SFTDataset, forward_backward, guess_peak_flops
@@ -79,6 +91,8 @@ def run_child(args) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
     try:
         model = ConfigurableGPT(cfg).to(device)
+        model.config.attention = args.attention
+        model.set_activation_checkpointing(args.activation_checkpointing, args.ac_every)
         model.train()
         opt = model.configure_optimizers(0.1, 1e-5, (0.9, 0.95), device.type)
         step_model = model if args.no_compile else torch.compile(model)
@@ -115,7 +129,14 @@ def run_child(args) -> dict:
            'hw_util': done_flops / seconds / peak if peak else None,
            'peak_mem_bytes': (torch.cuda.max_memory_allocated() if device.type == 'cuda'
                               else common.peak_rss_bytes()),
-           'dtype': args.dtype, 'compile': not args.no_compile, 'device': str(device)}
+           'dtype': args.dtype, 'compile': not args.no_compile, 'device': str(device),
+           'attention': resolve(args.attention, device.type, getattr(torch, args.dtype))[0],
+           'activation_checkpointing': args.activation_checkpointing,
+           # the planner's prediction for this very run, to check it on a GPU
+           'planned_peak_bytes': memory_plan.plan(
+               cfg, memory_plan.Setup(ac=args.activation_checkpointing, ac_every=args.ac_every),
+               tokens=args.batch_size * T, trained_tokens=trained // len(times), dtype=args.dtype,
+               device=device.type).peak}
     return res
 
 
@@ -132,6 +153,8 @@ def main(argv=None) -> int:
     passthrough = ['--block_size', str(args.block_size), '--warmup', str(args.warmup), '--steps',
                    str(args.steps), '--dtype', args.dtype, '--device', args.device, '--data', args.data]
     passthrough += ['--no_compile'] if args.no_compile else []
+    passthrough += ['--attention', args.attention, '--activation_checkpointing', args.activation_checkpointing,
+                    '--ac_every', str(args.ac_every)]
     passthrough += ['--peak_tflops', str(args.peak_tflops)] if args.peak_tflops else []
     rc = 0
     for preset in args.presets.split(','):
@@ -170,9 +193,10 @@ def main(argv=None) -> int:
 def print_table(results, args):
     pct = lambda v: '-' if v is None else f'{100 * v:.1f}%'
     print(f'\n{common.machine_description()}; block_size {args.block_size}, {args.dtype}, '
-          f"compile {'off' if args.no_compile else 'on'}, packing with document masks, GSM8K")
-    print('| preset | rows/step | tokens/s | trained tok/s | model TFLOP/s | MFU | hw util | peak mem |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+          f"compile {'off' if args.no_compile else 'on'}, packing with document masks, GSM8K, attention "
+          f"{args.attention}, activation checkpointing {args.activation_checkpointing}")
+    print('| preset | rows/step | tokens/s | trained tok/s | model TFLOP/s | MFU | hw util | peak mem | planned |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
     for r in results:
         if 'tok_s' not in r:
             print(f"| {r['preset']} | {r['batch_size']} | {'out of memory' if r.get('oom') else 'error'} |"
@@ -180,7 +204,7 @@ def print_table(results, args):
             continue
         print(f"| {r['preset']} | {r['batch_size']} | {r['tok_s']:,.0f} | {r['trained_tok_s']:,.0f} | "
               f"{r['model_tflops']:.1f} | {pct(r['mfu'])} | {pct(r['hw_util'])} | "
-              f"{r['peak_mem_bytes'] / 2 ** 30:.1f} GiB |")
+              f"{r['peak_mem_bytes'] / 2 ** 30:.1f} GiB | {r['planned_peak_bytes'] / 2 ** 30:.1f} GiB |")
     for preset in dict.fromkeys(r['preset'] for r in results):
         rows = [r for r in results if r['preset'] == preset]
         fit = [r['batch_size'] for r in rows if 'tok_s' in r]

@@ -10,6 +10,19 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the benchmark shapes: name -> (n_layer, n_embd, n_head, n_kv_head, intermediate); head_dim 64, GQA
+SHAPES = {'2x128': (2, 128, 2, 1, 384), '6x512': (6, 512, 8, 4, 1536), '12x768': (12, 768, 12, 4, 2304)}
+
+
+def shape(name: str) -> tuple[int, int, int, int, int]:
+    """A SHAPES entry, or 'LxC' for any other: head_dim 64, 2 query heads per KV head, ffn 3 C."""
+    if name in SHAPES:
+        return SHAPES[name]
+    n_layer, _, n_embd = name.partition('x')
+    heads = max(1, int(n_embd) // 64)
+    return int(n_layer), int(n_embd), heads, max(1, heads // 2), 3 * int(n_embd)
+
+
 # GSM8K stays in the shared data folder (never copied into the repo); NANOSFT_GSM8K_DIR overrides it.
 GSM8K_DIR = os.environ.get('NANOSFT_GSM8K_DIR') or os.path.join(os.path.dirname(REPO), 'shared', 'data', 'gsm8k')
 GSM8K = os.path.join(GSM8K_DIR, 'train.jsonl')
@@ -108,6 +121,16 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a
+    child's ru_maxrss starts at its parent's RSS (a benchmark parent holding transformers and the
+    tokenized data put a 1.7 GiB floor under every contender's figure)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

@@ -1,9 +1,14 @@
-"""chat_records: every input format -> validated messages; record errors, never tracebacks."""
+"""chat_records: every input format -> validated messages; record errors, never tracebacks; Parquet /
+Arrow input, streaming JSONL, the dedup key."""
 import json
+import os
+import sys
+import threading
 
 import pytest
 
-from chat_records import FORMATS, DataError, iter_records, load_records, to_messages
+from chat_records import (FORMATS, DataError, check_input, conversation_key, iter_records, load_records,
+                          to_messages)
 
 
 def write_jsonl(path, records):
@@ -111,3 +116,123 @@ def test_a_sharegpt_role_that_is_not_a_string_is_reported_with_its_line_also_whe
     problems = []
     assert len(list(iter_records(path, skip_invalid=True, problems=problems))) == 2
     assert len(problems) == 1 and problems[0].startswith(f'{path}:2: conversations[0].from')
+
+
+# ---------------------------------------------------------------- Parquet / Arrow, streaming, dedup
+
+U = {'role': 'user', 'content': 'What is 6*7?'}
+A = {'role': 'assistant', 'content': '42'}
+RECORDS = {   # one record per format, as JSON; each becomes [U, A] (+ the extras noted)
+    'messages': [{'messages': [U, A]}, {'messages': [U, dict(A, train=False), U, A]}],
+    'sharegpt': [{'conversations': [{'from': 'human', 'value': U['content']},
+                                    {'from': 'gpt', 'value': A['content']}], 'system': 'Be brief.'}],
+    'alpaca': [{'instruction': U['content'], 'input': '', 'output': A['content']},
+               {'instruction': U['content'], 'input': 'exactly', 'output': A['content']}],
+    'prompt_completion': [{'prompt': U['content'], 'completion': A['content']}],
+    'gsm8k': [{'question': U['content'], 'answer': A['content'], 'id': 7}],
+}
+
+
+def write_arrow(path, records, kind):
+    pa = pytest.importorskip('pyarrow')   # optional at run time; requirements-dev.txt installs it
+    import pyarrow.parquet as pq
+    table = pa.Table.from_pylist(records)
+    if kind == 'parquet':
+        pq.write_table(table, path, row_group_size=1)
+    else:
+        with pa.OSFile(str(path), 'wb') as f:
+            writer = (pa.ipc.new_file if kind == 'arrow_file' else pa.ipc.new_stream)(f, table.schema)
+            writer.write_table(table, max_chunksize=1)
+            writer.close()
+    return str(path)
+
+
+@pytest.mark.parametrize('kind', ['parquet', 'arrow_file', 'arrow_stream'])
+@pytest.mark.parametrize('fmt', sorted(RECORDS))
+def test_parquet_and_arrow_rows_read_like_the_same_jsonl_records(tmp_path, fmt, kind):
+    recs = RECORDS[fmt]
+    jsonl = tmp_path / 'r.jsonl'
+    jsonl.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    suffix = '.parquet' if kind == 'parquet' else '.arrow'
+    path = write_arrow(tmp_path / f'r{suffix}', recs, kind)
+    got = list(iter_records(path))
+    assert [m for _, m in got] == load_records(str(jsonl))
+    assert [w for w, _ in got] == [f'{path}:row {i}' for i in range(len(recs))]
+    assert [m for _, m in iter_records(path, fmt=fmt)] == load_records(str(jsonl), fmt=fmt)
+
+
+def test_file_without_the_columns_of_a_format_is_refused_before_reading_naming_its_columns(tmp_path):
+    path = write_arrow(tmp_path / 'text.parquet', [{'text': 'hi', 'id': 1}], 'parquet')
+    with pytest.raises(DataError, match=r"text.parquet: no columns of a known record format.*\['text', 'id'\]"):
+        check_input(path)
+    with pytest.raises(DataError, match=r"text.parquet: format 'alpaca' needs the column\(s\) \['instruction', 'output'\]"):
+        check_input(path, 'alpaca')
+    bad = tmp_path / 'not.parquet'
+    bad.write_bytes(b'{"messages": []}\n')
+    with pytest.raises(DataError, match='not.parquet: cannot read as Parquet'):
+        check_input(str(bad))
+    with pytest.raises(DataError, match='missing.arrow: no such file'):
+        check_input(str(tmp_path / 'missing.arrow'))
+
+
+def test_bad_row_names_file_and_row_and_can_be_skipped(tmp_path):
+    recs = [{'messages': [U, A]}, {'messages': [U]}, {'messages': [U, {'role': 'robot', 'content': 'x'}]}]
+    path = write_arrow(tmp_path / 'd.parquet', recs, 'parquet')
+    with pytest.raises(DataError, match=r'd.parquet:row 1: "messages" has no assistant turn'):
+        list(iter_records(path))
+    problems = []
+    assert [m for _, m in iter_records(path, skip_invalid=True, problems=problems)] == [[U, A]]
+    assert [p.split(': ')[0] for p in problems] == [f'{path}:row 1', f'{path}:row 2']
+
+
+def test_missing_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    path = write_arrow(tmp_path / 'd.parquet', [{'messages': [U, A]}], 'parquet')
+    monkeypatch.setitem(sys.modules, 'pyarrow', None)   # import pyarrow -> ImportError
+    with pytest.raises(DataError, match='d.parquet: reading Parquet / Arrow files needs pyarrow.*pip install pyarrow'):
+        list(iter_records(path))
+
+
+def test_jsonl_records_stream_before_the_file_ends(tmp_path):
+    """JSONL is read line by line, never whole (it may not fit in memory): through a pipe, the
+    first record arrives while the writer still holds back the second half of the file."""
+    fifo = tmp_path / 'd.jsonl'
+    os.mkfifo(fifo)
+    line = json.dumps({'messages': [U, A]}) + '\n'
+    first_seen, state = threading.Event(), {}
+
+    def writer():
+        with open(fifo, 'w') as f:
+            f.write(line * 50)
+            f.flush()
+            state['held_back'] = first_seen.wait(timeout=30)
+            f.write(line * 50)
+    t = threading.Thread(target=writer)
+    t.start()
+    records = iter_records(str(fifo))
+    assert next(records)[0] == f'{fifo}:1'
+    first_seen.set()
+    assert sum(1 for _ in records) == 99
+    t.join()
+    assert state['held_back']
+
+
+def test_conversation_key_ignores_nfc_end_whitespace_role_aliases_and_key_order():
+    base = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'café?'},
+            {'role': 'assistant', 'content': 'Oui.'}]
+    same = [{'content': '  Be brief.\n', 'role': 'system'}, {'role': 'user', 'content': 'cafe\u0301?'},
+            {'role': 'assistant', 'content': 'Oui. '}]
+    assert conversation_key(base) == conversation_key(same)
+    assert len(conversation_key(base)) == 16
+    # ShareGPT's role names are canonical after parsing: the same conversation in two formats
+    sharegpt = load_records_from({'conversations': [{'from': 'human', 'value': 'hi'}, {'from': 'gpt', 'value': 'yo'}]})
+    messages = load_records_from({'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]})
+    assert conversation_key(sharegpt) == conversation_key(messages)
+    for different in ([dict(m) for m in base[1:]],                                    # no system prompt
+                      base[:2] + [dict(base[2], train=False)],                          # a train flag
+                      base[:2] + [dict(base[2], content='Oui, oui.')],                  # inner text
+                      base[:1] + [dict(base[1], content='café ?')] + base[2:]):         # inner space
+        assert conversation_key(different) != conversation_key(base)
+
+
+def load_records_from(rec):
+    return to_messages(rec)

@@ -41,6 +41,10 @@ def test_make_demo_writes_data_tokenizer_shards_checkpoints_eval_and_plot(demo):
         assert (tmp / rel).is_file(), rel
     meta = json.loads((tmp / 'data/sft/meta.json').read_text())
     assert meta['tokenizer']['vocab_size'] <= 384  # the demo's own small tokenizer, not Qwen's
+    # generation evals on the held-out set during training, for the plot's accuracy curve
+    (run,) = (tmp / 'out').glob('run_*.json')
+    gen = [e for e in json.loads(run.read_text())['evals'] if 'accuracy' in e]
+    assert [e['iter'] for e in gen] == [0, 40] and all(e['with_reference'] == 24 for e in gen)
     with open(tmp / 'out/loss.png', 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 

@@ -228,6 +228,143 @@ def test_packed_documents_give_the_same_logits_as_each_document_alone():
         assert (both[:, 7:] - lb).abs().max() < 1e-5
 
 
+def _packed_batch(B=2, T=24, seed=5):
+    """Rows of documents of 1..9 tokens (the pad tail one of its own), as sft_data packs them."""
+    g = torch.Generator().manual_seed(seed)
+    ids, doc_ids, pos = _ids(T=T, B=B, seed=seed), torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    starts = []
+    for r in range(B):
+        t, d = 0, 0
+        while t < T:
+            n = min(int(torch.randint(1, 10, (1,), generator=g)), T - t)
+            doc_ids[r, t:t + n], pos[r, t:t + n] = d, torch.arange(n)
+            starts.append(r * T + t)
+            t, d = t + n, d + 1
+    labels = ids.masked_fill(pos == 0, -100)
+    return ids, labels, pos, doc_ids, torch.tensor(starts + [B * T], dtype=torch.int32)
+
+
+def _loss_and_grads(model, ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(ids, labels=labels, **kw)
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+@pytest.mark.parametrize('attention', ['auto', 'per_doc'])
+@pytest.mark.parametrize('given', ['doc_ids', 'cu_seqlens', 'both'])
+def test_packed_rows_loss_and_every_gradient_equal_the_dense_mask_path(attention, given):
+    """GQA (4 query / 2 KV heads) and QK-norm: per-document attention vs today's dense mask, fp32."""
+    model = _tiny()
+    ids, labels, pos, doc_ids, cu = _packed_batch()
+    model.config.attention = 'dense'
+    ref_loss, ref_grads = _loss_and_grads(model, ids, labels, position_ids=pos, doc_ids=doc_ids)
+    model.config.attention = attention
+    kw = {'doc_ids': dict(doc_ids=doc_ids), 'cu_seqlens': dict(cu_seqlens=cu, max_seqlen=9),
+          'both': dict(doc_ids=doc_ids, cu_seqlens=cu)}[given]
+    loss, grads = _loss_and_grads(model, ids, labels, position_ids=pos, **kw)
+    assert abs(loss - ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).abs().max() < 1e-5, name
+
+
+def test_dense_path_takes_boundaries_given_as_cu_seqlens_alone():
+    model = _tiny()
+    ids, labels, pos, doc_ids, cu = _packed_batch()
+    model.config.attention = 'dense'
+    a, _ = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids)
+    b, _ = model(ids, labels=labels, position_ids=pos, cu_seqlens=cu)
+    assert a is None and b is None
+    _, la = model(ids, labels=labels, position_ids=pos, doc_ids=doc_ids)
+    _, lb = model(ids, labels=labels, position_ids=pos, cu_seqlens=cu)
+    assert la.item() == lb.item()
+
+
+@pytest.mark.parametrize('mode', ['full', 'selective'])
+@pytest.mark.parametrize('packed', [False, True])
+def test_activation_checkpointing_leaves_loss_and_gradients_unchanged(mode, packed):
+    """Dropout on: the recomputed blocks must replay the same dropout masks."""
+    model = _tiny(dropout=0.1, n_layer=3)
+    ids, labels, pos, doc_ids, cu = _packed_batch()
+    kw = dict(position_ids=pos, cu_seqlens=cu) if packed else {}
+    torch.manual_seed(1)
+    ref_loss, ref_grads = _loss_and_grads(model, ids, labels, **kw)
+    model.set_activation_checkpointing(mode, every=2)
+    torch.manual_seed(1)
+    loss, grads = _loss_and_grads(model, ids, labels, **kw)
+    assert abs(loss - ref_loss) < 1e-6
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).abs().max() < 1e-6, name
+
+
+def _saved_activation_bytes(model, ids, labels):
+    """Bytes autograd keeps for backward during the forward (parameters excluded)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(ids, labels=labels)
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_activation_checkpointing_keeps_fewer_activations_and_full_keeps_the_fewest():
+    model = _tiny(n_layer=4)
+    ids = _ids(T=64, B=2)
+    kept = {}
+    for mode in ('none', 'selective', 'full'):
+        model.set_activation_checkpointing(mode, every=2)
+        kept[mode] = _saved_activation_bytes(model, ids, ids)
+    assert kept['full'] < kept['selective'] < kept['none']
+    assert kept['full'] < 0.5 * kept['none']
+    with pytest.raises(ValueError, match='must be one of'):
+        model.set_activation_checkpointing('some')
+
+
+def test_compiled_model_with_checkpointed_blocks_and_packed_rows_matches_eager():
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = _tiny()
+    model.set_activation_checkpointing('full')
+    ids, labels, pos, doc_ids, cu = _packed_batch()
+    ref_loss, ref_grads = _loss_and_grads(model, ids, labels, position_ids=pos, cu_seqlens=cu)
+    compiled = torch.compile(model, backend='aot_eager')
+    model.zero_grad(set_to_none=True)
+    _, loss = compiled(ids, labels=labels, position_ids=pos, cu_seqlens=cu, max_seqlen=9)
+    loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    for name, g in _grads(model).items():
+        assert (g - ref_grads[name]).abs().max() < 1e-5, name
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_packed_rows_on_cuda_under_bf16_autocast_take_varlen_and_match_the_dense_mask(monkeypatch):
+    import torch.nn.attention.varlen as varlen
+    calls = []
+    real = varlen.varlen_attn
+    monkeypatch.setattr(varlen, 'varlen_attn', lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    model = _tiny(n_head=4, n_kv_head=2, head_dim=64).cuda()
+    ids, labels, pos, doc_ids, cu = _packed_batch()
+    ids, labels, pos, doc_ids = ids.cuda(), labels.cuda(), pos.cuda(), doc_ids.cuda()
+    out = {}
+    for attention in ('dense', 'auto'):
+        model.config.attention = attention
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out[attention] = _loss_and_grads(model, ids, labels, position_ids=pos, doc_ids=doc_ids,
+                                              cu_seqlens=cu, max_seqlen=9)
+    assert calls and set(calls) == {torch.bfloat16} and len(calls) == model.config.n_layer
+    assert abs(out['auto'][0] - out['dense'][0]) < 2e-2
+    for name, g in out['auto'][1].items():
+        ref = out['dense'][1][name]
+        assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6, name
+
+
 def test_gqa_qk_norm_bias_and_dropout_knobs_build_and_train():
     model = _tiny(dropout=0.1, bias=True, attn_qkv_bias=True, n_kv_head=1)
     model.train()

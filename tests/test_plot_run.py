@@ -69,3 +69,22 @@ def test_axis_mapping_extends_linearly_past_the_data():
     xp, fp = np.array([0.0, 10.0, 20.0]), np.array([0.0, 100.0, 300.0])
     assert plot_run._interp([-5, 5, 25], xp, fp).tolist() == [-50.0, 50.0, 400.0]
     assert plot_run._human(1_500_000) == '1.5M' and plot_run._human(250_000) == '250k'
+
+
+def test_generation_evals_get_a_panel_of_accuracy_and_format(tmp_path):
+    pytest.importorskip('matplotlib')
+    path = tmp_path / 'run_g.json'
+    run = json.loads(open(fake_run(path)).read())
+    run['evals'] += [{'iter': i, 'accuracy': a, 'format_compliance': f}
+                     for i, a, f in ((5, 0.0, 0.1), (15, 0.4, 0.9), (25, 0.7, 1.0))]
+    path.write_text(json.dumps(run))
+    assert plot_run.gen_evals(run) == [(5, 0.0, 0.1), (15, 0.4, 0.9), (25, 0.7, 1.0)]
+    fig = plot_run.figure([(str(path), plot_run.load_run(str(path)))])
+    (gen,) = [ax for ax in fig.axes if ax.get_ylabel() == 'generation eval (%)']
+    acc, fmt = gen.get_lines()
+    assert acc.get_xdata().tolist() == [5, 15, 25] and acc.get_ydata().tolist() == [0.0, 40.0, 70.0]
+    assert fmt.get_ydata().tolist() == [10.0, 90.0, 100.0]
+    plain = plot_run.figure([(fake_run(tmp_path / 'run_p.json'), plot_run.load_run(str(tmp_path / 'run_p.json')))])
+    assert not [ax for ax in plain.axes if ax.get_ylabel() == 'generation eval (%)']
+    plot_run.plot_runs([str(path)], str(tmp_path / 'g.png'))
+    assert (tmp_path / 'g.png').stat().st_size > 1000

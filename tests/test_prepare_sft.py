@@ -2,6 +2,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 
 import prepare_sft
@@ -11,7 +12,8 @@ from prepare_sft import main
 from sft_data import ShardDataset
 from tokenizer import load_tokenizer
 
-SHARDS = ('train.bin', 'train.mask', 'train.idx', 'val.bin', 'val.mask', 'val.idx', 'meta.json')
+SHARDS = ('train.bin', 'train.mask', 'train.idx', 'train.src', 'val.bin', 'val.mask', 'val.idx', 'val.src',
+          'meta.json')
 
 
 @pytest.fixture(scope='module')
@@ -336,3 +338,158 @@ def test_directory_without_a_tokenizer_or_a_missing_format_token_fails_before_an
     with pytest.raises(SystemExit, match=r"'llama3' needs the tokens <\|begin_of_text\|>"):
         run('--input', path, '--out_dir', tmp_path / 'out', '--chat_template', 'llama3')
     assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------- sources, mixtures, dedup, streaming
+
+def test_weighted_sources_record_each_example_source_and_per_source_counts(tmp_path, capsys):
+    a = write_jsonl(tmp_path / 'chat.jsonl', chats(40, seed=1))
+    b = write_jsonl(tmp_path / 'math.jsonl', chats(10, seed=2))
+    meta = run('--input', f'{a}:0.7', f'{b}:0.3', '--out_dir', tmp_path / 'out', '--val_fraction', 0.2,
+               '--max_length', 4096)
+    assert meta['mixture_by'] == 'examples'
+    chat, math_ = meta['sources']
+    assert (chat['name'], chat['files'], chat['weight']) == (a, [a], 0.7)
+    assert (math_['name'], math_['weight']) == (b, 0.3)
+    for split in ('train', 'val'):
+        ds = ShardDataset(tmp_path / 'out', split)
+        counts = np.bincount(ds.sources, minlength=2).tolist()
+        assert counts == [chat['examples'][split], math_['examples'][split]]
+    assert chat['examples']['train'] + chat['examples']['val'] == 40
+    # the realized proportion is the training sampler's: 70/30 of the examples of an epoch
+    assert (chat['realized_examples'], math_['realized_examples']) == pytest.approx((0.7, 0.3), abs=0.01)
+    assert math_['passes'] > 1 > chat['passes']   # the small source is upsampled
+    out = capsys.readouterr().out
+    assert 'sources (weighted, sampled by examples' in out
+    assert f'{b}  weight 0.300, 10 examples' in out and 'realized 30.' in out
+    # unweighted sources: concatenated, the same shards as one file holding both
+    both = write_jsonl(tmp_path / 'both.jsonl', chats(40, seed=1) + chats(10, seed=2))
+    run('--input', a, b, '--out_dir', tmp_path / 'two', '--max_length', 4096)
+    run('--input', both, '--out_dir', tmp_path / 'one', '--max_length', 4096)
+    for f in ('train.bin', 'train.mask', 'train.idx', 'val.bin'):
+        assert (tmp_path / 'two' / f).read_bytes() == (tmp_path / 'one' / f).read_bytes()
+    assert json.loads((tmp_path / 'two' / 'meta.json').read_text())['mixture_by'] is None
+
+
+def test_weights_by_trained_tokens_and_globs_as_one_source(tmp_path):
+    d = tmp_path / 'parts'
+    d.mkdir()
+    for k in range(3):
+        write_jsonl(d / f'p{k}.jsonl', chats(8, seed=10 + k))
+    small = write_jsonl(tmp_path / 'small.jsonl', chats(5, seed=3))
+    meta = run('--input', f'{d}/p*.jsonl:1', f'{small}:1', '--out_dir', tmp_path / 'out', '--mix_by', 'tokens',
+               '--val_fraction', 0, '--max_length', 4096)
+    parts, sm = meta['sources']
+    assert parts['name'] == f'{d}/p*.jsonl' and len(parts['files']) == 3 and parts['examples']['train'] == 24
+    assert meta['mixture_by'] == 'tokens'
+    assert (parts['realized_trained_tokens'], sm['realized_trained_tokens']) == pytest.approx((0.5, 0.5), abs=0.01)
+
+
+@pytest.mark.parametrize('spec, error', [
+    ('{a}:0', "the weight '0' must be a positive number"),
+    ('{a}:-0.5', "the weight '-0.5' must be a positive number"),
+    ('{a}:nan', "the weight 'nan' must be a positive number"),
+    ('{missing}:0.5', 'missing.jsonl: no such file'),
+    ('{text}:0.5', r"text.parquet: no columns of a known record format"),
+    ('{a}:0.5 {a}:0.5', 'in two sources'),
+    ('{a}:0.5 {b}', r'give every source a weight or none \(.*b.jsonl has none\)'),
+])
+def test_bad_mixture_input_is_a_clear_error_before_any_work(tmp_path, monkeypatch, spec, error):
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    paths = {'a': write_jsonl(tmp_path / 'a.jsonl', chats(3)), 'b': write_jsonl(tmp_path / 'b.jsonl', chats(3)),
+             'missing': str(tmp_path / 'missing.jsonl'), 'text': str(tmp_path / 'text.parquet')}
+    pq.write_table(pa.Table.from_pylist([{'text': 'hello'}]), paths['text'])
+    monkeypatch.setattr(prepare_sft, 'load_tokenizer', lambda *a: pytest.fail('work started'))
+    with pytest.raises(SystemExit, match=error):
+        run('--input', *spec.format(**paths).split(), '--out_dir', tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_colon_in_a_path_is_not_a_weight(tmp_path):
+    path = write_jsonl(tmp_path / 'v1:final.jsonl', chats(3))
+    named = write_jsonl(tmp_path / 'odd.jsonl:2', chats(4))    # a file whose own name ends like a weight
+    meta = run('--input', path, named, '--out_dir', tmp_path / 'out', '--val_fraction', 0)
+    assert [s['name'] for s in meta['sources']] == [path, named] and meta['stats']['kept'] == 7
+    assert meta['mixture_by'] is None
+
+
+@pytest.mark.parametrize('num_proc', [1, 2])
+def test_dedup_keeps_the_first_of_identical_conversations_and_counts_per_source(tmp_path, num_proc):
+    recs = chats(30)
+    a = write_jsonl(tmp_path / 'a.jsonl', recs + recs[:5])                     # 5 exact repeats
+    variants = [{'messages': [dict(m, content='  ' + m['content'] + '\n') for m in r['messages']]}
+                for r in recs[10:14]]                                          # same after normalization
+    b = write_jsonl(tmp_path / 'b.jsonl', variants + chats(6, seed=9))
+    meta = run('--input', a, b, '--out_dir', tmp_path / 'out', '--dedup', '--num_proc', num_proc,
+               '--val_fraction', 0.3, '--max_length', 4096)
+    st, (sa, sb) = meta['stats'], meta['sources']
+    assert st['duplicates'] == 9 and (sa['duplicates'], sb['duplicates']) == (5, 4)
+    assert st['read'] == 45 and st['kept'] == 36
+    assert (sa['examples']['train'] + sa['examples']['val'], sb['examples']['train'] + sb['examples']['val']) == (30, 6)
+    kept = set()
+    for split in ('train', 'val'):
+        ds = ShardDataset(tmp_path / 'out', split)
+        kept |= {tuple(ds[i][0]) for i in range(len(ds))}
+    assert len(kept) == 36   # nothing identical left
+    undeduped = run('--input', a, b, '--out_dir', tmp_path / 'raw', '--max_length', 4096)
+    assert undeduped['stats']['kept'] == 45 and undeduped['stats']['duplicates'] is None
+
+
+def test_length_percentiles_from_the_histogram_equal_numpy_on_the_lengths():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 10, 101, 5000):
+        lengths = rng.integers(1, 300, n)
+        hist = np.bincount(lengths, minlength=301)
+        for q in (50, 90, 99, 0, 100, 33.3):
+            assert prepare_sft.percentile(hist, q) == int(np.percentile(lengths, q)), (n, q)
+    assert prepare_sft.percentile(np.zeros(5, dtype=np.int64), 50) == 0
+
+
+PEAK_RSS = '''
+import resource, sys
+sys.path.insert(0, {root!r})
+import prepare_sft
+prepare_sft.main(sys.argv[1:])
+print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+'''
+
+
+@pytest.mark.slow
+def test_parquet_much_larger_than_the_memory_it_uses_prepares_in_bounded_memory(tmp_path):
+    """Peak RSS of prepare_sft on Parquet files of 200 and 20,000 rows (~65 MB of text, far more as
+    python objects): the big file is over twice the memory its 19,800 extra rows add (records,
+    encoding, split and shards all stream; reading it whole would add several times its size)."""
+    import subprocess
+    import sys
+    pa = pytest.importorskip('pyarrow')
+    import pyarrow.parquet as pq
+    rng = random.Random(0)
+    words = 'alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron'.split()
+
+    def write(n, path):
+        text = 0
+        with pq.ParquetWriter(path, pa.schema([('messages', pa.list_(pa.struct(
+                [('role', pa.string()), ('content', pa.string())])))])) as w:
+            for lo in range(0, n, 1000):
+                rows = [{'messages': [{'role': 'user', 'content': ' '.join(rng.choices(words, k=300))},
+                                      {'role': 'assistant', 'content': ' '.join(rng.choices(words, k=300))}]}
+                        for _ in range(min(1000, n - lo))]
+                text += sum(len(m['content']) for r in rows for m in r['messages'])
+                w.write_table(pa.Table.from_pylist(rows, schema=w.schema), row_group_size=1000)
+        return text
+
+    script = tmp_path / 'peak.py'
+    script.write_text(PEAK_RSS.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    peak, text = {}, {}
+    for n in (200, 20000):
+        path = tmp_path / f'd{n}.parquet'
+        text[n] = write(n, path)
+        proc = subprocess.run([sys.executable, str(script), '--input', str(path), '--out_dir', str(tmp_path / f'o{n}'),
+                               '--max_length', '4096'], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peak[n] = int(proc.stdout.split('peak_rss_kb')[-1]) * 1024
+        assert f'examples kept                         {n} ' in proc.stdout
+    assert text[20000] > 60e6
+    print(f"peak RSS {peak}, text {text}")
+    assert text[20000] > 2 * (peak[20000] - peak[200]), (peak, text)

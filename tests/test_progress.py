@@ -53,3 +53,16 @@ def test_say_survives_a_full_disk():
     with open('/dev/full', 'w') as full:
         proc = subprocess.run([sys.executable, '-c', code], stdout=full, stderr=subprocess.PIPE, timeout=30)
     assert proc.returncode == 0 and proc.stderr.decode().strip() == 'ok', proc.stderr
+
+
+def test_progress_without_a_total_counts_what_streamed_past(monkeypatch):
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(progress.time, 'time', lambda: float(next(clock)))
+    out = io.StringIO()
+    bar = Progress(None, 'encoding', 'ex', every=15, out=out)   # prepare_sft streams: no total known
+    for _ in range(4):
+        bar.update(20)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == 'encoding: 40 ex, 2.0 ex/s, elapsed 0:20'
+    assert lines[-1].startswith('encoding: 80 ex, ')

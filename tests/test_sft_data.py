@@ -1,9 +1,10 @@
 """Tests for sft_data.py: data order, sampler cursor, padding and packing."""
 import numpy as np
 import pytest
+import torch
 
 from chat_records import DataError
-from sft_data import IGNORE_INDEX, GlobalSampler, SFTDataset, pack_best_fit
+from sft_data import IGNORE_INDEX, GlobalSampler, Mixture, SFTDataset, pack_best_fit
 
 
 class ListSplit:
@@ -76,6 +77,92 @@ def test_sampler_cursor_restores_the_stream():
     assert [t.take(4) for _ in range(5)] == rest
 
 
+# ---------------------------------------------------------------- weighted mixtures
+
+def three_sources(seed=0):
+    """A big chat source, a small math source (to upsample), a mid-sized one; varied lengths."""
+    rng = np.random.default_rng(seed)
+    sizes = [(0, 700, 40), (1, 60, 12), (2, 240, 80)]   # source, examples, longest trained span
+    examples, sources = [], []
+    for k, n, longest in sizes:
+        for _ in range(n):
+            t = int(rng.integers(1, longest))
+            ids = rng.integers(0, 1000, t + 5)
+            examples.append((ids, np.where(np.arange(t + 5) >= 5, ids, IGNORE_INDEX)))
+            sources.append(k)
+    perm = rng.permutation(len(sources))   # sources interleaved in the split, as prepare writes them
+    split = ListSplit([examples[i] for i in perm])
+    trained = np.array([int((split[i][1] != IGNORE_INDEX).sum()) for i in range(len(split))])
+    return split, np.array(sources)[perm], trained
+
+
+@pytest.mark.parametrize('by', ['examples', 'tokens'])
+def test_mixture_realizes_the_weights_within_1_percent_every_epoch(by):
+    split, sources, trained = three_sources()
+    weights = [0.5, 0.3, 0.2]
+    mix = Mixture(sources, weights, by, trained, seed=7)
+    for epoch in range(6):
+        order = mix.order(epoch)
+        measure = np.ones(len(order)) if by == 'examples' else trained[order]
+        realized = [measure[sources[order] == k].sum() / measure.sum() for k in range(3)]
+        assert np.allclose(realized, weights, atol=0.01), (epoch, realized)
+        report = mix.report(epoch)
+        assert [r['example_share' if by == 'examples' else 'token_share'] for r in report] == \
+            pytest.approx(realized)
+    # the epoch is as large as the split: its examples, or its trained tokens
+    size = len(mix.order(0)) if by == 'examples' else trained[mix.order(0)].sum()
+    assert size == pytest.approx(len(split) if by == 'examples' else trained.sum(), rel=0.01)
+
+
+def test_upsampled_source_repeats_every_example_in_a_new_seeded_order_and_downsampled_reaches_all():
+    split, sources, trained = three_sources()
+    mix = Mixture(sources, [0.5, 0.3, 0.2], 'examples', trained, seed=7)
+    small = np.flatnonzero(sources == 1)          # 60 examples asked to fill 30% of 1000 = 300 slots
+    stream = np.concatenate([mix.picks(1, e) for e in range(2)])
+    cycles = [stream[c * 60:(c + 1) * 60] for c in range(len(stream) // 60)]
+    assert len(cycles) == 10 and all(sorted(c) == sorted(small) for c in cycles)
+    assert len({tuple(c) for c in cycles}) == 10  # a new order each time through
+    big = np.flatnonzero(sources == 0)            # 700 examples with 500 slots per epoch
+    seen = np.concatenate([mix.picks(0, e) for e in range(2)])
+    assert set(seen) == set(big) and len(seen) == 1000
+    # a pure function of (seed, epoch): a fresh Mixture gives the same epoch 5 without epochs 0-4
+    assert Mixture(sources, [0.5, 0.3, 0.2], 'examples', trained, seed=7).order(5).tolist() == mix.order(5).tolist()
+    assert Mixture(sources, [0.5, 0.3, 0.2], 'examples', trained, seed=8).order(5).tolist() != mix.order(5).tolist()
+
+
+@pytest.mark.parametrize('packing', [False, True])
+def test_mixture_sample_order_is_identical_on_1_and_2_ranks_and_resumes_from_the_cursor(packing):
+    split, sources, trained = three_sources()
+
+    def dataset():
+        return SFTDataset(split, block_size=96, packing=packing, seed=11,
+                          mixture=Mixture(sources, [0.5, 0.3, 0.2], 'tokens', trained, seed=11))
+    one = GlobalSampler(dataset())
+    two = [GlobalSampler(dataset()) for _ in range(2)]
+    steps = []
+    for step in range(150):   # several epochs (~2,500 examples by tokens, 32 rows a step)
+        a = [tuple(u) for m in one.next_step(1, 0, 4, 8) for u in m]
+        b = [tuple(u) for r in range(2) for m in two[r].next_step(2, r, 2, 8) for u in m]
+        assert a == b, step   # the same units in the same global order
+        steps.append(a)
+        if step == 99:
+            state = one.state_dict()
+    assert state['epoch'] >= 1
+    resumed = GlobalSampler(dataset(), **state)   # a resumed run: a fresh dataset and the cursor
+    assert [[tuple(u) for m in resumed.next_step(1, 0, 4, 8) for u in m] for _ in range(50)] == steps[100:]
+
+
+def test_bad_mixtures_are_clear_errors():
+    split, sources, trained = three_sources()
+    for weights in ([0.5, 0, 0.5], [0.5, -1, 0.5], [float('nan'), 1, 1]):
+        with pytest.raises(DataError, match='weights must be positive'):
+            Mixture(sources, weights, 'examples', trained)
+    with pytest.raises(DataError, match="source 'math' has weight 0.3 but no examples"):
+        Mixture(np.zeros(len(sources)), [0.5, 0.3], 'examples', trained, names=['chat', 'math'])
+    with pytest.raises(DataError, match='mixture_by'):
+        Mixture(sources, [1, 1, 1], 'rows', trained)
+
+
 # ---------------------------------------------------------------- batching
 
 def test_padding_pads_to_longest_and_truncates_to_block_size():
@@ -100,6 +187,9 @@ def test_packing_restarts_positions_and_separates_documents():
     assert b['labels'].tolist() == [[-100, 2, 3, -100, 5, -100], [-100, 6, 6, 6, 6, 6]]
     assert b['position_ids'].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
     assert b['doc_ids'].tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    # the same boundaries as offsets into the flattened rows, for the attention kernels
+    assert b['cu_seqlens'].dtype == torch.int32
+    assert b['cu_seqlens'].tolist() == [0, 3, 5, 6, 12]
 
 
 def test_packing_truncates_an_example_longer_than_block_size():
@@ -145,7 +235,7 @@ def test_shard_writer_records_digests_that_catch_a_flipped_byte(tmp_path):
             w.add('train', np.arange(n), np.ones(n, dtype=np.uint8))
         w.add('val', np.arange(2), np.ones(2, dtype=np.uint8))
         meta = w.commit({'tokenizer': {'name': 't'}})
-    assert sorted(meta['sha256']) == sorted(f'{s}.{e}' for s in ('train', 'val') for e in ('bin', 'mask', 'idx'))
+    assert sorted(meta['sha256']) == sorted(f'{s}.{e}' for s in ('train', 'val') for e in ('bin', 'mask', 'idx', 'src'))
     assert len(ShardDataset(str(tmp_path / 'd'), 'train', verify=True)) == 3
     data = bytearray((tmp_path / 'd' / 'train.mask').read_bytes())
     data[4] ^= 1                               # a trained token becomes masked: same size, same range
@@ -154,3 +244,8 @@ def test_shard_writer_records_digests_that_catch_a_flipped_byte(tmp_path):
     with pytest.raises(DataError, match=r'train\.mask: damaged shard'):
         ShardDataset(str(tmp_path / 'd'), 'train', verify=True)
     assert len(ShardDataset(str(tmp_path / 'd'), 'val', verify=True)) == 1   # per split
+    data = bytearray((tmp_path / 'd' / 'val.src').read_bytes())
+    data[0] ^= 1                               # an example moved to another source: caught too
+    (tmp_path / 'd' / 'val.src').write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r'val\.src: damaged shard'):
+        ShardDataset(str(tmp_path / 'd'), 'val', verify=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_sft
+from configurator import ConfigError
 from test_sft_data import ListSplit  # the in-memory split the data tests use
 from train_sft import SFTDataset
 
@@ -73,6 +74,27 @@ def data_dir(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp('shards') / 'data')
 
 
+@pytest.fixture(scope='module')
+def mix_dir(tmp_path_factory):
+    """Two sources of the toy task weighted 0.7 / 0.3 by trained tokens (the small one upsampled)."""
+    import json
+
+    import prepare_sft
+    tmp = tmp_path_factory.mktemp('mix')
+    rng = np.random.default_rng(4)
+    paths = []
+    for name, n in (('big', 80), ('small', 16)):
+        paths.append(tmp / f'{name}.jsonl')
+        with open(paths[-1], 'w') as f:
+            for _ in range(n):
+                words = ' '.join(rng.choice(WORDS, int(rng.integers(2, 8))))
+                f.write(json.dumps({'messages': [{'role': 'user', 'content': f'{name}: {words}'},
+                                                 {'role': 'assistant', 'content': words}]}) + '\n')
+    prepare_sft.main(['--input', f'{paths[0]}:0.7', f'{paths[1]}:0.3', '--out_dir', str(tmp / 'data'),
+                      '--mix_by', 'tokens', '--val_fraction', '0.2', '--max_length', '64'])
+    return tmp / 'data'
+
+
 def saved_state(path):
     """(model state, optimizer state, the other keys) of a checkpoint of either format, read whole in
     this process: a file, or a sharded checkpoint's directory (or ckpt.pt linking to one)."""
@@ -101,6 +123,31 @@ def assert_same_state(a, b, what):
     for k, s in oa['state'].items():
         for name, v in s.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob['state'][k][name])), f'{what}: {k}.{name}'
+
+
+def toy_gen_set(path, n=8, seed=5):
+    """A held-out set for the generation evals: the toy task with its expected replies."""
+    import json
+    rng = np.random.default_rng(seed)
+    with open(path, 'w') as f:
+        for _ in range(n):
+            words = ' '.join(rng.choice(WORDS, int(rng.integers(2, 5))))
+            f.write(json.dumps({'messages': [{'role': 'user', 'content': f'repeat: {words}'},
+                                             {'role': 'assistant', 'content': words}],
+                                'reference': words, 'task': 'repeat'}) + '\n')
+    return str(path)
+
+
+def run_log(out_dir):
+    import json
+    (path,) = [p for p in out_dir.iterdir() if p.name.startswith('run_') and p.suffix == '.json']
+    return json.loads(path.read_text())
+
+
+def gen_metrics(out_dir):
+    """(iter, accuracy, format, the reply to the first conversation) of each generation eval."""
+    return [(e['iter'], e['accuracy'], e['format_compliance'], e['sample']['reply'])
+            for e in run_log(out_dir)['evals'] if 'accuracy' in e]
 
 
 @pytest.mark.slow
@@ -203,6 +250,92 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, monk
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+def test_generation_evals_are_logged_with_the_loss_evals_and_timed(tmp_path, data_dir, capsys):
+    cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=4, eval_interval=2, gen_eval_interval=1,
+                   gen_eval_data=toy_gen_set(tmp_path / 'gen.jsonl'), gen_eval_max_new_tokens=5)
+    summary = train_sft.train(cfg)
+    evals = run_log(tmp_path / 'out')['evals']
+    assert [e['iter'] for e in evals] == [0, 1, 2, 3, 4]
+    assert [('val_loss' in e) for e in evals] == [True, False, True, False, True]
+    for e in evals:
+        assert 0 <= e['accuracy'] <= 1 and 0 <= e['format_compliance'] <= 1 and e['with_reference'] == 8
+        assert set(e['accuracy_per_task']) == {'repeat'} and e['gen_eval_s'] > 0
+        assert e['sample']['prompt'].startswith('repeat: ') and isinstance(e['sample']['reply'], str)
+    assert summary['gen_eval_time_s'] == pytest.approx(sum(e['gen_eval_s'] for e in evals))
+    assert 0 < summary['gen_eval_share'] < 1
+    out = capsys.readouterr().out
+    assert 'gen eval iter 4: accuracy' in out and 'generation evals took' in out
+
+
+def scripted_accuracy(monkeypatch, values):
+    """sharded_eval replaced by a script: the n-th call reports values[n]."""
+    calls = []
+
+    def fake(model, held, batch_size, rank, world, all_reduce, fsdp):
+        calls.append(1)
+        v = values[len(calls) - 1]
+        return {'accuracy': v, 'format_compliance': 1.0, 'accuracy_per_task': {}, 'correct': 0,
+                'with_reference': 8, 'sample': {'prompt': 'p', 'reply': 'r', 'reference': 'r'},
+                'gen_eval_s': 0.0}
+    monkeypatch.setattr(train_sft, 'sharded_eval', fake)
+
+
+@pytest.mark.slow
+def test_best_checkpoint_follows_accuracy_and_patience_stops_the_run_across_a_resume(tmp_path, data_dir,
+                                                                                    monkeypatch):
+    # evals at 0, 2, 4, 6, 8: the best accuracy is at 4; 6 is worse and 8 only ties, so with a
+    # patience of 2 the run stops at 8 -- also when it was interrupted at 6 and resumed.
+    accuracy = [0.0, 0.2, 0.5, 0.4, 0.5, 0.9]
+    common = dict(data_dir=str(data_dir), max_iters=20, lr_decay_iters=20, eval_interval=2,
+                  gen_eval_data=toy_gen_set(tmp_path / 'gen.jsonl'), best_metric='accuracy',
+                  early_stopping_patience=2)
+    scripted_accuracy(monkeypatch, accuracy)
+    summary = train_sft.train(tiny_cfg(tmp_path / 'a', **common))
+    assert summary['iters'] == 8 and summary['early_stopped'] and summary['best_metric_value'] == 0.5
+    best = torch.load(tmp_path / 'a' / 'out' / 'ckpt_best.pt', weights_only=False)
+    assert best['iter_num'] == 4 and best['best_metric'] == {'name': 'accuracy', 'value': 0.5, 'since': 0}
+
+    scripted_accuracy(monkeypatch, accuracy[:4])
+    first = train_sft.train(tiny_cfg(tmp_path / 'b', **dict(common, max_iters=6)))
+    assert first['iters'] == 6 and not first['early_stopped']
+    scripted_accuracy(monkeypatch, accuracy[4:])
+    resumed = train_sft.train(tiny_cfg(tmp_path / 'b', **dict(common, init_from='resume')))
+    assert resumed['iters'] == 8 and resumed['early_stopped']
+    assert torch.load(tmp_path / 'b' / 'out' / 'ckpt_best.pt', weights_only=False)['iter_num'] == 4
+
+
+@pytest.mark.slow
+def test_weighted_mixture_trains_and_resumes_bit_exactly(tmp_path, capsys):
+    import json
+
+    import prepare_sft
+    rng = np.random.default_rng(3)
+    paths = []
+    for name, n in (('chat', 60), ('math', 12)):
+        path = tmp_path / f'{name}.jsonl'
+        with open(path, 'w') as f:
+            for _ in range(n):
+                words = ' '.join(rng.choice(WORDS, int(rng.integers(2, 8))))
+                f.write(json.dumps({'messages': [{'role': 'user', 'content': f'{name}: {words}'},
+                                                 {'role': 'assistant', 'content': words}]}) + '\n')
+        paths.append(str(path))
+    data = tmp_path / 'mix'
+    prepare_sft.main(['--input', f'{paths[0]}:0.5', f'{paths[1]}:0.5', '--out_dir', str(data),
+                      '--val_fraction', '0.1', '--max_length', '64'])
+    common = dict(data_dir=str(data), max_iters=6, lr_decay_iters=6, eval_interval=3, batch_size=4,
+                  mixture_by='tokens', packing=True)
+    train_sft.train(tiny_cfg(tmp_path / 'a', **common))
+    out = capsys.readouterr().out
+    assert 'mixture by tokens' in out and f'{paths[1]}: weight 0.500 -> ' in out
+    train_sft.train(tiny_cfg(tmp_path / 'b', **dict(common, max_iters=3)))
+    train_sft.train(tiny_cfg(tmp_path / 'b', **dict(common, init_from='resume')))
+    a, b = params_of(tmp_path / 'a' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'b' / 'out' / 'ckpt.pt')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(tmp_path / 'b' / 'out' / 'ckpt.pt', weights_only=False)['data_state']
+    assert state['mixture'] == {'by': 'tokens', 'names': paths, 'weights': [0.5, 0.5]}
+
+
 # ---------------------------------------------------------------- clear errors before training
 
 def test_bad_override_is_a_clear_error(capsys):
@@ -216,6 +349,26 @@ def test_help_lists_every_key(capsys):
     train_sft.main(['--help'])
     out = capsys.readouterr().out
     assert all(f'--{f.name}=' in out for f in dataclasses.fields(train_sft.TrainConfig))
+
+
+def test_generation_eval_settings_and_sets_are_checked_before_training(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match=r"best_metric='accuracy' is a generation-eval metric: set gen_eval_data"):
+        train_sft.main(['--best_metric=accuracy', f'--out_dir={tmp_path / "out"}'])
+    with pytest.raises(SystemExit, match=r"eval_interval=10 must be a multiple of gen_eval_interval=4"):
+        train_sft.main(['--best_metric=format', '--gen_eval_data=x.jsonl', '--eval_interval=10',
+                        '--gen_eval_interval=4'])
+    with pytest.raises(SystemExit, match=r"best_metric='loss': expected one of"):
+        train_sft.main(['--best_metric=loss'])
+    no_ref = tmp_path / 'noref.jsonl'
+    no_ref.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text(no_ref.read_text() + '{oops\n')
+    for path, error in ((no_ref, r'noref.jsonl: no conversation has a `reference`'), (bad, r'bad.jsonl:2: not valid JSON'),
+                        (tmp_path / 'none.jsonl', r'none.jsonl: cannot read')):
+        cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), gen_eval_data=str(path))
+        with pytest.raises(SystemExit, match=error):
+            train_sft.main(cli_args(cfg))
+        assert not (tmp_path / 'out').exists()
 
 
 def test_help_answers_without_importing_torch_and_shows_values_after_the_config_file(tmp_path):
@@ -255,7 +408,7 @@ def test_architecture_keys_that_disagree_with_a_resumed_model_are_refused_by_nam
     train_sft.train(cfg)
     with pytest.raises(train_sft.TrainError, match=r"n_layer=4 \(the model has 2\), n_embd=32 \(the model has "):
         train_sft.build_model(dataclasses.replace(cfg, init_from='resume', n_layer=4, n_embd=32), 'cpu')
-    model, _ = train_sft.build_model(dataclasses.replace(cfg, init_from='resume'), 'cpu')   # same keys: fine
+    model, *_ = train_sft.build_model(dataclasses.replace(cfg, init_from='resume'), 'cpu')   # same keys: fine
     assert model.config.n_layer == 2
 
 
@@ -353,14 +506,17 @@ def test_compute_sft_loss_matches_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_path, data_dir):
+def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_path, mix_dir):
     import os
     import subprocess
     import sys
     # Adam turns float noise in near-zero gradients into ~lr-sized steps, so a small lr keeps
     # the expected (summation-order) differences under the 1e-5 tolerance.
-    common = dict(data_dir=str(data_dir), max_iters=5, lr_decay_iters=5, eval_interval=100, eval_iters=1,
-                  batch_size=2, packing=False, log_interval=5, learning_rate=3e-4, min_lr=3e-5)
+    # a weighted mixture of two sources: the mixture's order is the same on 1 and 2 ranks too
+    common = dict(data_dir=str(mix_dir), max_iters=5, lr_decay_iters=5, eval_interval=100, eval_iters=1,
+                  batch_size=2, packing=False, log_interval=5, learning_rate=3e-4, min_lr=3e-5,
+                  gen_eval_data=toy_gen_set(tmp_path / 'gen.jsonl', n=9), gen_eval_max_new_tokens=6,
+                  gen_eval_batch_size=3)
     one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=2, **common)
     two = tiny_cfg(tmp_path / 'two', gradient_accumulation_steps=1, **common)
     args = cli_args(two)
@@ -376,6 +532,10 @@ def test_two_process_torchrun_matches_one_process_with_double_accumulation(tmp_p
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
     ck = torch.load(tmp_path / 'two' / 'out' / 'ckpt.pt', weights_only=False)
     assert len(ck['rng']) == 2 and ck['data_state']['global_batch'] == 4
+    # the generation evals: each rank replied to its slice (5 and 4 of the 9), counts summed over ranks
+    assert 'generation evals: 9 conversations' in proc.stdout
+    assert [g[0] for g in gen_metrics(tmp_path / 'two' / 'out')] == [0, 5]
+    assert gen_metrics(tmp_path / 'two' / 'out') == gen_metrics(tmp_path / 'one' / 'out')
 
 
 @pytest.mark.slow
@@ -419,11 +579,16 @@ def test_fsdp_matches_one_process_and_saves_a_plain_checkpoint(tmp_path, data_di
     from model_config import ModelArchitectureConfig
     # 2 ranks x 2 micro-steps (gradient sync only on the last) vs 1 process x 4 micro-steps: the same
     # global batch, so the same parameters (DDP is checked against the same reference above).
+    gen = dict(gen_eval_data=toy_gen_set(tmp_path / 'gen.jsonl', n=5), gen_eval_max_new_tokens=6,
+               gen_eval_interval=2)
     fsdp = tiny_cfg(tmp_path / 'fsdp', data_dir=str(data_dir), parallel='fsdp', gradient_accumulation_steps=2,
-                    checkpoint_format='file', **FSDP_COMMON)
-    one = tiny_cfg(tmp_path / 'one', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON)
+                    checkpoint_format='file', **FSDP_COMMON, **gen)
+    one = tiny_cfg(tmp_path / 'one', data_dir=str(data_dir), gradient_accumulation_steps=4, **FSDP_COMMON, **gen)
     torchrun2(fsdp)
     train_sft.train(one)
+    # generation under FSDP: every rank gathers the full weights, replies to its slice, shards again
+    assert [g[0] for g in gen_metrics(tmp_path / 'fsdp' / 'out')] == [0, 2, 4]
+    assert gen_metrics(tmp_path / 'fsdp' / 'out') == gen_metrics(tmp_path / 'one' / 'out')
     path = tmp_path / 'fsdp' / 'out' / 'ckpt.pt'
     a, b = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt'), params_of(path)
     assert sorted(a) == sorted(b)
@@ -783,3 +948,32 @@ def test_bad_lora_settings_are_clear_errors_before_training(tmp_path, data_dir, 
     (tmp_path / 'adapter' / 'adapter_config.json').write_text('{}')
     with pytest.raises(train_sft.TrainError, match='lora_base= must name its base'):
         train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, init_from=str(tmp_path / 'adapter')))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('parallel', ['ddp', 'fsdp'])
+def test_checkpointed_per_document_attention_under_torchrun_trains_like_the_dense_mask(tmp_path, data_dir,
+                                                                                        parallel):
+    """Packed rows: 2 ranks with per-document attention and activation checkpointing (full under
+    FSDP2, selective under DDP) end with the parameters of one process on the dense mask without."""
+    packed = dict(FSDP_COMMON, packing=True, data_dir=str(data_dir), max_iters=2, lr_decay_iters=2)
+    ac = 'full' if parallel == 'fsdp' else 'selective'
+    two = tiny_cfg(tmp_path / 'two', parallel=parallel, gradient_accumulation_steps=2, attention='per_doc',
+                   activation_checkpointing=ac, activation_checkpointing_every=2, **packed)
+    one = tiny_cfg(tmp_path / 'one', gradient_accumulation_steps=4, attention='dense', **packed)
+    log = torchrun2(two).stdout
+    assert f"attention: per_doc (as configured), packed rows of 64; activation checkpointing: {ac}" in log
+    train_sft.train(one)
+    a, b = params_of(tmp_path / 'one' / 'out' / 'ckpt.pt'), params_of(tmp_path / 'two' / 'out' / 'ckpt.pt')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_attention_and_activation_checkpointing_keys_reach_the_model_and_are_checked(tmp_path):
+    model, *_ = train_sft.build_model(tiny_cfg(tmp_path, attention='per_doc', activation_checkpointing='selective',
+                                              activation_checkpointing_every=3), 'cpu')
+    assert model.config.attention == 'per_doc' and model.checkpoint_every == 3
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        tiny_cfg(tmp_path, attention='flash')
+    with pytest.raises(ConfigError, match='activation_checkpointing_every=0'):
+        tiny_cfg(tmp_path, activation_checkpointing_every=0)

@@ -1,0 +1,105 @@
+"""memory_plan.py against measured memory of real CPU training steps, and the --plan command."""
+import numpy as np
+import pytest
+import torch
+
+import memory_plan
+import model_builder
+import train_sft
+from memory_plan import Setup, lora_params, plan
+from model_builder import ConfigurableGPT
+from model_config import ModelArchitectureConfig
+from sft_data import SFTDataset
+from test_sft_data import ListSplit
+
+
+def _arch(n_layer, n_embd, vocab, block, n_head=4, n_kv_head=2):
+    return ModelArchitectureConfig.from_preset('tiny', n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                               n_kv_head=n_kv_head, head_dim=n_embd // n_head,
+                                               intermediate_size=3 * n_embd, vocab_size=vocab, block_size=block)
+
+
+def _measured_peak(arch, rows, ac, every=2):
+    """Peak bytes of live tensors in the third step of train_sft's loop (MemTracker follows every
+    storage the step creates and frees, plus parameters, gradients and AdamW state)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(3 * rows * arch.block_size // 15 + 8):
+        n = int(rng.integers(5, 40))
+        ids = rng.integers(0, arch.vocab_size, n)
+        examples.append((ids, np.where(np.arange(n) > n // 3, ids, -100)))
+    ds = SFTDataset(ListSplit(examples), arch.block_size, packing=True, pad_id=0, shuffle=False)
+    units = ds.units(0)
+    torch.manual_seed(0)
+    model = ConfigurableGPT(arch).train()
+    model.set_activation_checkpointing(ac, every)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+
+    def step(s):
+        stats = train_sft.forward_backward(model, [ds.collate(units[s * rows:(s + 1) * rows])], 'cpu')
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(stats[1])
+    step(0)
+    step(1)
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        trained = step(2)
+    return max(d['Total'] for d in tracker.get_tracker_snapshot('peak').values()), trained
+
+
+@pytest.mark.parametrize('shape', [
+    dict(n_layer=2, n_embd=64, vocab=8192, block=256, rows=1, ac='none'),     # LM head / loss bound
+    dict(n_layer=3, n_embd=128, vocab=2048, block=512, rows=2, ac='none'),    # activation bound
+    dict(n_layer=4, n_embd=128, vocab=2048, block=512, rows=2, ac='full'),
+    dict(n_layer=5, n_embd=128, vocab=2048, block=1024, rows=1, ac='selective'),
+])
+def test_planned_peak_is_within_15_percent_of_the_measured_cpu_step(shape):
+    arch = _arch(shape['n_layer'], shape['n_embd'], shape['vocab'], shape['block'])
+    measured, trained = _measured_peak(arch, shape['rows'], shape['ac'])
+    planned = plan(arch, Setup(ac=shape['ac']), tokens=shape['rows'] * shape['block'],
+                   trained_tokens=trained, dtype='float32', device='cpu').peak
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+def test_activation_checkpointing_and_fsdp_shrink_what_they_should():
+    a = ModelArchitectureConfig.from_preset('qwen3-1.7b')
+    p = {ac: plan(a, Setup(ac=ac), tokens=8192) for ac in ('none', 'selective', 'full')}
+    assert p['full'].activations < p['selective'].activations < p['none'].activations
+    assert p['full'].weights == p['none'].weights and p['full'].optimizer == p['none'].optimizer
+    ddp, fsdp = (plan(a, Setup(par, 8), tokens=8192) for par in ('ddp', 'fsdp'))
+    assert fsdp.optimizer == pytest.approx(ddp.optimizer / 8)
+    assert fsdp.gradients < ddp.gradients / 8      # no DDP bucket copy, sharded 1/8
+    assert fsdp.activations == ddp.activations     # sharding does not touch activations
+    assert fsdp.peak < ddp.peak
+
+
+def test_lora_rows_count_rank_times_in_plus_out_per_targeted_projection():
+    a = ModelArchitectureConfig.from_preset('qwen3-0.6b')     # C 1024, q 2048, kv 1024, ffn 3072
+    per_layer = 8 * ((1024 + 2048) + 2 * (1024 + 1024) + (2048 + 1024) + 2 * (1024 + 3072) + (3072 + 1024))
+    assert lora_params(a, 8) == 28 * per_layer
+    assert lora_params(a, 8, ('q_proj', 'v_proj')) == 28 * 8 * ((1024 + 2048) + (1024 + 1024))
+    full, lora, qlora = (plan(a, Setup(finetune=f), tokens=4096) for f in ('full', 'lora', 'qlora'))
+    assert lora.optimizer == 8 * lora_params(a, 16) and qlora.weights < lora.weights < full.weights
+
+
+def test_the_loss_chunk_the_plan_counts_is_the_models():
+    assert memory_plan.LOSS_CHUNK_ELEMENTS == model_builder.LOSS_CHUNK_ELEMENTS
+
+
+def test_plan_command_prints_every_alternative_and_what_fits(capsys):
+    train_sft.main(['--init_from=scratch', '--model_preset=qwen3-1.7b', '--block_size=16384', '--batch_size=1',
+                    '--packing=True', '--activation_checkpointing=full', '--plan', '--gpus', '1',
+                    '--gpu_memory_gb=80'])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(('* single', '  single'))]
+    assert len(rows) == 9 and rows[0].startswith('* single, full, AC full')
+    assert rows[0].endswith('yes')                            # 16k tokens of 1.7B fit with full AC
+    assert any(r.startswith('  single, full, AC none') and r.endswith('no') for r in rows)
+    with pytest.raises(SystemExit, match='go with --plan'):
+        train_sft.main(['--gpus=8'])
+    with pytest.raises(SystemExit, match='--gpus=x: expected a number'):
+        train_sft.main(['--plan', '--gpus=x'])
