@@ -248,6 +248,25 @@ def forward_backward(model, batches, dev, world=1, ddp=False, autocast=nullconte
     return stats
 
 
+def gradients(cfg, rt: 'Runtime', model, raw_model, optimizer, scaler, batches, stop_requested: bool):
+    """One step's clipped gradients -> (step stats, grad norm, stop?, non-finite loss?), with one host
+    sync. The flags are agreed on over ranks (MAX): a signal seen by any rank stops all; a non-finite
+    loss on any rank makes the step a NaN step. The grad norm is the same on every rank (gradients are
+    all-reduced), so every rank takes the same skip / stop decision."""
+    step_stats = forward_backward(model, batches, rt.device, rt.world, rt.ddp, rt.autocast, scaler,
+                                  rt.all_reduce, rt.fsdp)
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
+    if hasattr(grad_norm, 'full_tensor'):   # FSDP: a DTensor reduced over the shards; the global norm
+        grad_norm = grad_norm.full_tensor()
+    flags = rt.all_reduce(torch.stack([torch.tensor(float(stop_requested), device=rt.device),
+                                       (~torch.isfinite(step_stats[0])).float()]), dist.ReduceOp.MAX)
+    stop_now, bad_loss = (f > 0 for f in flags.tolist())
+    return step_stats, grad_norm.item(), stop_now, bad_loss
+
+
 def model_inputs(batch: dict, dev) -> dict:
     """A collated batch -> the model's keyword arguments on dev. Packed rows' document boundaries
     (cu_seqlens) stay on the host with their longest document read there, free: the model copies
@@ -590,6 +609,28 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
     return (model if is_empty(model) else model.to(device)), ckpt, base
 
 
+def check_finetune(cfg: TrainConfig, rt: 'Runtime') -> None:
+    """LoRA / QLoRA settings that cannot work here, refused before a weight is read."""
+    if cfg.finetune == 'full':
+        return
+    if cfg.checkpoint_format == 'sharded':
+        raise TrainError(f"finetune={cfg.finetune!r} saves one-file checkpoints (the adapters are small, "
+                         f"the base is named, not stored): checkpoint_format='auto' or 'file'")
+    try:
+        check_qlora_device(lora_config(cfg), getattr(torch, rt.dtype), rt.device_type)
+    except LoRAError as e:
+        raise TrainError(str(e)) from e
+
+
+def describe_model(cfg: TrainConfig, rt: 'Runtime', model, base: dict | None) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}), init_from={cfg.init_from}"
+              + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))
+    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
+                                 cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
+
+
 def is_empty(model) -> bool:
     return next(model.parameters()).is_meta
 
@@ -853,22 +894,10 @@ def train(cfg: TrainConfig) -> dict:
                   f"tokens ({rt.world} rank(s) share them)")
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
-    if cfg.finetune != 'full':   # before anything is loaded
-        if cfg.checkpoint_format == 'sharded':
-            raise TrainError(f"finetune={cfg.finetune!r} saves one-file checkpoints (the adapters are small, "
-                             f"the base is named, not stored): checkpoint_format='auto' or 'file'")
-        try:
-            check_qlora_device(lora_config(cfg), getattr(torch, rt.dtype), rt.device_type)
-        except LoRAError as e:
-            raise TrainError(str(e)) from e
+    check_finetune(cfg, rt)                                 # before anything is loaded
     model, ckpt, base = build_model(cfg, rt.device, rt.print0)
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}), init_from={cfg.init_from}"
-              + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))
-    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
-                                 cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
+    describe_model(cfg, rt, model, base)
     sampler = GlobalSampler(train_ds)
     model, raw_model, optimizer, scaler, iter_num, best_val_loss, resumed_at = \
         parallelize(cfg, rt, model, ckpt, sampler, G)
@@ -941,22 +970,9 @@ def train(cfg: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group['lr'] = lr
             batches = [train_ds.collate(units) for units in sampler.next_step(rt.world, rt.rank, A, B)]
-            step_stats = forward_backward(model, batches, rt.device, rt.world, rt.ddp, rt.autocast, scaler,
-                                          rt.all_reduce, rt.fsdp)
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float('inf'))
-            if hasattr(grad_norm, 'full_tensor'):   # FSDP: a DTensor reduced over the shards; the global norm
-                grad_norm = grad_norm.full_tensor()
-            # One host sync per step. Flags agreed on over ranks (MAX): a signal seen by any rank stops
-            # all; a non-finite loss on any rank makes the step a NaN step. The grad norm is the same on
-            # every rank (grads are all-reduced), so every rank takes the same skip/stop decision. Under
-            # fp16 a non-finite grad norm with a finite loss is an overflow: the scaler skips the step.
-            flags = rt.all_reduce(torch.stack([torch.tensor(float(stop.requested), device=rt.device),
-                                               (~torch.isfinite(step_stats[0])).float()]), dist.ReduceOp.MAX)
-            gn = grad_norm.item()
-            stop_now, bad_loss = (f > 0 for f in flags.tolist())
+            step_stats, gn, stop_now, bad_loss = gradients(cfg, rt, model, raw_model, optimizer, scaler, batches,
+                                                           stop.requested)
+            # Under fp16 a non-finite grad norm with a finite loss is an overflow: the scaler skips the step.
             if not math.isfinite(gn) and (bad_loss or not scaler.is_enabled()):
                 nan_streak, skipped = nan_streak + 1, skipped + 1
                 optimizer.zero_grad(set_to_none=True)
@@ -992,19 +1008,31 @@ def train(cfg: TrainConfig) -> dict:
                 break
     bar.close()
 
-    wall = time.time() - meter.t_start
-    summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
-               'last_val_loss': last_val, 'last_train_loss': last_loss, 'skipped_steps': skipped,
-               'truncated_examples': train_ds.truncated, 'world_size': rt.world,
-               'wall_time_s': wall, 'stopped_early': iter_num < cfg.max_iters,
-               'early_stopped': early_stop and iter_num < cfg.max_iters, 'best_metric': cfg.best_metric,
-               'best_metric_value': best.value}
-    if gen is not None:
-        summary.update(gen_eval_time_s=gen_time, gen_eval_share=gen_time / wall if wall > 0 else None)
-        rt.print0(f"generation evals took {gen_time:.1f} s of {wall:.1f} s ({100 * gen_time / max(wall, 1e-9):.1f}%)")
+    summary = summarize(cfg, rt, iter_num, time.time() - meter.t_start, best_val_loss, best,
+                        last_val=last_val, last_train_loss=last_loss, skipped_steps=skipped,
+                        truncated_examples=train_ds.truncated,
+                        early_stopped=early_stop and iter_num < cfg.max_iters,
+                        gen_eval_time_s=gen_time if gen is not None else None)
     run_log.write(summary)
-    if train_ds.truncated:
-        rt.print0(f"note: {train_ds.truncated} training examples were longer than block_size "
+    return summary
+
+
+def summarize(cfg: TrainConfig, rt: Runtime, iter_num: int, wall: float, best_val_loss: float,
+              best: BestMetric, last_val, last_train_loss, skipped_steps: int, truncated_examples: int,
+              early_stopped: bool, gen_eval_time_s: float | None) -> dict:
+    """The run summary train() returns and writes last into run_*.json."""
+    summary = {'iters': iter_num, 'best_val_loss': best_val_loss if math.isfinite(best_val_loss) else None,
+               'last_val_loss': last_val, 'last_train_loss': last_train_loss, 'skipped_steps': skipped_steps,
+               'truncated_examples': truncated_examples, 'world_size': rt.world,
+               'wall_time_s': wall, 'stopped_early': iter_num < cfg.max_iters,
+               'early_stopped': early_stopped, 'best_metric': cfg.best_metric,
+               'best_metric_value': best.value}
+    if gen_eval_time_s is not None:
+        g = gen_eval_time_s
+        summary.update(gen_eval_time_s=g, gen_eval_share=g / wall if wall > 0 else None)
+        rt.print0(f"generation evals took {g:.1f} s of {wall:.1f} s ({100 * g / max(wall, 1e-9):.1f}%)")
+    if truncated_examples:
+        rt.print0(f"note: {truncated_examples} training examples were longer than block_size "
                   f"{cfg.block_size} and were truncated")
     return summary
 
