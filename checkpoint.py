@@ -75,27 +75,24 @@ def save_checkpoint(path, checkpoint: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    _fsync_dir(path.parent)   # make the rename itself durable
 
 
-def _remove_stale_temps(folder: Path) -> None:
-    """Delete the temp files of saves whose process is gone (killed mid-write): they are never read,
-    but each is checkpoint-sized, so a few kills during saves would otherwise fill the disk."""
-    for p in folder.glob('.*.pt.*.*.tmp'):
-        pid = p.name[:-len('.tmp')].rsplit('.', 2)[-2]   # .{name}.{pid}.{random}.tmp
+def _remove_stale_temps(folder: Path, pattern: str = '.*.pt.*.*.tmp') -> None:
+    """Delete the temp files (or directories) of saves whose process is gone (killed mid-write): they
+    are never read, but each is checkpoint-sized, so a few kills during saves would otherwise fill the
+    disk. Their names end in .{pid}.{random}.tmp."""
+    for p in folder.glob(pattern):
+        pid = p.name[:-len('.tmp')].rsplit('.', 2)[-2]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
+        except ProcessLookupError:   # a file, a directory, or the new ckpt_best.pt link of _point
+            if p.is_symlink() or not p.is_dir():
+                p.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
         except OSError:   # alive under another user: not ours to delete
             pass
 
@@ -493,7 +490,7 @@ def save_sharded_training_state(out_dir, model, optimizer, meta: dict, *, step_f
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temp_dirs(out)
+            _remove_stale_temps(out, '.ckpt_*.tmp')
             tmp = out / f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
             tmp.mkdir()
             box[0] = str(tmp)
@@ -631,7 +628,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _trash_name(folder: Path) -> Path:
-    """A temporary name that the next save's _remove_stale_temp_dirs deletes if this process dies."""
+    """A temporary name that the next save's _remove_stale_temps deletes if this process dies."""
     return folder.parent / f'.{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp'
 
 
@@ -670,23 +667,6 @@ def _rotate_sharded(out: Path, keep_last_n: int) -> None:
             trash = _trash_name(out / n)
             os.rename(out / n, trash)
             shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_stale_temp_dirs(out: Path) -> None:
-    """Delete the temporary directories of saves whose process is gone (killed mid-save)."""
-    for p in out.glob('.ckpt_*.tmp'):
-        pid = p.name[:-len('.tmp')].rsplit('.', 2)[-2]   # .{name}.{pid}.{hex}.tmp
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:   # a directory, or the new ckpt_best.pt link of _point
-            if p.is_symlink() or not p.is_dir():
-                p.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:   # alive under another user: not ours to delete
-            pass
 
 
 def open_sharded_checkpoint(path, dropout=None) -> tuple[ConfigurableGPT, dict]:

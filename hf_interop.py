@@ -178,21 +178,29 @@ def to_hf(model: ConfigurableGPT, path, dtype=None) -> None:
     dtype_name = str(dtype).removeprefix('torch.')
     hf_config['torch_dtype'] = dtype_name
     hf_config['dtype'] = dtype_name
+    write_dir(path, {'config.json': hf_config}, {'model.safetensors': hf_sd},
+              stale=('model.safetensors.index.json',))
+
+
+def write_dir(path, json_files: dict, tensor_files: dict, stale=()) -> None:
+    """A directory of JSON and safetensors files that appears complete or not at all (written next to
+    it, then renamed), with the modes the user's umask gives. Into an existing directory only these
+    files are replaced (tokenizer files beside them stay) and `stale` ones removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0700 would survive the rename and hide the export from other users.
     tmp = path.parent / f'.{path.name}.tmp{os.getpid()}.{secrets.token_hex(4)}'
     tmp.mkdir()
     try:
-        (tmp / 'config.json').write_text(json.dumps(hf_config, indent=2) + '\n')
-        save_safetensors(hf_sd, tmp / 'model.safetensors', metadata={'format': 'pt'})
+        for name, obj in json_files.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + '\n')
+        for name, tensors in tensor_files.items():
+            save_safetensors(tensors, tmp / name, metadata={'format': 'pt'})
         if path.exists():
-            # keep whatever else lives there (tokenizer files): replace only what we write
-            for name in ('config.json', 'model.safetensors'):
+            for name in (*json_files, *tensor_files):
                 os.replace(tmp / name, path / name)
-            stale = path / 'model.safetensors.index.json'
-            if stale.exists():
-                stale.unlink()
+            for name in stale:
+                (path / name).unlink(missing_ok=True)
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, path)

@@ -33,9 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hf_interop import _weight_map
+from hf_interop import _weight_map, write_dir
 from model_builder import ConfigurableGPT
 
 PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
@@ -444,7 +441,6 @@ def save_peft_adapter(model, path, base_model_name_or_path: str | None = None,
                       dtype: torch.dtype | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors that peft.PeftModel.from_pretrained
     loads onto the Hugging Face base. The directory appears complete or not at all."""
-    from safetensors.torch import save_file
     cfg: LoRAConfig = model.lora_config
     config = model.config
     model_type = config.hf_model_type()   # a clear error for an architecture with no HF twin
@@ -479,21 +475,7 @@ def save_peft_adapter(model, path, base_model_name_or_path: str | None = None,
         'inference_mode': True, 'base_model_name_or_path': base_model_name_or_path,
         'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp', dir=path.parent))
-    try:
-        (tmp / 'adapter_config.json').write_text(json.dumps(peft_config, indent=2) + '\n')
-        save_file(tensors, tmp / 'adapter_model.safetensors', metadata={'format': 'pt'})
-        if path.exists():
-            for name in ('adapter_config.json', 'adapter_model.safetensors'):
-                os.replace(tmp / name, path / name)
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir(path, {'adapter_config.json': peft_config}, {'adapter_model.safetensors': tensors})
 
 
 _PEFT_UNSUPPORTED = {  # adapter_config.json keys whose non-default values we do not implement

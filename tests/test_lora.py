@@ -263,6 +263,20 @@ def test_peft_adapter_dir_loads_in_peft_with_the_same_logits(case, tmp_path):
     assert (logits(back, x) - ours).abs().max().item() < 1e-6
 
 
+def test_peft_adapter_dir_gets_the_modes_the_umask_gives_not_private_ones(tmp_path):
+    import os
+    import stat
+    model = apply_lora(tiny(), LoRAConfig(rank=2))
+    old = os.umask(0o027)
+    try:
+        lora.save_peft_adapter(model, tmp_path / 'adapter')
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / 'adapter').st_mode) == 0o750
+    for name in ('adapter_config.json', 'adapter_model.safetensors'):
+        assert stat.S_IMODE(os.stat(tmp_path / 'adapter' / name).st_mode) == 0o640, name
+
+
 def test_adapter_trained_with_peft_continues_here(tmp_path):
     """A PEFT adapter made by peft itself (its own init, its own names) loads as our adapters."""
     base_dir = _hf_base('qwen3', tmp_path)
