@@ -88,10 +88,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None):
-    """Summed cross-entropy of the logits h @ weight.T (h: (N, C), weight: (vocab, C)) against
-    targets (N,) (all valid: filter out ignored positions first), equal to
-    F.cross_entropy(F.linear(h, weight).float(), targets, reduction='sum') while holding at most
-    LOSS_CHUNK_ELEMENTS logits at a time. One backward per forward."""
+    """F.cross_entropy(F.linear(h, weight).float(), targets, reduction='sum') (h: (N, C), targets: (N,),
+    all valid) holding at most LOSS_CHUNK_ELEMENTS logits at a time. One backward per forward."""
     if chunk_rows is None:
         chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled())
@@ -332,17 +330,12 @@ class ConfigurableGPT(nn.Module):
     def forward(self, input_ids, labels=None, position_ids=None, attn_mask=None, doc_ids=None,
                 reduction='mean', return_logits=None, trained_index=None, cu_seqlens=None,
                 max_seqlen=None):
-        """-> (logits, loss). See the contract: labels are shifted inside (HF convention), -100 is
-        ignored; with labels, the LM head runs only on trained positions (chunked) and logits are
-        None unless return_logits=True. attn_mask (bool, broadcastable to (B,1,T,T), True = may
-        attend) is combined with the causal mask and takes precedence over the documents.
-        Packed rows: doc_ids (B, T) and/or cu_seqlens (int32 offsets of the documents in the
-        flattened B*T tokens, see attention.py) with max_seqlen (the longest document); attention
-        then stays inside each document by config.attention's path. cu_seqlens and max_seqlen made
-        on the host (sft_data does) cost no device sync; from doc_ids alone a GPU syncs once.
-        trained_index (optional): trained_positions(labels), made where the labels were made.
-        Made on the host, its length is known without a device sync; otherwise the model finds the
-        trained positions itself, which costs one host sync per call on a GPU."""
+        """-> (logits, loss). Labels are shifted inside (HF convention), -100 ignored; with labels the
+        LM head runs on trained positions only and logits are None unless return_logits. attn_mask
+        (bool, broadcastable to (B,1,T,T), True = may attend) joins the causal mask. Packed rows:
+        doc_ids (B, T) and/or cu_seqlens (int32 document offsets in the flattened B*T tokens) with
+        max_seqlen keep attention inside each document (attention.py). cu_seqlens and trained_index
+        (= trained_positions(labels)) made on the host, as sft_data does, cost no device sync."""
         if reduction not in ('mean', 'sum'):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         h = self.hidden_states(input_ids, position_ids, attn_mask, doc_ids, None, cu_seqlens, max_seqlen)
