@@ -4,8 +4,9 @@ renting the GPUs: `python train_sft.py CONFIG --plan [--gpus N] [--gpu_memory_gb
 Counted per GPU, in bytes, the way train_sft trains (fp32 master weights and AdamW states, bf16
 autocast on CUDA, the fused LM-head loss, document-masked attention without a mask):
   weights      the parameters (sharded 1/N under FSDP) + their 16-bit compute copies (autocast's
-               weight cache; FSDP's all-gathered blocks and root); LoRA: a bf16 frozen base;
-               QLoRA: NF4 projections (0.5 byte + block scales) + bf16 embedding.
+               weight cache; FSDP's all-gathered blocks and root); LoRA: the frozen base in fp32
+               as train_sft holds it (+ under autocast the 16-bit copies of its projections that
+               backward keeps); QLoRA: NF4 projections (0.5 byte + block scales) + fp32 embedding.
   gradients    of the trainable parameters (1/N under FSDP) + DDP's bucket copy of them.
   optimizer    AdamW's two fp32 moments per trainable parameter (1/N under FSDP).
   activations  what autograd keeps for backward, per token and layer, from what each op of
@@ -32,6 +33,9 @@ from model_config import ModelArchitectureConfig
 GiB = 2 ** 30
 LOSS_CHUNK_ELEMENTS = 2 ** 25        # model_builder.LOSS_CHUNK_ELEMENTS (kept equal by a test)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4 bits + an int8 scale per 64 + an fp32 per 256 scales
+# bytes per element that torchao (0.18) allocates for a moment while it dequantizes an NF4 weight
+# for a matmul (int64 code indices, fp32 codes and scales, the output): measured on CPU, 21.4
+NF4_DEQUANT_BYTES = 21.5
 HF_PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 USABLE_FRACTION = 0.9                # of a GPU's memory: the CUDA context and fragmentation take the rest
 
@@ -136,8 +140,10 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     else:
         trainable = lora_params(a, setup.lora_rank, setup.lora_targets)
         proj = L * sum(i * o for i, o in block_linears(a).values())
-        base_proj = NF4_BYTES if setup.finetune == 'qlora' else 2
-        weights = (base_proj * proj + 2 * (total - proj)) / N + 4 * trainable / N
+        base_proj = NF4_BYTES if setup.finetune == 'qlora' else 4
+        weights = (base_proj * proj + 4 * (total - proj)) / N + 4 * trainable / N
+        if lo == 2 and N == 1 and setup.finetune == 'lora':
+            weights += 2 * proj   # autocast does not cache frozen weights: each cast is kept for backward
         if N > 1:
             weights += 2 * (2 * per_block + emb + head)
     grads = 4 * trainable / N
@@ -160,12 +166,19 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     if lo == 2 and head_trained:
         loss += 2 * emb                                 # the head's 16-bit copy inside the loss
     bw_temp = tokens * 4 * 2 * C                        # the residual stream's gradients
+    dequant = 0
+    if setup.finetune == 'qlora':   # a backward matmul dequantizes a fused weight (the largest, at worst)
+        sizes = block_linears(a)
+        dequant = NF4_DEQUANT_BYTES * max(
+            sum(i * o for k, (i, o) in sizes.items() if k in group)
+            for group in (('q_proj', 'k_proj', 'v_proj'), ('gate_proj', 'up_proj'), ('o_proj',), ('down_proj',)))
     grads_in_fwd = grads if grad_accum > 1 else grad_head + (grads - 4 * trainable / N
                                                              if setup.parallel == 'ddp' else 0)
     base = weights + optimizer
     phases = {
         'forward end (loss)': base + grads_in_fwd + activations + loss,
-        'backward start': base + grads_in_fwd + activations + recomputed + bw_temp,
+        # a recomputed block's activations, or a dequantized weight: measured not to coincide
+        'backward start': base + grads_in_fwd + activations + max(recomputed, dequant) + bw_temp,
         'embedding backward': base + grads + (4 * emb / N if head_trained and a.tie_word_embeddings else 0),
         'optimizer step': base + grads,            # fused AdamW: no temporaries
     }
