@@ -106,8 +106,25 @@ def _model_arch(args):
 
 
 def _conversations(args):
-    # 2.5 GSM8K conversations fill a 512-token row on average: 4 per row leaves room for either packer
+    # 2.5 GSM8K conversations fill a 512-token row on average: 4 per row leaves room for the packer
     return common.gsm8k_conversations(args.data, 4 * (args.warmup + args.steps) + 8)
+
+
+def trl_rows(args, seqs, n_steps):
+    """The conversations in each of the first n_steps rows TRL's trainer makes of these conversations
+    (trl.pack_dataset, best-fit decreasing, in its row order): the nanoSFT contenders train exactly
+    those, so every contender sees the same examples per step (checked: same trained tokens per step).
+    Without TRL: train_sft's own best-fit rows."""
+    lengths = [min(len(ids), args.block_size) for ids, _ in seqs]
+    try:
+        from datasets import Dataset
+        from trl import pack_dataset
+    except ImportError:
+        from sft_data import pack_best_fit
+        return pack_best_fit(range(len(seqs)), lengths, args.block_size)[:n_steps]
+    packed = pack_dataset(Dataset.from_dict({'input_ids': [[i] * n for i, n in enumerate(lengths)]}),
+                          args.block_size, strategy='bfd')
+    return [list(dict.fromkeys(row)) for row in packed['input_ids'][:n_steps]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,8 +144,8 @@ def child_nanosft(args, name):
     tok = load_tokenizer('qwen3')
     seqs = [encode_conversation(c, tok) for c in _conversations(args)]
     ds = SFTDataset(seqs, args.block_size, packing=True, pad_id=tok.pad_id, shuffle=False)
-    units = ds.units(0)
     n_steps = args.warmup + args.steps
+    units = trl_rows(args, seqs, n_steps)
     if len(units) < n_steps:
         raise SystemExit(f'{name}: only {len(units)} packed rows for {n_steps} steps')
     t0 = time.process_time()
@@ -158,7 +175,7 @@ def child_nanosft(args, name):
     model.train()
     opt = model.configure_optimizers(WD, LR, BETAS, 'cpu')
     extra.update(start_training_peak())
-    times, cpu, trained, total, losses = [], [], 0, 0, []
+    times, cpu, trained, total, losses, per_step = [], [], 0, 0, [], []
     device = torch.device('cpu')
     for step in range(n_steps):
         batch = ds.collate([units[step]])
@@ -169,13 +186,14 @@ def child_nanosft(args, name):
         opt.zero_grad(set_to_none=True)
         dt, dc = time.perf_counter() - t, time.process_time() - c
         losses.append(float(stats[0] / stats[1].clamp(min=1)))
+        per_step.append(int(stats[1]))
         if step >= args.warmup:
             times.append(dt)
             cpu.append(dc)
             trained += int(stats[1])
             total += batch['input_ids'].numel()
     return dict(extra, times=times, cpu_times=cpu, trained_tokens=trained, total_tokens=total,
-                losses=losses, train_peak_rss_bytes=vm_hwm_bytes())
+                losses=losses, trained_per_step=per_step, train_peak_rss_bytes=vm_hwm_bytes())
 
 
 def child_trl(args, name):
@@ -238,6 +256,7 @@ def child_trl(args, name):
                 trained_tokens=sum(b[1] for b in Counting.batches[w:n_steps]),
                 total_tokens=sum(b[0] for b in Counting.batches[w:n_steps]),
                 losses=losses, trainable_params=trainable, load_cpu_s=load_cpu,
+                trained_per_step=[b[1] for b in Counting.batches[:n_steps]],
                 train_peak_rss_bytes=vm_hwm_bytes())
 
 
@@ -276,7 +295,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
         m['repeats'] = len(ok)
         m['trained_tokens_per_step'] = ok[0]['trained_tokens'] / len(ok[0]['cpu_times'])
         m['first_loss'] = ok[0]['losses'][0] if ok[0]['losses'] else None
-        for k in ('trainable_params', 'frozen_base', 'bf16_base_bytes', 'bf16_projection_bytes'):
+        for k in ('trainable_params', 'frozen_base', 'bf16_base_bytes', 'bf16_projection_bytes', 'trained_per_step'):
             if k in ok[0]:
                 m[k] = ok[0][k]
         med[name] = m
@@ -300,6 +319,10 @@ def table(med: dict[str, dict]) -> list[str]:
 def goals(med: dict[str, dict]) -> list[str]:
     out = []
     ok = lambda n: n in med and 'error' not in med[n]  # noqa: E731
+    per_step = {n: tuple(m['trained_per_step']) for n, m in med.items() if ok(n) and 'trained_per_step' in m}
+    same = len(set(per_step.values())) == 1
+    out.append(f"same examples per step for every contender: {'yes' if same else 'NO'} "
+               f"(trained tokens per step {next(iter(per_step.values())) if same else per_step})")
     if ok('nanosft_lora') and ok('nanosft_full'):
         for key, what in (('train_peak_rss_bytes', 'training'), ('peak_rss_bytes', 'whole run')):
             r = med['nanosft_lora'][key] / med['nanosft_full'][key]

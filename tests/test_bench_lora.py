@@ -38,3 +38,4 @@ def test_every_contender_runs_and_lora_starts_from_the_base(tmp_path):
     q = med['nanosft_qlora']
     assert 0.25 < q['frozen_base']['projections'] / q['bf16_projection_bytes'] < 0.3
     assert any('TRL+PEFT' in g for g in res['goals'])
+    assert res['goals'][0].startswith('same examples per step for every contender: yes'), res['goals'][0]
