@@ -190,13 +190,7 @@ def load_checkpoint(path, device='cpu', dropout=None, verify: bool = True, base:
     if os.path.isdir(path):
         return load_sharded_checkpoint(path, device, dropout, verify=verify)
     ckpt = read_checkpoint(path, device='cpu', verify=verify)
-    model_args = dict(ckpt['model_args'])
-    if dropout is not None:
-        model_args['dropout'] = float(dropout)
-    try:
-        config = ModelArchitectureConfig.from_dict(model_args)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad model_args: {e}") from e
+    config = _architecture(ckpt, path, dropout)
     sd = clean_state_dict(ckpt['model'])
     if ckpt.get('lora') is not None:
         try:
@@ -669,6 +663,17 @@ def _rotate_sharded(out: Path, keep_last_n: int) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
+def _architecture(ckpt: dict, path, dropout=None) -> ModelArchitectureConfig:
+    """The checkpoint's model_args as a config (dropout replaced if given); bad ones name the file."""
+    model_args = dict(ckpt['model_args'])
+    if dropout is not None:
+        model_args['dropout'] = float(dropout)
+    try:
+        return ModelArchitectureConfig.from_dict(model_args)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad model_args: {e}") from e
+
+
 def open_sharded_checkpoint(path, dropout=None) -> tuple[ConfigurableGPT, dict]:
     """The metadata of a sharded checkpoint and its model built on the meta device (no memory, no
     init): -> (model, ckpt). The weights come later, each rank reading only its own shard, through
@@ -687,13 +692,7 @@ def open_sharded_checkpoint(path, dropout=None) -> tuple[ConfigurableGPT, dict]:
     if ckpt.get('format_version', FORMAT_VERSION) != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {ckpt['format_version']!r}, this nanoSFT "
                               f"reads version {FORMAT_VERSION}")
-    model_args = dict(ckpt['model_args'])
-    if dropout is not None:
-        model_args['dropout'] = float(dropout)
-    try:
-        config = ModelArchitectureConfig.from_dict(model_args)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad model_args: {e}") from e
+    config = _architecture(ckpt, path, dropout)
     with torch.device('meta'):
         model = ConfigurableGPT(config)
     # materialize() leaves every tensor uninitialized and DCP fills the state dict: a buffer outside
