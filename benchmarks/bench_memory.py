@@ -127,7 +127,7 @@ def child(c: dict, data: str, threads: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--cases', default=','.join(DEFAULT_CASES),
-                    help='comma list of shape@block[xrows][:ac[/every]][:vocab], shapes ' + ', '.join(SHAPES))
+                    help='comma list of shape@block[xrows][:ac[/every]][:vocab], shapes ' + ', '.join(common.SHAPES))
     ap.add_argument('--data', default=common.GSM8K)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--json', default=None)

@@ -421,10 +421,10 @@ def main(argv=None):
     for key in keys:
         rows = [m for n in dict.fromkeys(j[1] for j in jobs if j[0] == key) if (m := medians(results, key, n))]
         summary[key] = {'medians': rows, 'sanity': sanity(rows)}
-        trl = [r for r in results if r['key'] == key and r.get('trl_step_lengths')]
-        if trl:   # TRL's own packing made the steps every contender trained
+        trl_runs = [r for r in results if r['key'] == key and r.get('trl_step_lengths')]
+        if trl_runs:   # TRL's own packing made the steps every contender trained
             summary[key]['sanity']['trl_packed_the_same_steps'] = all(
-                r['trl_step_lengths'] == meta[key]['step_lengths'] for r in trl)
+                r['trl_step_lengths'] == meta[key]['step_lengths'] for r in trl_runs)
         lines += shape_table(key, rows) + ['', f"sanity: {summary[key]['sanity']}", '']
     print('\n'.join(lines))
     machine = common.machine_description()
