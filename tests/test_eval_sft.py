@@ -15,17 +15,7 @@ from model_config import ModelArchitectureConfig  # noqa: E402
 from chat_format import encode_conversation  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 import eval_sft  # noqa: E402
-
-CONVS = [
-    {'messages': [{'role': 'user', 'content': 'What is 2 + 2?'}, {'role': 'assistant', 'content': '4'}],
-     'reference': '4', 'task': 'add'},
-    {'messages': [{'role': 'system', 'content': 'Reply with JSON.'},
-                  {'role': 'user', 'content': 'What is 1 + 2?'}, {'role': 'assistant', 'content': '{"answer": 3}'},
-                  {'role': 'user', 'content': 'Now double it.'}, {'role': 'assistant', 'content': '{"answer": 6}'}],
-     'reference': '{"answer": 6}', 'task': 'followup'},
-    {'messages': [{'role': 'user', 'content': 'Reverse the list: 1 2 3'},
-                  {'role': 'assistant', 'content': '3 2 1'}], 'task': 'reverse'},
-]
+from test_gen_eval import CONVS  # noqa: E402  (the same three held-out conversations)
 
 
 def tiny_checkpoint(path, seed):
