@@ -48,6 +48,7 @@ PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', '
 NF4_BLOCK = 64             # torchao's (and bitsandbytes') NF4 block: one absmax scale per 64 weights
 NF4_SCALER_BLOCK = 256     # scales double-quantized in groups of 256 blocks
 PEFT_PREFIX = 'base_model.model.'
+BASE_DTYPES = ('float32', 'bfloat16')
 
 
 class LoRAError(ValueError):
@@ -66,6 +67,11 @@ class LoRAConfig:
     rslora: bool = False                   # scale alpha / sqrt(rank) instead of alpha / rank
     dora: bool = False                     # weight-decomposed LoRA: a trained magnitude per output row
     quantize: bool = False                 # QLoRA: frozen projection weights in NF4
+    # the dtype the frozen (not NF4) projection weights are held in: 'bfloat16' halves the base.
+    # Under bf16 autocast it is bit-identical (autocast casts each weight to bf16 at every use
+    # anyway); without autocast (CPU, fp32) each use upcasts it: fp32 math on the bf16-rounded base,
+    # exact for the bf16 checkpoints models ship as.
+    base_dtype: str = 'float32'
 
     def __post_init__(self):
         targets = self.targets
@@ -82,6 +88,8 @@ class LoRAConfig:
             raise LoRAError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         if not targets:
             raise LoRAError("lora targets is empty: name projections (q_proj, ...) or 'all'")
+        if self.base_dtype not in BASE_DTYPES:
+            raise LoRAError(f"lora base dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
 
     @property
     def scale(self) -> float:
@@ -99,6 +107,15 @@ class LoRAConfig:
         if unknown:
             raise LoRAError(f"unknown LoRA config key(s) {unknown}; valid: {', '.join(valid)}")
         return cls(**{k: tuple(v) if k == 'targets' else v for k, v in d.items()})
+
+
+def resolve_base_dtype(setting: str, compute_dtype: str, device_type: str) -> str:
+    """lora_base_dtype='auto': bfloat16 where training runs under bf16 autocast (CUDA), where it
+    changes nothing but memory (an 8B base: 16 GB instead of 32 GB of fp32 plus 16 GB of the bf16
+    casts autocast keeps for backward); float32 elsewhere, so a CPU run trains on the base as given."""
+    if setting == 'auto':
+        return 'bfloat16' if device_type == 'cuda' and compute_dtype == 'bfloat16' else 'float32'
+    return setting
 
 
 def check_qlora_device(cfg: LoRAConfig, dtype: torch.dtype, device_type: str) -> None:
@@ -210,6 +227,30 @@ def dense(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- the adapter module
+class _UpcastLinear(torch.autograd.Function):
+    """F.linear on a frozen low-precision weight outside autocast: the weight is cast up at each
+    use, forward and backward, and only the stored (bf16) weight is kept for backward. F.linear(x,
+    w.float()) would keep the fp32 copy of every layer's weight until backward, the memory the
+    bf16 base was meant to save."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
+def frozen_linear(x, weight, bias=None):
+    """F.linear with a frozen weight held in another dtype than x (bf16 base) or in NF4."""
+    if weight.dtype == x.dtype or is_nf4(weight) or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
+    return _UpcastLinear.apply(x, weight, bias)
+
+
 class LoRALinear(nn.Module):
     """nn.Linear (same `weight` / `bias`, frozen, plain or NF4) plus one LoRA adapter per targeted
     row slice: lora_A[name] (r x in), lora_B[name] (rows x r), DoRA's lora_magnitude[name] (rows)."""
@@ -266,7 +307,9 @@ class LoRALinear(nn.Module):
         return inv.to(dtype)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, None if self.dora else self.bias)
+        y = frozen_linear(x, self.weight, None if self.dora else self.bias)
+        if not self.targets:   # a frozen projection without adapters (held in bf16 or NF4)
+            return y
         h = F.dropout(x, self.lora_dropout_p, self.training) if self.lora_dropout_p > 0 else x
         A = torch.cat([self.lora_A[t] for t in self.targets]) if len(self.targets) > 1 \
             else self.lora_A[self.targets[0]]
@@ -321,7 +364,11 @@ def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=No
             linear.weight = to_nf4(w.to(device) if device is not None else w, f"{path}.weight")
             if device is not None and linear.bias is not None:
                 linear.bias.data = linear.bias.data.to(device)
-        if any(s.target in adapt for s in slices):
+        elif cfg.base_dtype != 'float32':
+            linear.weight = nn.Parameter(linear.weight.detach().to(getattr(torch, cfg.base_dtype)),
+                                         requires_grad=False)
+        # an untargeted bf16 projection is a LoRALinear too, without adapters: its forward upcasts
+        if any(s.target in adapt for s in slices) or cfg.base_dtype != 'float32' and not cfg.quantize:
             setattr(model.get_submodule(parent), child, LoRALinear(linear, slices, adapt, cfg, gen))
     full = full_module_names(model)
     for t in train:

@@ -4,9 +4,10 @@ renting the GPUs: `python train_sft.py CONFIG --plan [--gpus N] [--gpu_memory_gb
 Counted per GPU, in bytes, the way train_sft trains (fp32 master weights and AdamW states, bf16
 autocast on CUDA, the fused LM-head loss, document-masked attention without a mask):
   weights      the parameters (sharded 1/N under FSDP) + their 16-bit compute copies (autocast's
-               weight cache; FSDP's all-gathered blocks and root); LoRA: the frozen base in fp32
-               as train_sft holds it (+ under autocast the 16-bit copies of its projections that
-               backward keeps); QLoRA: NF4 projections (0.5 byte + block scales) + fp32 embedding.
+               weight cache; FSDP's all-gathered blocks and root); LoRA: the frozen base as
+               train_sft holds it, projections in bf16 (lora_base_dtype 'bfloat16', or 'auto' under
+               CUDA bf16 autocast) or fp32 (+ under autocast the 16-bit copies of them that backward
+               keeps), the rest fp32; QLoRA: NF4 projections (0.5 byte + block scales) + fp32 embedding.
   gradients    of the trainable parameters (1/N under FSDP) + DDP's bucket copy of them.
   optimizer    AdamW's two fp32 moments per trainable parameter (1/N under FSDP).
   activations  what autograd keeps for backward, per token and layer, from what each op of
@@ -50,10 +51,13 @@ class Setup:
     lora_targets: tuple[str, ...] = ('all',)
     ac: str = 'none'                 # 'none' | 'full' | 'selective'
     ac_every: int = 2
+    lora_base_dtype: str = 'auto'    # LoRA's frozen projections: 'auto' | 'float32' | 'bfloat16'
 
     def label(self) -> str:
         par = 'single' if self.parallel == 'single' else f'{self.parallel} x{self.gpus}'
         ft = self.finetune if self.finetune == 'full' else f'{self.finetune} r{self.lora_rank}'
+        if self.finetune == 'lora' and self.lora_base_dtype != 'auto':
+            ft += f" {'bf16' if self.lora_base_dtype == 'bfloat16' else 'fp32'} base"
         ac = f'selective/{self.ac_every}' if self.ac == 'selective' else self.ac
         return f'{par}, {ft}, AC {ac}'
 
@@ -128,6 +132,9 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     path = path or ('varlen' if lo == 2 else 'per_doc')   # 'sdpa': padded rows, causal SDPA
     trained = tokens if trained_tokens is None else trained_tokens
     C, V, L = a.n_embd, a.vocab_size, a.n_layer
+    # lora.resolve_base_dtype's rule: bf16 where autocast would cast every use to bf16 anyway
+    base16 = setup.finetune == 'lora' and (setup.lora_base_dtype == 'bfloat16' or (
+        setup.lora_base_dtype == 'auto' and dtype == 'bfloat16' and device == 'cuda'))
     emb = V * C                                        # the embedding (= the head when tied)
     head = 0 if a.tie_word_embeddings else V * C
     total = a.num_params(non_embedding=False)
@@ -140,9 +147,9 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     else:
         trainable = lora_params(a, setup.lora_rank, setup.lora_targets)
         proj = L * sum(i * o for i, o in block_linears(a).values())
-        base_proj = NF4_BYTES if setup.finetune == 'qlora' else 4
+        base_proj = NF4_BYTES if setup.finetune == 'qlora' else 2 if base16 else 4
         weights = (base_proj * proj + 4 * (total - proj)) / N + 4 * trainable / N
-        if lo == 2 and N == 1 and setup.finetune == 'lora':
+        if lo == 2 and N == 1 and setup.finetune == 'lora' and not base16:
             weights += 2 * proj   # autocast does not cache frozen weights: each cast is kept for backward
         if N > 1:
             weights += 2 * (2 * per_block + emb + head)
@@ -167,9 +174,10 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         loss += 2 * emb                                 # the head's 16-bit copy inside the loss
     bw_temp = tokens * 4 * 2 * C                        # the residual stream's gradients
     dequant = 0
-    if setup.finetune == 'qlora':   # a backward matmul dequantizes a fused weight (the largest, at worst)
+    if setup.finetune == 'qlora' or base16 and lo == 4:
+        # a backward matmul dequantizes (NF4) or upcasts (bf16 base, no autocast) a fused weight
         sizes = block_linears(a)
-        dequant = NF4_DEQUANT_BYTES * max(
+        dequant = (NF4_DEQUANT_BYTES if setup.finetune == 'qlora' else 4) * max(
             sum(i * o for k, (i, o) in sizes.items() if k in group)
             for group in (('q_proj', 'k_proj', 'v_proj'), ('gate_proj', 'up_proj'), ('o_proj',), ('down_proj',)))
     grads_in_fwd = grads if grad_accum > 1 else grad_head + (grads - 4 * trainable / N
@@ -192,7 +200,8 @@ def alternatives(configured: Setup, gpus: int) -> list[Setup]:
     for par in pars:
         for ft in ('full', 'lora', 'qlora'):
             for ac in ('none', 'selective', 'full'):
-                s = Setup(par, gpus, ft, configured.lora_rank, configured.lora_targets, ac, configured.ac_every)
+                s = Setup(par, gpus, ft, configured.lora_rank, configured.lora_targets, ac, configured.ac_every,
+                          configured.lora_base_dtype)
                 if s != configured:
                     out.append(s)
     return out
@@ -282,7 +291,8 @@ def report_for_config(cfg, a: ModelArchitectureConfig, gpus: int, gpu_memory_gb:
     setup = Setup(parallel=cfg.parallel if gpus > 1 else 'single', gpus=gpus,
                   finetune=getattr(cfg, 'finetune', 'full'), lora_rank=getattr(cfg, 'lora_rank', 16),
                   lora_targets=tuple(targets.split(',') if isinstance(targets, str) else targets),
-                  ac=cfg.activation_checkpointing, ac_every=cfg.activation_checkpointing_every)
+                  ac=cfg.activation_checkpointing, ac_every=cfg.activation_checkpointing_every,
+                  lora_base_dtype=getattr(cfg, 'lora_base_dtype', 'auto'))
     dtype = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32', '': 'bfloat16'}.get(cfg.dtype, cfg.dtype)
     name = cfg.init_from if cfg.init_from != 'scratch' else cfg.model_preset
     n = a.num_params(non_embedding=False)

@@ -95,6 +95,9 @@ class TrainConfig:
                                       # 'all'; + 'embed_tokens' / 'lm_head' to train those in full
     lora_rslora: bool = False         # rank-stabilized scale alpha / sqrt(rank)
     lora_dora: bool = False           # DoRA: a trained magnitude per output row
+    lora_base_dtype: str = 'auto'     # the frozen projections' dtype: 'bfloat16' halves the base (fp32
+                                      # math on it without autocast); 'auto': bfloat16 under CUDA bf16
+                                      # autocast (bit-identical there), else float32 | 'float32'
     lora_base: str = ''               # the base ('hf:/dir' or ckpt.pt) when init_from is a PEFT adapter
                                       # directory, or where a LoRA checkpoint's base moved to
     # optimizer (AdamW; weight decay on matrices and embeddings only)
@@ -134,7 +137,8 @@ class TrainConfig:
                    'mixture_by': ('', 'examples', 'tokens'),
                    'best_metric': ('val_loss', 'accuracy', 'format'),
                    'attention': ATTENTION_CHOICES,
-                   'activation_checkpointing': ('none', 'full', 'selective')}
+                   'activation_checkpointing': ('none', 'full', 'selective'),
+                   'lora_base_dtype': ('auto', 'float32', 'bfloat16')}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -192,7 +196,7 @@ from checkpoint import (CheckpointError, base_source, is_sharded_checkpoint, loa
                         lora_model, materialize, open_sharded_checkpoint, restore_training_state,
                         save_training_state)
 from lora import (LoRAConfig, LoRAError, apply_lora, base_fingerprint, check_qlora_device,  # noqa: E402
-                  is_nf4, merge_lora, quantizer_version, read_peft_adapter)
+                  is_nf4, merge_lora, quantizer_version, read_peft_adapter, resolve_base_dtype)
 from gen_eval import HeldOut, load_held_out, sharded_eval  # noqa: E402
 from model_builder import ConfigurableGPT, trained_positions  # noqa: E402
 from sft_data import (DEFAULT_PAD_ID, IGNORE_INDEX, GlobalSampler, SFTDataset, ShardDataset,  # noqa: E402
@@ -488,11 +492,12 @@ def data_tokenizer(meta: dict) -> dict:
     return tok
 
 
-def lora_config(cfg: TrainConfig) -> LoRAConfig:
+def lora_config(cfg: TrainConfig, device_type: str = 'cpu', dtype: str = 'float32') -> LoRAConfig:
     try:
         return LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           targets=cfg.lora_targets, rslora=cfg.lora_rslora, dora=cfg.lora_dora,
-                          quantize=cfg.finetune == 'qlora')
+                          quantize=cfg.finetune == 'qlora',
+                          base_dtype=resolve_base_dtype(cfg.lora_base_dtype, dtype, device_type))
     except LoRAError as e:
         raise TrainError(f"finetune={cfg.finetune!r}: {e}") from e
 
@@ -515,13 +520,14 @@ def scratch_architecture(cfg: TrainConfig):
         raise TrainError(f"init_from='scratch': bad model config: {e}") from e
 
 
-def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dict | None, dict | None]:
+def build_model(cfg: TrainConfig, device, log=say, dtype: str = 'float32') -> tuple[ConfigurableGPT, dict | None,
+                                                                                 dict | None]:
     """The starting model from init_from -> (model, its checkpoint dict or None, the LoRA base record
     or None). finetune='lora'/'qlora': the base is frozen and adapters added (or continued: from a
     LoRA checkpoint or a PEFT adapter directory, whose rank, alpha and targets then hold)."""
     init, ckpt, base = cfg.init_from, None, None
     lora_run = cfg.finetune != 'full'
-    want = lora_config(cfg) if lora_run else None
+    want = lora_config(cfg, torch.device(device).type, dtype) if lora_run else None
     if cfg.lora_base and not (is_peft_dir(init) or init == 'resume' or init.endswith('.pt')):
         raise TrainError(f"lora_base={cfg.lora_base!r} names the base of a PEFT adapter directory or of a "
                          f"LoRA checkpoint; init_from={init!r} is neither")
@@ -539,7 +545,8 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
                 raise TrainError(f"init_from={init} is a PEFT adapter directory: lora_base= must name its "
                                  f"base ('hf:/local/hf/dir' or a checkpoint)")
             peft_cfg, tensors = read_peft_adapter(init)
-            peft_cfg = dataclasses.replace(peft_cfg, dropout=want.dropout, quantize=want.quantize)
+            peft_cfg = dataclasses.replace(peft_cfg, dropout=want.dropout, quantize=want.quantize,
+                                           base_dtype=want.base_dtype)
             model, base = lora_model(base_source(cfg.lora_base), peft_cfg, adapters=tensors, peft=True,
                                      device=device, seed=cfg.seed, where=init)
         elif init.startswith('hf:'):
@@ -565,7 +572,7 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
                 # a LoRA checkpoint continues with this run's dropout; resumed, it keeps its base as it was
                 over = {'dropout': want.dropout} if lora_run else None
                 if lora_run and init != 'resume':
-                    over['quantize'] = want.quantize
+                    over.update(quantize=want.quantize, base_dtype=want.base_dtype)
                 moved = base_source(cfg.lora_base) if cfg.lora_base else None
                 model, ckpt = load_checkpoint(path, device=device if lora_run else 'cpu', dropout=cfg.dropout,
                                               base=moved, lora_overrides=over)
@@ -587,7 +594,7 @@ def build_model(cfg: TrainConfig, device, log=say) -> tuple[ConfigurableGPT, dic
             raise TrainError(f"{cfg.out_dir}/ckpt.pt was trained with finetune="
                              f"{'qlora' if adapted.quantize else 'lora'}; resume with the same base "
                              f"(or start a new run from it with init_from=<that ckpt>)")
-        mine = {k: getattr(want, k) for k in ('rank', 'alpha', 'targets', 'rslora', 'dora')}
+        mine = {k: getattr(want, k) for k in ('rank', 'alpha', 'targets', 'rslora', 'dora', 'base_dtype')}
         theirs = {k: getattr(adapted, k) for k in mine}
         if mine != theirs:
             log(f"note: continuing the adapters of {init} as they are ({theirs}); lora_* settings "
@@ -624,8 +631,10 @@ def check_finetune(cfg: TrainConfig, rt: 'Runtime') -> None:
 
 def describe_model(cfg: TrainConfig, rt: 'Runtime', model, base: dict | None) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = getattr(model, 'lora_config', None)
+    held = '' if lora is None else f", frozen projections in {'nf4' if lora.quantize else lora.base_dtype}"
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}), init_from={cfg.init_from}"
+              f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}{held}), init_from={cfg.init_from}"
               + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))
     rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
                                  cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
@@ -895,7 +904,7 @@ def train(cfg: TrainConfig) -> dict:
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(cfg.seed + rt.rank)
     check_finetune(cfg, rt)                                 # before anything is loaded
-    model, ckpt, base = build_model(cfg, rt.device, rt.print0)
+    model, ckpt, base = build_model(cfg, rt.device, rt.print0, rt.dtype)
     check_data_fits_model(cfg, model, tok, ckpt, {'train': train_ds, 'val': val_ds})
     describe_model(cfg, rt, model, base)
     sampler = GlobalSampler(train_ds)

@@ -1,11 +1,11 @@
 """LoRA / QLoRA benchmark on CPU: nanoSFT full fine-tuning, LoRA, QLoRA vs TRL SFTTrainer + PEFT LoRA.
 
 Same model for all: the `qwen3-0.6b` preset shape (28 layers, width 1024, 16/8 heads, SwiGLU 3072,
-tied embeddings, the real 151,936 vocabulary), random weights (seed 0) saved once as a transformers
-Qwen3ForCausalLM directory that every contender loads. Same data: the first GSM8K train conversations
+tied embeddings, the real 151,936 vocabulary), random weights (seed 0) saved once in bf16, as Qwen3
+checkpoints ship, as a transformers Qwen3ForCausalLM directory that every contender loads into fp32. Same data: the first GSM8K train conversations
 (user = question, assistant = answer; only the answer and its <|im_end|> trained), packed into rows of
 512 tokens, one row per optimizer step, the same number of steps. Same adapter: rank 16, alpha 32, no
-dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. fp32 everywhere.
+dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. fp32 math everywhere.
 
     python benchmarks/bench_lora.py --json lora.json            # 3 interleaved repeats, medians
     python benchmarks/bench_lora.py --repeats 1 --steps 1 --contenders nanosft_lora,trl_lora
@@ -13,6 +13,8 @@ dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. fp
 Contenders (each in its own process, run in turn, repeated --repeats times interleaved)
   nanosft_full    hf_interop.from_hf, every parameter trained (configure_optimizers' AdamW).
   nanosft_lora    + lora.apply_lora(LoRAConfig(rank=16, alpha=32)): base frozen in fp32.
+  nanosft_lora_bf16  the same with lora_base_dtype='bfloat16': the frozen projections held as they
+                  ship (bf16), cast up at each use; the same fp32 math on the same values (lossless).
   nanosft_qlora   + quantize=True: the projections' frozen weights in torchao NF4; embedding fp32.
   trl_lora        trl.SFTTrainer(peft_config=peft.LoraConfig(same r, alpha, targets)) on the same
                   conversations, at its best documented CPU setting: packing=True (best-fit
@@ -44,7 +46,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
-CONTENDERS = ('nanosft_full', 'nanosft_lora', 'nanosft_qlora', 'trl_lora', 'nanosft_lora_ac', 'trl_lora_gc')
+CONTENDERS = ('nanosft_full', 'nanosft_lora', 'nanosft_lora_bf16', 'nanosft_qlora', 'trl_lora', 'nanosft_lora_ac',
+              'trl_lora_gc')
+LORAS = ('nanosft_lora', 'nanosft_lora_bf16')   # nanoSFT LoRA without checkpointing: base fp32 / bf16
 PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 LR, BETAS, WD, GRAD_CLIP = 1e-4, (0.9, 0.95), 0.0, 1.0
 
@@ -162,7 +166,8 @@ def child_nanosft(args, name):
     extra = {'bf16_base_bytes': 2 * sum(numel.values()), 'bf16_projection_bytes': 2 * sum(numel[k] for k in proj)}
     if name != 'nanosft_full':
         cfg = lora.LoRAConfig(rank=args.rank, alpha=args.alpha, targets=tuple(PROJECTIONS),
-                              quantize=name == 'nanosft_qlora')
+                              quantize=name == 'nanosft_qlora',
+                              base_dtype='bfloat16' if name == 'nanosft_lora_bf16' else 'float32')
         lora.apply_lora(model, cfg)
         if name.endswith('_ac'):
             model.set_activation_checkpointing('full')
@@ -277,7 +282,7 @@ def run_child(args):
 def write_model(args, path):
     arch = _model_arch(args)
     common.write_random_qwen3(path, arch.n_layer, arch.n_embd, arch.n_head, arch.kv_heads,
-                              arch.ffn_size, arch.vocab_size, head_dim=arch.head_size)
+                              arch.ffn_size, arch.vocab_size, head_dim=arch.head_size, dtype='bfloat16')
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -323,11 +328,15 @@ def goals(med: dict[str, dict]) -> list[str]:
     same = len(set(per_step.values())) == 1
     out.append(f"same examples per step for every contender: {'yes' if same else 'NO'} "
                f"(trained tokens per step {next(iter(per_step.values())) if same else per_step})")
-    if ok('nanosft_lora') and ok('nanosft_full'):
-        for key, what in (('train_peak_rss_bytes', 'training'), ('peak_rss_bytes', 'whole run')):
-            r = med['nanosft_lora'][key] / med['nanosft_full'][key]
-            out.append(f'LoRA peak RSS ({what}) / full fine-tuning: {r:.2f}x (goal <= 0.4x: '
-                       f'{"met" if r <= 0.4 else "not met"})')
+    first = {n: med[n]['first_loss'] for n in ('nanosft_full', *LORAS, 'trl_lora') if ok(n)}
+    out.append(f"first losses (the same base and row: equal but for rounding): "
+               f"{', '.join(f'{n} {v:.6f}' for n, v in first.items())}")
+    for lo in LORAS:
+        if ok(lo) and ok('nanosft_full'):
+            for key, what in (('train_peak_rss_bytes', 'training'), ('peak_rss_bytes', 'whole run')):
+                r = med[lo][key] / med['nanosft_full'][key]
+                out.append(f'{lo} peak RSS ({what}) / full fine-tuning: {r:.2f}x (goal <= 0.4x: '
+                           f'{"met" if r <= 0.4 else "not met"})')
     if ok('nanosft_qlora') and 'frozen_base' in med['nanosft_qlora']:
         fb, m = med['nanosft_qlora']['frozen_base'], med['nanosft_qlora']
         bf16 = m['bf16_base_bytes']
@@ -340,14 +349,16 @@ def goals(med: dict[str, dict]) -> list[str]:
                    f"({bf16 / 2**20:,.0f} MiB) when the rest is bf16 (a GPU run); {held:.3f}x as this fp32 "
                    f"CPU run holds it ({(fb['projections'] + fb['other']) / 2**20:,.0f} MiB); goal <= 0.3x: "
                    f"{'met' if as_bf16 <= 0.3 else 'not met'}")
-    if ok('nanosft_lora') and ok('trl_lora'):
-        a, b = med['nanosft_lora'], med['trl_lora']
+    for lo in LORAS:
+        if not (ok(lo) and ok('trl_lora')):
+            continue
+        a, b = med[lo], med['trl_lora']
         s = a['trained_tok_per_cpu_s'] / b['trained_tok_per_cpu_s']
-        out.append(f'nanoSFT LoRA / TRL+PEFT trained tokens per CPU-second: {s:.2f}x (goal >= 1.5x: '
+        out.append(f'{lo} / TRL+PEFT trained tokens per CPU-second: {s:.2f}x (goal >= 1.5x: '
                    f'{"met" if s >= 1.5 else "not met"})')
         for key, what in (('train_peak_rss_bytes', 'training'), ('peak_rss_bytes', 'whole run')):
             r = a[key] / b[key]
-            out.append(f'nanoSFT LoRA / TRL+PEFT peak RSS ({what}): {r:.2f}x (goal <= 0.7x: '
+            out.append(f'{lo} / TRL+PEFT peak RSS ({what}): {r:.2f}x (goal <= 0.7x: '
                        f'{"met" if r <= 0.7 else "not met"})')
     if ok('nanosft_lora_ac') and ok('nanosft_full'):
         r = med['nanosft_lora_ac']['train_peak_rss_bytes'] / med['nanosft_full']['train_peak_rss_bytes']
@@ -411,7 +422,7 @@ def main(argv=None):
     head = (f"model: {args.preset} shape ({arch.n_layer} layers, width {arch.n_embd}, heads {arch.n_head}/"
             f"{arch.kv_heads} x {arch.head_size}, SwiGLU {arch.ffn_size}, vocab {arch.vocab_size}, "
             f"{arch.num_params(non_embedding=False) / 1e6:.0f}M parameters), "
-            f"random weights, fp32; GSM8K packed rows of {args.block_size}, 1 row/step, {args.warmup} warm-up + "
+            f"random weights stored bf16, trained in fp32; GSM8K packed rows of {args.block_size}, 1 row/step, {args.warmup} warm-up + "
             f"{args.steps} timed steps; LoRA rank {args.rank}, alpha {args.alpha:g}, {len(PROJECTIONS)} projections; "
             f"{args.threads} threads; {args.repeats} interleaved repeats (medians); {common.machine_description()}; "
             f"load average during the run {min(loads):.2f}-{max(loads):.2f}")

@@ -98,9 +98,9 @@ def hf_encode(tok, messages, max_length: int) -> tuple[list[int], list[int]]:
 
 def write_random_qwen3(path: str, n_layer: int, n_embd: int, n_head: int, n_kv_head: int,
                        intermediate: int, vocab_size: int = 151936, seed: int = 0,
-                       head_dim: int | None = None) -> None:
-    """A random Qwen3ForCausalLM (fp32, tied embeddings like Qwen3-0.6B) saved once; every
-    contender starts from these exact weights."""
+                       head_dim: int | None = None, dtype: str = 'float32') -> None:
+    """A random Qwen3ForCausalLM (tied embeddings like Qwen3-0.6B) saved once, in fp32 or, as the
+    Qwen3 checkpoints ship, bf16; every contender starts from these exact weights."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate,
@@ -111,7 +111,7 @@ def write_random_qwen3(path: str, n_layer: int, n_embd: int, n_head: int, n_kv_h
                       bos_token_id=QWEN3_SPECIAL_START, eos_token_id=QWEN3_SPECIAL_START + 2,
                       pad_token_id=QWEN3_SPECIAL_START)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    model = Qwen3ForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(path)
 
 

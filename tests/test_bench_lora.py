@@ -32,6 +32,10 @@ def test_every_contender_runs_and_lora_starts_from_the_base(tmp_path):
     # the same first row, and LoRA at init is the base: the same first loss as full fine-tuning
     assert med['nanosft_lora']['first_loss'] == pytest.approx(med['nanosft_full']['first_loss'], abs=1e-6)
     assert med['nanosft_lora']['trainable_params'] == med['trl_lora']['trainable_params']
+    # the weights ship in bf16: holding the frozen projections in bf16 loses nothing
+    assert med['nanosft_lora_bf16']['first_loss'] == pytest.approx(med['nanosft_lora']['first_loss'], abs=1e-6)
+    bf16 = med['nanosft_lora_bf16']['frozen_base']['projections']
+    assert bf16 == med['nanosft_lora']['frozen_base']['projections'] / 2 == med['nanosft_lora_bf16']['bf16_projection_bytes']
     # checkpointing recomputes, it does not change the step
     assert med['nanosft_lora_ac']['first_loss'] == pytest.approx(med['nanosft_lora']['first_loss'], abs=1e-6)
     assert med['trl_lora_gc']['first_loss'] == pytest.approx(med['trl_lora']['first_loss'], abs=1e-5)

@@ -55,6 +55,8 @@ VARIANTS = {
     'partial_targets_and_embedding': dict(targets=('q_proj', 'v_proj', 'down_proj', 'embed_tokens')),
     'qlora': dict(quantize=True),
     'qdora': dict(quantize=True, dora=True),
+    'bf16_base': dict(base_dtype='bfloat16'),
+    'bf16_base_partial_targets_dora': dict(base_dtype='bfloat16', targets=('q_proj', 'down_proj'), dora=True),
 }
 
 
@@ -122,6 +124,47 @@ def test_untied_lm_head_can_be_trained_in_full_and_merges():
     perturb(model)
     x = ids()
     assert (logits(model, x) - logits(merge_lora(model), x)).abs().max().item() < 1e-4
+
+
+def _saved_bytes(model, x):
+    """Bytes autograd keeps for backward beyond the parameters themselves, and the loss."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, labels=x)
+    return sum(seen.values()), loss
+
+
+def test_bf16_base_trains_exactly_like_fp32_on_the_bf16_rounded_base():
+    base, x = tiny(), ids()
+    rounded = copy.deepcopy(base)
+    with torch.no_grad():
+        for path in lora.projection_layout(rounded):
+            w = rounded.get_submodule(path).weight
+            w.copy_(w.to(torch.bfloat16).float())
+    half = perturb(apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, base_dtype='bfloat16'))).train()
+    full = perturb(apply_lora(rounded, LoRAConfig(rank=4))).train()
+    held = lora.frozen_bytes(half)
+    for path in lora.projection_layout(half):
+        w = half.get_submodule(path).weight
+        assert w.dtype == torch.bfloat16 and held[f'{path}.weight'] == 2 * w.numel()
+    assert half.transformer.wte.weight.dtype == torch.float32   # the embedding / head as it was
+    saved_half, loss_half = _saved_bytes(half, x)
+    saved_full, loss_full = _saved_bytes(full, x)
+    # each use upcasts the bf16 weight; backward keeps it, not an fp32 copy per layer
+    assert saved_half == saved_full
+    loss_half.backward()
+    loss_full.backward()
+    assert torch.equal(loss_half, loss_full)
+    grads = {n: p.grad for n, p in full.named_parameters() if p.requires_grad}
+    for n, p in half.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-6, msg=n)
 
 
 def test_qlora_frozen_base_is_about_a_quarter_of_its_bf16_bytes():

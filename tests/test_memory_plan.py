@@ -19,7 +19,7 @@ def _arch(n_layer, n_embd, vocab, block, n_head=4, n_kv_head=2):
                                                intermediate_size=3 * n_embd, vocab_size=vocab, block_size=block)
 
 
-def _measured_peak(arch, rows, ac, every=2, finetune='full'):
+def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32'):
     """Peak bytes of live tensors in the third step of train_sft's loop (MemTracker follows every
     storage the step creates and frees, plus parameters, gradients and AdamW state)."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -35,7 +35,7 @@ def _measured_peak(arch, rows, ac, every=2, finetune='full'):
     model = ConfigurableGPT(arch).train()
     if finetune != 'full':
         import lora
-        lora.apply_lora(model, lora.LoRAConfig(rank=8, quantize=finetune == 'qlora'))
+        lora.apply_lora(model, lora.LoRAConfig(rank=8, quantize=finetune == 'qlora', base_dtype=base_dtype))
     model.set_activation_checkpointing(ac, every)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
 
@@ -79,6 +79,7 @@ def _frozen_parameters_tracked():
     # LoRA / QLoRA: one where activations dominate, one where the frozen weights do
     dict(n_layer=3, n_embd=128, vocab=2048, block=512, rows=2, ac='none', finetune='lora'),
     dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='lora'),
+    dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='lora', base='bfloat16'),
     dict(n_layer=4, n_embd=128, vocab=2048, block=512, rows=2, ac='full', finetune='qlora'),
     dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='qlora'),
 ])
@@ -87,9 +88,10 @@ def test_planned_peak_is_within_15_percent_of_the_measured_cpu_step(shape):
         pytest.importorskip('torchao')
     arch = _arch(shape['n_layer'], shape['n_embd'], shape['vocab'], shape['block'])
     finetune = shape.get('finetune', 'full')
-    measured, trained = _measured_peak(arch, shape['rows'], shape['ac'], finetune=finetune)
-    planned = plan(arch, Setup(ac=shape['ac'], finetune=finetune, lora_rank=8), tokens=shape['rows'] * shape['block'],
-                   trained_tokens=trained, dtype='float32', device='cpu').peak
+    base = shape.get('base', 'float32')
+    measured, trained = _measured_peak(arch, shape['rows'], shape['ac'], finetune=finetune, base_dtype=base)
+    planned = plan(arch, Setup(ac=shape['ac'], finetune=finetune, lora_rank=8, lora_base_dtype=base),
+                   tokens=shape['rows'] * shape['block'], trained_tokens=trained, dtype='float32', device='cpu').peak
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
 
 
@@ -117,6 +119,13 @@ def test_lora_rows_count_rank_times_in_plus_out_per_targeted_projection():
     # 4 bytes per weight + the 2-byte copies of the projections that backward keeps
     base = plan(a, Setup(finetune='lora'), tokens=4096, dtype='float32', device='cpu')
     assert base.weights == 4 * a.num_params(non_embedding=False) + 4 * lora_params(a, 16)
+    # lora_base_dtype: bf16 projections; 'auto' chooses them under CUDA bf16 autocast, where they
+    # are also the copies backward keeps (none of its own)
+    proj = 28 * sum(i * o for i, o in memory_plan.block_linears(a).values())
+    half = plan(a, Setup(finetune='lora', lora_base_dtype='bfloat16'), tokens=4096, dtype='float32', device='cpu')
+    assert half.weights == base.weights - 2 * proj
+    gpu = {b: plan(a, Setup(finetune='lora', lora_base_dtype=b), tokens=4096) for b in ('float32', 'auto')}
+    assert gpu['float32'].weights - gpu['auto'].weights == 4 * proj   # 4 + 2 bytes -> 2
 
 
 def test_the_loss_chunk_the_plan_counts_is_the_models():

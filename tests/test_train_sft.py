@@ -809,12 +809,13 @@ def lora_cfg(tmp_path, data_dir, base_ckpt, **over):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('finetune', ['lora', 'qlora'])
+@pytest.mark.parametrize('finetune,base_dtype', [('lora', 'auto'), ('qlora', 'auto'), ('lora', 'bfloat16')])
 def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tmp_path, data_dir, base_ckpt,
-                                                                             finetune):
+                                                                             finetune, base_dtype):
     from checkpoint import load_checkpoint
     from lora import base_fingerprint, lora_modules
-    summary = train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, finetune=finetune, lora_dora=True))
+    summary = train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, finetune=finetune, lora_dora=True,
+                                       lora_base_dtype=base_dtype))
     assert summary['iters'] == 4 and summary['skipped_steps'] == 0
     ck = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)
     base, _ = load_checkpoint(base_ckpt)
@@ -826,6 +827,11 @@ def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tm
     assert (tmp_path / 'out' / 'ckpt.pt').stat().st_size < base_ckpt.stat().st_size / 20
     model, _ = load_checkpoint(tmp_path / 'out' / 'ckpt.pt')
     assert len(lora_modules(model)) == 8 and model.lora_config.quantize == (finetune == 'qlora')
+    # 'auto' on a CPU keeps the fp32 base; asked for, the frozen projections come back in bf16
+    held = 'bfloat16' if base_dtype == 'bfloat16' else 'float32'
+    assert ck['lora']['base_dtype'] == model.lora_config.base_dtype == held
+    if finetune == 'lora':
+        assert {str(m.weight.dtype) for m in lora_modules(model).values()} == {f'torch.{held}'}
     moved = [n for n, p in model.named_parameters() if '.lora_B.' in n and p.abs().sum() > 0]
     assert len(moved) == 14   # every B left zero: the adapters trained
 
@@ -871,7 +877,9 @@ def test_lora_on_two_ranks_matches_one_process(tmp_path, data_dir, base_ckpt):
     common = dict(max_iters=3, lr_decay_iters=3, eval_interval=100, eval_iters=1, batch_size=1,
                   packing=False, log_interval=3, learning_rate=3e-3, min_lr=3e-4)
     for name, base, extra in (('ddp_lora', base_ckpt, dict(finetune='lora', lora_dora=True)),
-                              ('fsdp_qlora', wide / 'out' / 'ckpt.pt', dict(finetune='qlora', parallel='fsdp'))):
+                              ('fsdp_qlora', wide / 'out' / 'ckpt.pt', dict(finetune='qlora', parallel='fsdp')),
+                              ('fsdp_lora_bf16_base', base_ckpt, dict(finetune='lora', parallel='fsdp',
+                                                                      lora_base_dtype='bfloat16'))):
         torchrun2(lora_cfg(tmp_path / name / '2', data_dir, base, gradient_accumulation_steps=2, **common, **extra))
         train_sft.train(lora_cfg(tmp_path / name / '1', data_dir, base, gradient_accumulation_steps=4, **common,
                                  **dict(extra, parallel='ddp')))
