@@ -17,6 +17,10 @@ with the A_i stacked into one matmul (x, the big operand, is read once) and a sm
 DoRA (Liu et al. 2024, as PEFT computes it) rescales each row: W'_i = m_i * V_i / ||V_i||_row with
 V_i = W_i + s B_i A_i and the norm a constant in backward (the paper's section 4.3, PEFT too).
 
+LoRAConfig.base_dtype 'bfloat16' holds the frozen projection weights in bf16: bit-identical under
+bf16 autocast (which casts each use to bf16 anyway); without autocast each use is cast up by
+_UpcastLinear, which keeps only the bf16 weight for backward (fp32 math on the bf16-rounded base).
+
 QLoRA (Dettmers et al. 2023): every frozen projection weight becomes a torchao NF4Tensor (4-bit
 NormalFloat in blocks of 64, block scales double-quantized to int8); F.linear on it dequantizes on
 the fly and saves only the 4-bit tensor for backward. The merge folds the adapters into the
