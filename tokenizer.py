@@ -75,6 +75,19 @@ _PROBE = ("Hello, world! It's 3.14159 + 42 = 45.14159; don't they'll we've I'm.\
           "def f(x):\n    return x**2  # tab\there\n\n\n<tag attr='v'>text</tag> ...!!! ???")
 
 
+def _probe_without(added) -> str | None:
+    """_PROBE (NFC already) with every added token's content blanked out: the directory's
+    tokenizer would match one even inside a word (a vocabulary-like added token such as 'the'),
+    tiktoken's plain merging would not. None if blanking does not converge."""
+    probe = _PROBE
+    for _ in range(64):
+        hit = next((c for c in added if c and c in probe), None)
+        if hit is None:
+            return probe
+        probe = probe.replace(hit, ' ')
+    return None
+
+
 def _nfc(text: str) -> str:
     # is_normalized is a fast C check; normalizing only when needed keeps ASCII text cheap
     return text if unicodedata.is_normalized('NFC', text) else unicodedata.normalize('NFC', text)
@@ -168,18 +181,32 @@ class TiktokenChatTokenizer(ChatTokenizer):
         self.normalize = _nfc if nfc else _same
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
+        # added tokens that are also vocabulary tokens (a directory whose '<s>' is in its BPE
+        # vocabulary): merging can build them from plain text, which then cannot stay text --
+        # refused, as the `tokenizers` encoder refuses it
+        in_ranks = set(ranks.values())
+        self._built = frozenset(i for i in self.special_tokens.values() if i in in_ranks)
+        self._built_in_replies = self._built - {self.special_tokens[t] for t in self.text_tokens}
         for k, v in directory.items():
             setattr(self, k, v)
         self._init_ids()
 
+    def _text_only(self, ids: list[int], built: frozenset, text: str) -> list[int]:
+        if built and not built.isdisjoint(ids):
+            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
+                             'token id; nanoSFT cannot keep it text with this tokenizer')
+        return ids
+
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(self.normalize(text))
+        return self._text_only(self.enc.encode_ordinary(self.normalize(text)), self._built, text)
 
     def encode_assistant(self, text: str) -> list[int]:
         text = self.normalize(text)
         if '<' in text and any(t in text for t in self.text_tokens):
-            return self.enc.encode(text, allowed_special=self.text_tokens, disallowed_special=())
-        return self.enc.encode_ordinary(text)
+            ids = self.enc.encode(text, allowed_special=self.text_tokens, disallowed_special=())
+        else:
+            ids = self.enc.encode_ordinary(text)
+        return self._text_only(ids, self._built_in_replies, text)
 
     def encode_rendered(self, text: str) -> list[int]:
         if self.source_dir is not None:   # the directory's own added-token rules
@@ -239,11 +266,25 @@ class HFChatTokenizer(ChatTokenizer):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+class _WordIds(dict):
+    """word -> ids, filled by `tokenize` on first sight (a dict subclass: hits stay in C)."""
+    LIMIT = 1 << 20   # distinct words kept; a larger corpus starts again rather than grow
+
+    def __init__(self, tokenize):
+        super().__init__()
+        self.tokenize = tokenize
+
+    def __missing__(self, word: str) -> list[int]:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        ids = self[word] = self.tokenize(word)
+        return ids
+
+
 class MetaspaceChatTokenizer(HFChatTokenizer):
     """SentencePiece-style BPE (Metaspace, Mistral / Llama 2): the `tokenizers` library's own BPE
     model, called once per distinct word (see _metaspace_plan for why words are independent).
     Everything else is HFChatTokenizer's."""
-    WORD_CACHE = 1 << 20   # distinct words kept; a larger corpus starts the cache again
 
     def __init__(self, spec: dict, special_tokens: dict[str, int], text_tokens,
                  plan: tuple[str, str | None, bool], **directory):
@@ -254,10 +295,10 @@ class MetaspaceChatTokenizer(HFChatTokenizer):
         # vocabulary token crosses: a run of replacements and what follows it
         self._words = re.compile(f'[^{r}]+|{r}[^{r}]*' if split else f'{r}*[^{r}]+|{r}+').findall
         self._model = self.plain.model
-        self._word_ids: dict[str, list[int]] = {}
+        self._word_ids = _WordIds(self._tokenize)
 
     def encode(self, text: str) -> list[int]:
-        if SENTINEL in text:
+        if SENTINEL in text:   # as the library encoder, whose sentinel it is
             raise ValueError('text contains U+FDD0, a Unicode noncharacter nanoSFT reserves')
         rep = self.replacement
         s = text.replace(' ', rep)
@@ -265,8 +306,7 @@ class MetaspaceChatTokenizer(HFChatTokenizer):
             s = rep + s
         ids, cache = [], self._word_ids
         for word in self._words(s):
-            got = cache.get(word)
-            ids += got if got is not None else self._tokenize(word)
+            ids += cache[word]
         return ids
 
     def _tokenize(self, word: str) -> list[int]:
@@ -274,9 +314,6 @@ class MetaspaceChatTokenizer(HFChatTokenizer):
         if not self.added_ids.isdisjoint(ids):
             raise ValueError(f'tokenizer {self.name}: plain text {word[:40]!r} encodes to an added '
                              'token id; nanoSFT cannot keep it text with this tokenizer')
-        if len(self._word_ids) >= self.WORD_CACHE:
-            self._word_ids.clear()
-        self._word_ids[word] = ids
         return ids
 
 
@@ -377,8 +414,8 @@ def _natural_splits(vocab: dict[str, int]) -> dict[str, tuple[str, str]]:
 def _tiktoken_ranks(spec: dict, added_ids=frozenset()) -> tuple[dict[bytes, int], str, bool,
                                                                 dict[int, bytes]] | None:
     """(ranks, pattern, nfc, kept_out) when tiktoken gives exactly this tokenizer.json's ids, else
-    None. `ranks` leaves out the added ids and, when kept out, unreachable tokens; `kept_out` holds
-    the bytes of the latter, for decoding.
+    None. `ranks` leaves out the unreachable tokens when they must be kept out (below);
+    `kept_out` holds their bytes, for decoding (an added token's: tiktoken knows it as special).
 
     Both algorithms start from the bytes of a pre-tokenized piece. tiktoken merges the adjacent
     pair whose concatenation has the lowest rank (leftmost on ties); Hugging Face merges the
@@ -425,12 +462,9 @@ def _tiktoken_ranks(spec: dict, added_ids=frozenset()) -> tuple[dict[bytes, int]
         if i is None or i <= previous:
             return None
         previous = i
-    if any(vocab[t] in added_ids for t in vocab if len(t) == 1 or t in splits):
-        return None   # plain text could become an added token: a byte, or by merging
     kept_out = {} if model.get('ignore_merges') else {
         vocab[t]: t.translate(to_bytes).encode('latin-1') for t in vocab if len(t) > 1 and t not in splits}
-    drop = added_ids | kept_out.keys()
-    ranks = {k: v for k, v in ranks.items() if v not in drop}
+    ranks = {k: v for k, v in ranks.items() if v not in kept_out}
     return ranks, pattern, norm is not None, {i: b for i, b in kept_out.items() if i not in added_ids}
 
 
@@ -562,7 +596,9 @@ def _load_directory(path: str, encoder: str = 'auto') -> ChatTokenizer:
             tok = TiktokenChatTokenizer(name, ranks, specials, token_hash, pattern, text_tokens, nfc,
                                         kept_out=kept_out, **directory)
             # the regex engines differ (fancy-regex vs Oniguruma): one last check on a probe text
-            if tok.encode(_PROBE) == backend.encode(_PROBE, add_special_tokens=False).ids:
+            probe = _probe_without(specials)
+            if probe is not None and tok.enc.encode_ordinary(tok.normalize(probe)) == \
+                    backend.encode(probe, add_special_tokens=False).ids:
                 tok.vocab_size = vocab_size
                 return tok
         plan = _metaspace_plan(spec)

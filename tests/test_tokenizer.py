@@ -251,10 +251,10 @@ def _one_merge_per_token(spec, ignore_merges=False):
     return spec
 
 
-def _byte_level_dir(path, spec):
+def _byte_level_dir(path, spec, added=()):
     from tokenizers import AddedToken, Tokenizer
     tok = Tokenizer.from_str(json.dumps(spec))
-    for content, special in QWEN25_ADDED:   # after the vocabulary, as in Qwen
+    for content, special in QWEN25_ADDED + list(added):   # after the vocabulary, as in Qwen
         t = AddedToken(content, special=special, normalized=False)
         tok.add_special_tokens([t]) if special else tok.add_tokens([t])
     return _save_dir(path, tok, {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>'})
@@ -274,6 +274,22 @@ def test_one_merge_per_token_byte_level_bpe_runs_on_tiktoken_with_the_library_id
     assert (unreachable in tok.encode('x\x0e\x0f\x10y')) == ignore_merges
     assert tok.decode([unreachable]) == '\x0e\x0f\x10'
     assert set(tok.kept_out) == (set() if ignore_merges else {unreachable})
+
+
+def test_added_token_that_merging_builds_is_refused_in_text_like_the_library(tmp_path):
+    # an added token whose content is also a vocabulary token keeps that token's id (the Qwen
+    # vocabulary holds '<s>', which Mistral-style specials then reuse): plain text can merge into it
+    spec = _one_merge_per_token(_trained_byte_level())
+    vocab = spec['model']['vocab']
+    assert 'the' in vocab
+    d = _byte_level_dir(tmp_path / 'reused', spec, [('the', True)])
+    tok = _load_directory(d)
+    assert type(tok) is TiktokenChatTokenizer and tok.special_tokens['the'] == vocab['the']
+    _assert_library_ids(tok, d, _texts('reused', n=100) + ['the', 'the cat', 'cat the', 'other'], '<|im_start|>')
+    for encode in (tok.encode, tok.encode_assistant):
+        with pytest.raises(ValueError, match='encodes to an added token id'):
+            encode('the cat')
+    assert tok.encode(' the') == [vocab['\u0120the']]   # 'Ġthe' is another token
 
 
 def _text_of(token):
@@ -426,3 +442,13 @@ def test_sentencepiece_style_directory_renders_conversations_like_the_library(tm
     assert type(fast) is MetaspaceChatTokenizer
     for msgs in conversations('mistral', inject=True)[:60]:
         assert get_format('mistral', fast).encode(msgs) == get_format('mistral', lib).encode(msgs)
+
+
+def test_sentencepiece_word_cache_is_bounded(tmp_path, monkeypatch):
+    import tokenizer
+    monkeypatch.setattr(tokenizer._WordIds, 'LIMIT', 8)
+    d = _sentencepiece_dir(tmp_path / 'sp', _sentencepiece_style())
+    tok, lib = _load_directory(d), _load_directory(d, encoder='tokenizers')
+    for text in _texts('bounded', n=50):
+        assert _ids(tok.encode, text) == _ids(lib.encode, text), text
+        assert len(tok._word_ids) <= 8
