@@ -426,7 +426,9 @@ def _tiktoken_ranks(spec: dict, added_ids=frozenset()) -> tuple[dict[bytes, int]
     so also of that span), and that run, once at [x, y], ends by merging them. So if every
     reachable token's natural split is listed, and the merge indices of the natural splits are in
     the order of their results' ranks, the listed adjacent pairs ARE the pairs tiktoken weighs,
-    in the same order: both pick the same pair at every step. This holds for TikTokenConverter's
+    in the same order (on a tie both are the pair n(t) of one token t, one merge index: both take
+    the leftmost): both pick the same pair at every step. Other listed merges never meet an
+    adjacent pair, so their order does not matter. This holds for TikTokenConverter's
     complete merge lists (Llama 3) and for one merge per token written from natural splits
     (Qwen2/2.5's shape). The whole-piece lookup: tiktoken returns a piece that is a token as
     that token; so does Hugging Face with ignore_merges, and without it merging rebuilds exactly
