@@ -20,16 +20,24 @@ What the renderers (chat_format.py) need from a tokenizer:
 - the ids: `special_tokens` (every added token, content -> id), `bos_id`, `eos_id`, `pad_id`,
   `stop_ids` (generation_config's eos ids, else eos).
 
-Two encoders give those ids:
-- tiktoken, for the built-in Qwen3 tokenizer and for byte-level BPE directories whose merges are
-  the complete, rank-ordered list TikTokenConverter writes (Llama 3, the GPT-4-style family):
-  there the merge order IS tiktoken's rank order, so both algorithms pick the same pair at every
-  step (checked at load on every token of the vocabulary, plus a probe text); ~5x faster.
-- the `tokenizers` library for every other directory (SentencePiece-style BPE like Mistral's,
-  trained BPE with one merge per token). Plain text is encoded after a private sentinel token, in a
-  copy of the tokenizer that knows no other added token: the text is normalized and pre-tokenized
-  exactly as a piece after a control token is in the Hugging Face path (SentencePiece's "first
-  piece" space included), and no added-token string in it can match.
+Three encoders give those ids, each only where it is exact (checked when the directory loads):
+- tiktoken, for the built-in Qwen3 tokenizer and for byte-level BPE directories where it merges
+  exactly as Hugging Face does (_tiktoken_ranks): every token that merging rebuilds from its own
+  bytes has its natural split (the last merge tiktoken makes on those bytes) listed, in the
+  order of the tokens' ranks. Then at every step the listed pairs Hugging Face weighs are exactly
+  the pairs tiktoken weighs, in the same order. That covers TikTokenConverter's complete merge
+  lists (Llama 3) and one merge per token written from the natural splits (the shape of the
+  tokenizer.json Qwen2/2.5 ship, with ignore_merges false: tokens merging never rebuilds are
+  kept out of tiktoken's whole-piece lookup). A probe text guards the regex engines (fancy-regex vs
+  Oniguruma). ~5x faster than the library.
+- MetaspaceChatTokenizer, for SentencePiece-style BPE (Mistral, Llama 2: Metaspace ▁, byte
+  fallback) when the text can be cut into words no merge crosses (_metaspace_plan): the
+  library's own BPE model, once per distinct word, behind a word cache.
+- the `tokenizers` library for every other directory. Plain text is encoded after a private
+  sentinel token, in a copy of the tokenizer that knows no other added token: the text is
+  normalized and pre-tokenized exactly as a piece after a control token is in the Hugging Face
+  path (SentencePiece's "first piece" space included), and no added-token string in it can
+  match. The other two encoders give these ids (tests/test_tokenizer.py compares them).
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ import hashlib
 import importlib.resources
 import json
 import os
+import re
 import unicodedata
 
 # The Qwen2/Qwen3 pre-tokenizer (tokenizer.json "Split" pattern); \p{N} is single digits.
@@ -64,6 +73,19 @@ INTERNAL_CHARS = ('\ufdd0', '\ufdd1', '\ufdd2')
 _PROBE = ("Hello, world! It's 3.14159 + 42 = 45.14159; don't they'll we've I'm.\n\n  \t"
           "Ünïcödé café naïve 日本語のテキスト 😀👍🏽 — «quotes» $1,234,567.89\r\n"
           "def f(x):\n    return x**2  # tab\there\n\n\n<tag attr='v'>text</tag> ...!!! ???")
+
+
+def _probe_without(added) -> str | None:
+    """_PROBE (NFC already) with every added token's content blanked out: the directory's
+    tokenizer would match one even inside a word (a vocabulary-like added token such as 'the'),
+    tiktoken's plain merging would not. None if blanking does not converge."""
+    probe = _PROBE
+    for _ in range(64):
+        hit = next((c for c in added if c and c in probe), None)
+        if hit is None:
+            return probe
+        probe = probe.replace(hit, ' ')
+    return None
 
 
 def _nfc(text: str) -> str:
@@ -145,9 +167,11 @@ class TiktokenChatTokenizer(ChatTokenizer):
 
     def __init__(self, name: str, ranks: dict[bytes, int], special_tokens: dict[str, int],
                  token_hash: str, pattern: str = QWEN_PATTERN, text_tokens=QWEN3_TEXT_TOKENS,
-                 nfc: bool = True, **directory):
+                 nfc: bool = True, kept_out: dict[int, bytes] | None = None, **directory):
         import tiktoken
         self.name = name
+        # tokens of the vocabulary tiktoken must not know (see _tiktoken_ranks), for decoding
+        self.kept_out = dict(kept_out or {})
         self.special_tokens = dict(special_tokens)
         self.text_tokens = frozenset(t for t in text_tokens if t in special_tokens)
         self.vocab_size = max(len(ranks) + len(special_tokens),
@@ -157,18 +181,32 @@ class TiktokenChatTokenizer(ChatTokenizer):
         self.normalize = _nfc if nfc else _same
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
+        # added tokens that are also vocabulary tokens (a directory whose '<s>' is in its BPE
+        # vocabulary): merging can build them from plain text, which then cannot stay text --
+        # refused, as the `tokenizers` encoder refuses it
+        in_ranks = set(ranks.values())
+        self._built = frozenset(i for i in self.special_tokens.values() if i in in_ranks)
+        self._built_in_replies = self._built - {self.special_tokens[t] for t in self.text_tokens}
         for k, v in directory.items():
             setattr(self, k, v)
         self._init_ids()
 
+    def _text_only(self, ids: list[int], built: frozenset, text: str) -> list[int]:
+        if built and not built.isdisjoint(ids):
+            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
+                             'token id; nanoSFT cannot keep it text with this tokenizer')
+        return ids
+
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(self.normalize(text))
+        return self._text_only(self.enc.encode_ordinary(self.normalize(text)), self._built, text)
 
     def encode_assistant(self, text: str) -> list[int]:
         text = self.normalize(text)
         if '<' in text and any(t in text for t in self.text_tokens):
-            return self.enc.encode(text, allowed_special=self.text_tokens, disallowed_special=())
-        return self.enc.encode_ordinary(text)
+            ids = self.enc.encode(text, allowed_special=self.text_tokens, disallowed_special=())
+        else:
+            ids = self.enc.encode_ordinary(text)
+        return self._text_only(ids, self._built_in_replies, text)
 
     def encode_rendered(self, text: str) -> list[int]:
         if self.source_dir is not None:   # the directory's own added-token rules
@@ -176,7 +214,18 @@ class TiktokenChatTokenizer(ChatTokenizer):
         return self.enc.encode(self.normalize(text), allowed_special='all')
 
     def decode(self, ids) -> str:
-        return self.enc.decode([int(i) for i in ids], errors='replace')
+        ids = [int(i) for i in ids]
+        if not self.kept_out or self.kept_out.keys().isdisjoint(ids):
+            return self.enc.decode(ids, errors='replace')
+        chunks, run = [], []
+        for i in ids:
+            if i in self.kept_out:
+                chunks += [self.enc.decode_bytes(run), self.kept_out[i]]
+                run = []
+            else:
+                run.append(i)
+        chunks.append(self.enc.decode_bytes(run))
+        return b''.join(chunks).decode('utf-8', errors='replace')
 
 
 class HFChatTokenizer(ChatTokenizer):
@@ -215,6 +264,57 @@ class HFChatTokenizer(ChatTokenizer):
 
     def decode(self, ids) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class _WordIds(dict):
+    """word -> ids, filled by `tokenize` on first sight (a dict subclass: hits stay in C)."""
+    LIMIT = 1 << 20   # distinct words kept; a larger corpus starts again rather than grow
+
+    def __init__(self, tokenize):
+        super().__init__()
+        self.tokenize = tokenize
+
+    def __missing__(self, word: str) -> list[int]:
+        if len(self) >= self.LIMIT:
+            self.clear()
+        ids = self[word] = self.tokenize(word)
+        return ids
+
+
+class MetaspaceChatTokenizer(HFChatTokenizer):
+    """SentencePiece-style BPE (Metaspace, Mistral / Llama 2): the `tokenizers` library's own BPE
+    model, called once per distinct word (see _metaspace_plan for why words are independent).
+    Everything else is HFChatTokenizer's."""
+
+    def __init__(self, spec: dict, special_tokens: dict[str, int], text_tokens,
+                 plan: tuple[str, str | None, bool], **directory):
+        super().__init__(spec, special_tokens, text_tokens, **directory)
+        self.replacement, self.prefix, split = plan
+        r = re.escape(self.replacement)
+        # split: the pre-tokenizer's own pieces (each replacement starts one); else the words no
+        # vocabulary token crosses: a run of replacements and what follows it
+        self._words = re.compile(f'[^{r}]+|{r}[^{r}]*' if split else f'{r}*[^{r}]+|{r}+').findall
+        self._model = self.plain.model
+        self._word_ids = _WordIds(self._tokenize)
+
+    def encode(self, text: str) -> list[int]:
+        if SENTINEL in text:   # as the library encoder, whose sentinel it is
+            raise ValueError('text contains U+FDD0, a Unicode noncharacter nanoSFT reserves')
+        rep = self.replacement
+        s = text.replace(' ', rep)
+        if s and (self.prefix == 'always' or self.prefix == 'missing' and not s.startswith(rep)):
+            s = rep + s
+        ids, cache = [], self._word_ids
+        for word in self._words(s):
+            ids += cache[word]
+        return ids
+
+    def _tokenize(self, word: str) -> list[int]:
+        ids = [t.id for t in self._model.tokenize(word)]
+        if not self.added_ids.isdisjoint(ids):
+            raise ValueError(f'tokenizer {self.name}: plain text {word[:40]!r} encodes to an added '
+                             'token id; nanoSFT cannot keep it text with this tokenizer')
+        return ids
 
 
 def _tokenizer_hash(blob: bytes, special_tokens: dict[str, int]) -> str:
@@ -279,50 +379,137 @@ def _byte_level_pattern(pre: dict | None) -> str | None:
     return split['pattern']['Regex']
 
 
-def _tiktoken_ranks(spec: dict) -> tuple[dict[bytes, int], str, bool] | None:
-    """(ranks, pattern, nfc) when tiktoken gives exactly this tokenizer.json's ids, else None.
+def _natural_splits(vocab: dict[str, int]) -> dict[str, tuple[str, str]]:
+    """token -> (x, y), the last merge tiktoken's algorithm (merge the adjacent pair whose
+    concatenation has the lowest rank, leftmost first; no whole-piece lookup) makes on the token's
+    own symbols, for every token of two or more symbols that this merging rebuilds. Tokens it
+    does not rebuild ("unreachable") are left out. `vocab` maps a byte-level string to its rank."""
+    splits, get, none = {}, vocab.get, 1 << 62
+    for t in vocab:
+        n = len(t)
+        if n == 2:
+            splits[t] = (t[0], t[1])
+            continue
+        if n < 2:
+            continue
+        parts = list(t)
+        pair = [get(a + b, none) for a, b in zip(parts, parts[1:])]
+        while n > 2:   # two symbols left: they merge into t itself (t is in the vocabulary)
+            best = min(pair)
+            if best == none:
+                break
+            i = pair.index(best)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            n -= 1
+            del pair[i]
+            if i:
+                pair[i - 1] = get(parts[i - 1] + parts[i], none)
+            if i < n - 1:
+                pair[i] = get(parts[i] + parts[i + 1], none)
+        if n == 2:
+            splits[t] = (parts[0], parts[1])
+    return splits
 
-    Exact when: byte-level BPE with whole-word lookup first (ignore_merges, as tiktoken does), no
-    normalizer but NFC, and a merge list that holds EVERY split (x, y) of every token into two
-    vocabulary tokens, ordered by the rank of x + y (what TikTokenConverter writes). Then the pair
-    Hugging Face merges first (lowest merge index) is the pair tiktoken merges first (lowest rank
-    of the result), step after step. A trained BPE lists one merge per token and can differ."""
+
+def _tiktoken_ranks(spec: dict, added_ids=frozenset()) -> tuple[dict[bytes, int], str, bool,
+                                                                dict[int, bytes]] | None:
+    """(ranks, pattern, nfc, kept_out) when tiktoken gives exactly this tokenizer.json's ids, else
+    None. `ranks` leaves out the unreachable tokens when they must be kept out (below);
+    `kept_out` holds their bytes, for decoding (an added token's: tiktoken knows it as special).
+
+    Both algorithms start from the bytes of a pre-tokenized piece. tiktoken merges the adjacent
+    pair whose concatenation has the lowest rank (leftmost on ties); Hugging Face merges the
+    adjacent LISTED pair with the lowest merge index (leftmost on ties). Let n(t) be t's natural
+    split (_natural_splits). Lemma: whenever two adjacent symbols x, y of a tiktoken run form a
+    vocabulary token t, then (x, y) = n(t) -- the merges made inside x + y so far are exactly the
+    first merges of tiktoken's run on t alone (each was the lowest-ranked pair of the whole piece,
+    so also of that span), and that run, once at [x, y], ends by merging them. So if every
+    reachable token's natural split is listed, and the merge indices of the natural splits are in
+    the order of their results' ranks, the listed adjacent pairs ARE the pairs tiktoken weighs,
+    in the same order (on a tie both are the pair n(t) of one token t, one merge index: both take
+    the leftmost): both pick the same pair at every step. Other listed merges never meet an
+    adjacent pair, so their order does not matter. This holds for TikTokenConverter's
+    complete merge lists (Llama 3) and for one merge per token written from natural splits
+    (Qwen2/2.5's shape). The whole-piece lookup: tiktoken returns a piece that is a token as
+    that token; so does Hugging Face with ignore_merges, and without it merging rebuilds exactly
+    the reachable tokens, so unreachable ones are kept out of tiktoken's ranks (they never take
+    part in a merge: by the lemma a pair forming a token is that token's natural split)."""
     model, norm = spec.get('model') or {}, spec.get('normalizer')
-    if (model.get('type') != 'BPE' or not model.get('ignore_merges') or model.get('dropout')
-            or model.get('byte_fallback') or model.get('continuing_subword_prefix')
-            or model.get('end_of_word_suffix')):
+    if (model.get('type') != 'BPE' or model.get('dropout') or model.get('byte_fallback')
+            or model.get('continuing_subword_prefix') or model.get('end_of_word_suffix')):
         return None
     if norm is not None and norm.get('type') != 'NFC':
         return None
     pattern = _byte_level_pattern(spec.get('pre_tokenizer'))
     if pattern is None:
         return None
-    vocab, merges = model.get('vocab') or {}, model.get('merges') or []
-    merges = [tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    vocab = model.get('vocab') or {}
+    to_bytes = dict.fromkeys(range(256), 0x110000 - 1)   # outside the alphabet: not latin-1
+    to_bytes.update({ord(c): b for b, c in _bytes_to_unicode().items()})
+    try:   # translate() maps each character to its byte's code point; latin-1 writes those bytes
+        ranks = {t.translate(to_bytes).encode('latin-1'): i for t, i in vocab.items()}
+    except UnicodeEncodeError:   # a token outside the byte-level alphabet
+        return None
+    if (len(ranks) != len(vocab) or len(set(vocab.values())) != len(vocab)
+            or not all(bytes([b]) in ranks for b in range(256))):
+        return None
+    index = {}
+    for i, m in enumerate(model.get('merges') or []):
+        pair = tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m)
+        index[pair] = i   # a pair listed twice: Hugging Face keeps the last index
+    splits = _natural_splits(vocab)
     previous = -1
-    for a, b in merges:
-        r = vocab.get(a + b)
-        if r is None or r < previous or a not in vocab or b not in vocab:
+    for t in sorted(splits, key=vocab.__getitem__):
+        i = index.get(splits[t])
+        if i is None or i <= previous:
             return None
-        previous = r
-    listed = set(merges)
-    splits = 0
-    for t in vocab:
-        for k in range(1, len(t)):
-            if t[:k] in vocab and t[k:] in vocab:
-                if (t[:k], t[k:]) not in listed:
-                    return None
-                splits += 1
-    if splits != len(listed):
+        previous = i
+    kept_out = {} if model.get('ignore_merges') else {
+        vocab[t]: t.translate(to_bytes).encode('latin-1') for t in vocab if len(t) > 1 and t not in splits}
+    ranks = {k: v for k, v in ranks.items() if v not in kept_out}
+    return ranks, pattern, norm is not None, {i: b for i, b in kept_out.items() if i not in added_ids}
+
+
+_SP_LEGACY_NORMALIZER = [{'type': 'Prepend', 'prepend': '\u2581'},
+                         {'type': 'Replace', 'pattern': {'String': ' '}, 'content': '\u2581'}]
+
+
+def _metaspace_plan(spec: dict) -> tuple[str, str | None, bool] | None:
+    """(replacement, prefix, split) when MetaspaceChatTokenizer gives exactly this tokenizer.json's
+    ids for text after a control token, else None. prefix: None (Metaspace 'first' or 'never'),
+    'missing' ('always': unless the text starts with one), 'always' (Llama 2's Prepend normalizer).
+
+    The library replaces each space with the replacement (▁), prefixes one as above, and hands the
+    BPE model either the pieces that start at each ▁ (split) or the whole text. Pieces are the
+    model's words; the whole text is cut at each run of ▁ that follows another character, and
+    that cut is exact when no vocabulary token holds another character followed by ▁ (no merge
+    can then join the two sides: merged symbols are vocabulary tokens, byte-fallback pieces and
+    <unk> included) and ▁ is a token (a run of ▁ never falls back to bytes or fuses with an
+    unknown character before it); merging order inside one side never depends on the other. Not
+    with ignore_merges: the library looks the whole text up, not each word."""
+    model, norm, pre = spec.get('model') or {}, spec.get('normalizer'), spec.get('pre_tokenizer')
+    if (model.get('type') != 'BPE' or model.get('dropout') or model.get('continuing_subword_prefix')
+            or model.get('end_of_word_suffix')):
         return None
-    u2b = {c: b for b, c in _bytes_to_unicode().items()}
-    try:
-        ranks = {bytes(u2b[c] for c in t): i for t, i in vocab.items()}
-    except KeyError:   # a token outside the byte-level alphabet
+    if norm is None and pre is not None and pre.get('type') == 'Metaspace':
+        rep = pre.get('replacement')
+        scheme = pre.get('prepend_scheme') or ('always' if pre.get('add_prefix_space', True) else 'never')
+        if scheme not in ('first', 'never', 'always'):
+            return None
+        prefix, split = ('missing' if scheme == 'always' else None), pre.get('split', True)
+    elif pre is None and norm is not None and norm.get('type') == 'Sequence' and \
+            norm.get('normalizers') in (_SP_LEGACY_NORMALIZER, _SP_LEGACY_NORMALIZER[::-1]):
+        rep, prefix, split = '\u2581', 'always', False
+    else:
         return None
-    if len(ranks) != len(vocab) or not all(bytes([b]) in ranks for b in range(256)):
+    if not isinstance(rep, str) or len(rep) != 1:
         return None
-    return ranks, pattern, norm is not None
+    if not split:
+        vocab = model.get('vocab') or {}
+        crosses = re.compile(f'[^{re.escape(rep)}]{re.escape(rep)}').search
+        if model.get('ignore_merges') or rep not in vocab or any(crosses(t) for t in vocab):
+            return None
+    return rep, prefix, split
 
 
 def _read_json(path: str, required: bool = False) -> dict:
@@ -360,7 +547,9 @@ def read_chat_template(path: str, config: dict) -> str | None:
     return t if isinstance(t, str) and t.strip() else None
 
 
-def _load_directory(path: str) -> ChatTokenizer:
+def _load_directory(path: str, encoder: str = 'auto') -> ChatTokenizer:
+    """The directory's tokenizer on the fastest exact encoder; encoder='tokenizers' forces the
+    `tokenizers` library (benchmarks and tests compare the two)."""
     from tokenizers import Tokenizer
     tj = os.path.join(path, 'tokenizer.json')
     if not os.path.isfile(tj):
@@ -402,17 +591,25 @@ def _load_directory(path: str) -> ChatTokenizer:
                                               or t.get('single_word') or t.get('normalized')))
     name, token_hash = os.path.abspath(path), _tokenizer_hash(blob, specials)
     vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(specials.values(), default=-1) + 1)
-    fast = _tiktoken_ranks(spec)
-    if fast is not None:
-        ranks, pattern, nfc = fast
-        added_ids = set(specials.values())
-        base = {k: v for k, v in ranks.items() if v not in added_ids}
-        tok = TiktokenChatTokenizer(name, base, specials, token_hash, pattern, text_tokens, nfc,
-                                    **directory)
-        # the regex engines differ (fancy-regex vs Oniguruma): one last check on a probe text
-        if tok.encode(_PROBE) == backend.encode(_PROBE, add_special_tokens=False).ids:
-            tok.vocab_size = vocab_size
+    if encoder == 'auto':
+        fast = _tiktoken_ranks(spec, frozenset(specials.values()))
+        if fast is not None:
+            ranks, pattern, nfc, kept_out = fast
+            tok = TiktokenChatTokenizer(name, ranks, specials, token_hash, pattern, text_tokens, nfc,
+                                        kept_out=kept_out, **directory)
+            # the regex engines differ (fancy-regex vs Oniguruma): one last check on a probe text
+            probe = _probe_without(specials)
+            if probe is not None and tok.enc.encode_ordinary(tok.normalize(probe)) == \
+                    backend.encode(probe, add_special_tokens=False).ids:
+                tok.vocab_size = vocab_size
+                return tok
+        plan = _metaspace_plan(spec)
+        if plan is not None:
+            tok = MetaspaceChatTokenizer(spec, specials, text_tokens, plan, **directory)
+            tok.name, tok.hash, tok.vocab_size = name, token_hash, vocab_size
             return tok
+    elif encoder != 'tokenizers':
+        raise ValueError(f"encoder must be 'auto' or 'tokenizers', not {encoder!r}")
     tok = HFChatTokenizer(spec, specials, text_tokens, **directory)
     tok.name, tok.hash, tok.vocab_size = name, token_hash, vocab_size
     return tok

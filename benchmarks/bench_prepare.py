@@ -114,14 +114,20 @@ def main():
 # ----------------------------------------------------------------------------------------------
 # --formats: each chat format's encoding speed per token vs the Qwen3 path
 
-FORMAT_CONTENDERS = [   # (label, tokenizer: 'qwen3' or a directory built below, format, encoder)
-    ('qwen3 tokenizer, chatml (baseline)', 'qwen3', 'chatml', 'tiktoken'),
-    ('qwen2.5 dir, qwen2.5', 'qwen2.5', 'qwen2.5', 'tiktoken'),
-    ('llama3 dir, llama3', 'llama3', 'llama3', 'tiktoken'),
-    ('byte-level dir, mistral', 'mistral-bytes', 'mistral', 'tiktoken'),
-    ('llama3 dir, llama3, tokenizers encoder', 'llama3', 'llama3', 'tokenizers'),
-    ('SentencePiece-style dir, mistral', 'mistral-sp', 'mistral', 'tokenizers'),
-    ('llama3 dir, general path (hf)', 'llama3', 'hf', 'tiktoken'),
+FORMAT_CONTENDERS = [   # (label, tokenizer: 'qwen3' or a directory built below, format, encoder, ids group)
+    # encoder 'auto': what load_tokenizer picks; 'tokenizers': the library encoder, forced. Each
+    # group's contenders must give identical ids and labels.
+    ('qwen3 tokenizer, chatml (baseline)', 'qwen3', 'chatml', 'auto', None),
+    ('qwen2.5 dir (complete merges), qwen2.5', 'qwen2.5', 'qwen2.5', 'auto', 'qwen2.5'),
+    ('qwen2.5 dir as shipped, qwen2.5', 'qwen2.5-shipped', 'qwen2.5', 'auto', 'qwen2.5'),
+    ('qwen2.5 dir as shipped, tokenizers forced', 'qwen2.5-shipped', 'qwen2.5', 'tokenizers', 'qwen2.5'),
+    ('llama3 dir, llama3', 'llama3', 'llama3', 'auto', 'llama3'),
+    ('llama3 dir, llama3, tokenizers forced', 'llama3', 'llama3', 'tokenizers', 'llama3'),
+    ('byte-level dir, mistral', 'mistral-bytes', 'mistral', 'auto', 'mistral-bytes'),
+    ('byte-level dir, mistral, tokenizers forced', 'mistral-bytes', 'mistral', 'tokenizers', 'mistral-bytes'),
+    ('SentencePiece-style dir, mistral', 'mistral-sp', 'mistral', 'auto', 'mistral-sp'),
+    ('SentencePiece-style dir, tokenizers forced', 'mistral-sp', 'mistral', 'tokenizers', 'mistral-sp'),
+    ('llama3 dir, general path (hf)', 'llama3', 'hf', 'auto', 'llama3'),
 ]
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -147,10 +153,22 @@ def _write_dir(path, spec, added, config, eos):
         json.dump({'eos_token_id': [tok.token_to_id(t) for t in eos]}, f)
 
 
+def as_shipped(spec):
+    """A converted byte-level tokenizer.json in the shape Qwen2/2.5 ship: one merge per token, its
+    natural split (what tiktoken's merging of the token's own bytes ends with), in rank order,
+    and ignore_merges false."""
+    from tokenizer import _natural_splits
+    vocab = spec['model']['vocab']
+    splits = _natural_splits(vocab)
+    merges = [list(splits[t]) for t in sorted(splits, key=vocab.get)]
+    return dict(spec, model=dict(spec['model'], merges=merges, ignore_merges=False))
+
+
 def build_format_dirs(root, texts):
     """Realistic-size tokenizer directories: the 151k Qwen ranks converted to tokenizer.json (the
     complete merge list TikTokenConverter writes, like Llama 3's) with each family's pre-tokenizer
-    and special tokens; and a 32k SentencePiece-style BPE (Metaspace, byte fallback) trained on the
+    and special tokens; the same ranks with one merge per token (as_shipped: Qwen2.5's own
+    tokenizer.json); and a 32k SentencePiece-style BPE (Metaspace, byte fallback) trained on the
     data, the shape of Mistral's tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizer import QWEN3_SPECIALS
@@ -162,8 +180,9 @@ def build_format_dirs(root, texts):
     base = json.loads(to_hf_tokenizer(load_tokenizer('qwen3')).backend_tokenizer.to_str())
     base['added_tokens'] = []
     qwen = [(t, t not in ('<tool_call>', '</tool_call>')) for t in QWEN3_SPECIALS[:22]]
-    _write_dir(os.path.join(root, 'qwen2.5'), base, qwen,
-               {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>', 'chat_template': template('qwen2.5')},
+    qwen_config = {'eos_token': '<|im_end|>', 'pad_token': '<|endoftext|>', 'chat_template': template('qwen2.5')}
+    _write_dir(os.path.join(root, 'qwen2.5'), base, qwen, qwen_config, ['<|im_end|>', '<|endoftext|>'])
+    _write_dir(os.path.join(root, 'qwen2.5-shipped'), as_shipped(base), qwen, qwen_config,
                ['<|im_end|>', '<|endoftext|>'])
     llama = dict(base, normalizer=None, pre_tokenizer={'type': 'Sequence', 'pretokenizers': [
         {'type': 'Split', 'pattern': {'Regex': LLAMA3_PATTERN}, 'behavior': 'Isolated', 'invert': False},
@@ -186,17 +205,19 @@ def build_format_dirs(root, texts):
     spec['pre_tokenizer']['split'] = False   # as in Llama-2-style tokenizer.json files
     _write_dir(os.path.join(root, 'mistral-sp'), spec, [], mistral_config, ['</s>'])
 
+
 def format_worker(args):
     """One contender in its own process: load, then encode every example; prints a JSON line."""
     import hashlib
     import tokenizer as tokenizer_module
     from chat_format import get_format
-    label, tok_name, fmt_name, encoder = FORMAT_CONTENDERS[args.worker]
-    if encoder == 'tokenizers':   # the tokenizers-library encoder even where tiktoken would do
-        tokenizer_module._tiktoken_ranks = lambda spec: None
+    label, tok_name, fmt_name, encoder, _group = FORMAT_CONTENDERS[args.worker]
     records = chat_records.load_records(args.data, fmt='gsm8k')
     t0 = time.process_time()
-    tok = load_tokenizer(tok_name if tok_name == 'qwen3' else os.path.join(args.dirs, tok_name))
+    if tok_name == 'qwen3':
+        tok = load_tokenizer('qwen3')
+    else:   # encoder 'tokenizers': the library encoder even where a faster exact one exists
+        tok = tokenizer_module._load_directory(os.path.join(args.dirs, tok_name), encoder=encoder)
     fmt = get_format(fmt_name, tok)
     t_load = time.process_time() - t0
     t0 = time.process_time()
@@ -221,8 +242,11 @@ def bench_formats(args):
     with tempfile.TemporaryDirectory() as dirs:
         t0 = time.time()
         build_format_dirs(dirs, texts)
-        print(f'{len(records)} examples from {args.data}; tokenizer dirs built in {time.time() - t0:.0f} s; '
-              f'{args.repeats} interleaved rounds, {args.cores} core(s)')
+        with open(os.path.join(dirs, 'qwen2.5-shipped', 'tokenizer.json'), encoding='utf-8') as f:
+            shipped = json.load(f)['model']
+        print(f'{len(records)} examples from {args.data}; tokenizer dirs built in {time.time() - t0:.0f} s '
+              f'(qwen2.5 as shipped: {len(shipped["merges"]):,} merges for {len(shipped["vocab"]):,} '
+              f'tokens); {args.repeats} interleaved rounds, {args.cores} core(s)')
         runs = {i: [] for i in range(len(FORMAT_CONTENDERS))}
         for r in range(args.repeats):
             for i in runs:
@@ -240,9 +264,15 @@ def bench_formats(args):
         per = m['cpu_s'] / r['tokens']
         print(f'{label:<42}{r["encoder"]:>22}{r["tokens"]:>10,}{m["cpu_s"]:>8.2f}{1e9 * per:>10.0f}'
               f'{per / base:>9.2f}x{m["load_s"]:>8.2f}{m["rss_mb"]:>8.0f}')
-    same = runs[2][0]['digest'] == runs[4][0]['digest'] == runs[6][0]['digest']
-    print(f'\nllama3 ids+labels identical with the tiktoken encoder, the tokenizers encoder and the '
-          f'general path: {same}; every run of a contender identical: '
+    groups = {}
+    for i, (*_rest, group) in enumerate(FORMAT_CONTENDERS):
+        if group is not None:
+            groups.setdefault(group, []).append(i)
+    print()
+    for group, members in groups.items():
+        same = len({runs[i][0]['digest'] for i in members}) == 1
+        print(f'{group}: ids+labels identical in {" / ".join(FORMAT_CONTENDERS[i][0] for i in members)}: {same}')
+    print(f'every run of a contender identical: '
           f'{all(len({x["digest"] for x in rs}) == 1 for rs in runs.values())}')
     print('goal: built-in renderers within 1.5x of the Qwen3 path per token')
 

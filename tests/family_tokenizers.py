@@ -10,8 +10,10 @@ tokenizer.json), its tokenizer_config.json (named tokens, chat template), genera
            as ids 0..9, and the VERBATIM official v0.3 template (which auto-detection must map
            to the built-in 'mistral')
   chatml   byte-level BPE with <|im_start|>/<|im_end|> and no template
-The BPE is trained (merges) on a fixed text, so it has one merge per token: these directories
-exercise the `tokenizers` encoder; tests of the tiktoken encoder convert the Qwen ranks instead.
+The BPE is trained (merges) on a fixed text, so it has one merge per token. The byte-level ones
+run on tiktoken (their merges are their tokens' natural splits, checked at load: see
+tokenizer._tiktoken_ranks); mistral's, trained on whole texts, has tokens that cross words
+('e▁'), so it runs on the `tokenizers` library encoder (tokenizer._metaspace_plan refuses it).
 
 random_conversation(rng, family) draws a conversation the family's template is defined on; below
 it, what the chat test modules share (load_family, conversations, hf_ids, trained_spans ...).
