@@ -127,6 +127,8 @@ FORMAT_CONTENDERS = [   # (label, tokenizer: 'qwen3' or a directory built below,
     ('byte-level dir, mistral, tokenizers forced', 'mistral-bytes', 'mistral', 'tokenizers', 'mistral-bytes'),
     ('SentencePiece-style dir, mistral', 'mistral-sp', 'mistral', 'auto', 'mistral-sp'),
     ('SentencePiece-style dir, tokenizers forced', 'mistral-sp', 'mistral', 'tokenizers', 'mistral-sp'),
+    ('SP-style dir fit to this text, mistral', 'mistral-sp-own', 'mistral', 'auto', 'mistral-sp-own'),
+    ('SP-style dir fit to this text, forced', 'mistral-sp-own', 'mistral', 'tokenizers', 'mistral-sp-own'),
     ('llama3 dir, general path (hf)', 'llama3', 'hf', 'auto', 'llama3'),
 ]
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -164,13 +166,36 @@ def as_shipped(spec):
     return dict(spec, model=dict(spec['model'], merges=merges, ignore_merges=False))
 
 
-def build_format_dirs(root, texts):
+def _sentencepiece_style(texts, split_digits: bool) -> dict:
+    """A 32k SentencePiece-style BPE (Metaspace, byte fallback) trained on texts: the shape of
+    Mistral's tokenizer.json. split_digits: numbers one digit per token, as Mistral's and Llama 2's
+    SentencePiece models are trained (split_digits=True), so the vocabulary has no multi-digit token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    sp = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True))
+    meta = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=True)
+    sp.pre_tokenizer = pre_tokenizers.Sequence([meta, pre_tokenizers.Digits(individual_digits=True)]) \
+        if split_digits else meta
+    sp.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    byte_tokens = [f'<0x{b:02X}>' for b in range(256)]
+    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32768, show_progress=False,
+                                                      special_tokens=MISTRAL_SPECIALS + byte_tokens))
+    spec = json.loads(sp.to_str())   # byte pieces are vocabulary entries, not added tokens
+    spec['added_tokens'] = [t for t in spec['added_tokens'] if t['content'] not in byte_tokens]
+    # as in Llama-2-style tokenizer.json files: one Metaspace, no split (digits stay apart because
+    # no merge joins them)
+    if split_digits:
+        spec['pre_tokenizer'] = spec['pre_tokenizer']['pretokenizers'][0]
+    spec['pre_tokenizer']['split'] = False
+    return spec
+
+
+def build_format_dirs(root, texts, held_out):
     """Realistic-size tokenizer directories: the 151k Qwen ranks converted to tokenizer.json (the
     complete merge list TikTokenConverter writes, like Llama 3's) with each family's pre-tokenizer
     and special tokens; the same ranks with one merge per token (as_shipped: Qwen2.5's own
-    tokenizer.json); and a 32k SentencePiece-style BPE (Metaspace, byte fallback) trained on the
-    data, the shape of Mistral's tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer.json); a 32k SentencePiece-style BPE trained, as a real one is, on other text
+    (held_out: GSM8K test) with digits split (mistral-sp); and one fit to the benchmark's own text
+    with numbers merged (mistral-sp-own), which needs far fewer tokens for it than any real one."""
     from tokenizer import QWEN3_SPECIALS
     templates = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'chat_templates')
 
@@ -194,16 +219,9 @@ def build_format_dirs(root, texts):
                       'chat_template': template('mistral')}
     _write_dir(os.path.join(root, 'mistral-bytes'), base, [(t, True) for t in MISTRAL_SPECIALS],
                mistral_config, ['</s>'])
-    sp = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=True)
-    sp.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
-    byte_tokens = [f'<0x{b:02X}>' for b in range(256)]
-    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32768, show_progress=False,
-                                                      special_tokens=MISTRAL_SPECIALS + byte_tokens))
-    spec = json.loads(sp.to_str())   # byte pieces are vocabulary entries, not added tokens
-    spec['added_tokens'] = [t for t in spec['added_tokens'] if t['content'] not in byte_tokens]
-    spec['pre_tokenizer']['split'] = False   # as in Llama-2-style tokenizer.json files
-    _write_dir(os.path.join(root, 'mistral-sp'), spec, [], mistral_config, ['</s>'])
+    _write_dir(os.path.join(root, 'mistral-sp'), _sentencepiece_style(held_out, True), [], mistral_config, ['</s>'])
+    _write_dir(os.path.join(root, 'mistral-sp-own'), _sentencepiece_style(texts, False), [], mistral_config,
+               ['</s>'])
 
 
 def format_worker(args):
@@ -239,9 +257,14 @@ def bench_formats(args):
     import subprocess
     records = chat_records.load_records(args.data, fmt='gsm8k')
     texts = [m['content'] for msgs in records for m in msgs]
+    test = os.path.join(os.path.dirname(args.data), 'test.jsonl')   # GSM8K's other split
+    if not os.path.exists(test):
+        raise SystemExit(f'--formats: {test} not found: the SentencePiece-style tokenizer is trained on '
+                         f'text other than the benchmark\'s, GSM8K test beside --data')
+    held_out = [m['content'] for msgs in chat_records.load_records(test, fmt='gsm8k') for m in msgs]
     with tempfile.TemporaryDirectory() as dirs:
         t0 = time.time()
-        build_format_dirs(dirs, texts)
+        build_format_dirs(dirs, texts, held_out)
         with open(os.path.join(dirs, 'qwen2.5-shipped', 'tokenizer.json'), encoding='utf-8') as f:
             shipped = json.load(f)['model']
         print(f'{len(records)} examples from {args.data}; tokenizer dirs built in {time.time() - t0:.0f} s '
