@@ -31,8 +31,11 @@ Three encoders give those ids, each only where it is exact (checked when the dir
   kept out of tiktoken's whole-piece lookup). A probe text guards the regex engines (fancy-regex vs
   Oniguruma). ~5x faster than the library.
 - MetaspaceChatTokenizer, for SentencePiece-style BPE (Mistral, Llama 2: Metaspace ▁, byte
-  fallback) when the text can be cut into words no merge crosses (_metaspace_plan): the
-  library's own BPE model, once per distinct word, behind a word cache.
+  fallback) when the text can be cut into words no merge crosses (_metaspace_plan): word by word
+  on tiktoken when the same natural-split argument holds over characters (_metaspace_ranks:
+  multi-byte characters are completed first by ranks below every token's; the converter's
+  complete merge lists that Mistral and Llama 2 ship pass), else the library's own BPE model once
+  per distinct word, behind a word cache.
 - the `tokenizers` library for every other directory. Plain text is encoded after a private
   sentinel token, in a copy of the tokenizer that knows no other added token: the text is
   normalized and pre-tokenized exactly as a piece after a control token is in the Hugging Face
@@ -282,8 +285,9 @@ class _WordIds(dict):
 
 
 class MetaspaceChatTokenizer(HFChatTokenizer):
-    """SentencePiece-style BPE (Metaspace, Mistral / Llama 2): the `tokenizers` library's own BPE
-    model, called once per distinct word (see _metaspace_plan for why words are independent).
+    """SentencePiece-style BPE (Metaspace, Mistral / Llama 2), word by word (see _metaspace_plan
+    for why words are independent): on tiktoken where it merges exactly as the library does
+    (_metaspace_ranks), else the library's own BPE model once per distinct word behind a cache.
     Everything else is HFChatTokenizer's."""
 
     def __init__(self, spec: dict, special_tokens: dict[str, int], text_tokens,
@@ -293,20 +297,56 @@ class MetaspaceChatTokenizer(HFChatTokenizer):
         r = re.escape(self.replacement)
         # split: the pre-tokenizer's own pieces (each replacement starts one); else the words no
         # vocabulary token crosses: a run of replacements and what follows it
-        self._words = re.compile(f'[^{r}]+|{r}[^{r}]*' if split else f'{r}*[^{r}]+|{r}+').findall
+        pattern = f'[^{r}]+|{r}[^{r}]*' if split else f'{r}*[^{r}]+|{r}+'
+        self._words = re.compile(pattern).findall
         self._model = self.plain.model
         self._word_ids = _WordIds(self._tokenize)
+        self.enc = None
+        fast = _metaspace_ranks(spec)
+        if fast is not None:
+            import tiktoken
+            ranks, shift, self._low = fast
+            self.enc = tiktoken.Encoding('metaspace', pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+            # rank -> id in one list (a C-level lookup per token); the first ranks are the leftover
+            # character prefixes, expanded to their byte pieces before the lookup
+            self._prefixes = sum(len(t) > 1 for t in self._low)
+            self._id_of = [t[0] - shift if len(t) == 1 else -1 for t in self._low] + \
+                list(range(max(ranks.values()) + 1 - shift))
+            # added tokens merging can build from plain text (none in Mistral's): refused, as below
+            built = set(ranks.values())
+            self._built = frozenset(i for i in self.added_ids if i + shift in built)
+            # the regex engines differ (fancy-regex vs re): the word path decides on a probe text
+            probe = _probe_without(special_tokens)
+            if probe is None or self._encode_tiktoken(probe) != self._encode_words(probe):
+                self.enc = None
 
     def encode(self, text: str) -> list[int]:
         if SENTINEL in text:   # as the library encoder, whose sentinel it is
             raise ValueError('text contains U+FDD0, a Unicode noncharacter nanoSFT reserves')
+        return self._encode_tiktoken(text) if self.enc is not None else self._encode_words(text)
+
+    def _marked(self, text: str) -> str:
         rep = self.replacement
         s = text.replace(' ', rep)
         if s and (self.prefix == 'always' or self.prefix == 'missing' and not s.startswith(rep)):
             s = rep + s
+        return s
+
+    def _encode_words(self, text: str) -> list[int]:
         ids, cache = [], self._word_ids
-        for word in self._words(s):
+        for word in self._words(self._marked(text)):
             ids += cache[word]
+        return ids
+
+    def _encode_tiktoken(self, text: str) -> list[int]:
+        out = self.enc.encode_ordinary(self._marked(text))
+        if out and min(out) < self._prefixes:   # an unknown character's leading bytes
+            low, n = self._low, self._prefixes
+            out = [j for r in out for j in (low[r] if r < n else (r,))]
+        ids = list(map(self._id_of.__getitem__, out))
+        if self._built and not self._built.isdisjoint(ids):
+            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
+                             'token id; nanoSFT cannot keep it text with this tokenizer')
         return ids
 
     def _tokenize(self, word: str) -> list[int]:
@@ -510,6 +550,57 @@ def _metaspace_plan(spec: dict) -> tuple[str, str | None, bool] | None:
         if model.get('ignore_merges') or rep not in vocab or any(crosses(t) for t in vocab):
             return None
     return rep, prefix, split
+
+
+def _metaspace_ranks(spec: dict) -> tuple[dict[bytes, int], int, list[tuple[int, ...]]] | None:
+    """(ranks, shift, low) when tiktoken, fed ranks, merges a word exactly as this SentencePiece-
+    style tokenizer.json's BPE does, else None. A real token id i is tiktoken rank shift + i;
+    ranks below shift are low[rank], the shifted ranks they stand for: first the character
+    prefixes (several byte pieces each), then the multi-byte characters (one token each).
+
+    The library starts a word from its characters: each one that is a token, and the byte-fallback
+    pieces (<0xXX>) of each one that is not; then it merges listed pairs by merge index. tiktoken
+    starts from bytes, so every multi-byte character token and every proper prefix of one gets a
+    rank below all others: those merges complete the characters before any other merge (they
+    cannot meet other bytes: no other token holds a partial character), after which the state is
+    the library's. A prefix left over is an unknown character's leading bytes (low: their byte
+    pieces). From there it is _tiktoken_ranks' argument over characters: every reachable token's
+    natural split listed, merge indices in rank order; unreachable tokens (and tokens holding a
+    character that is not a token: merging never builds them) are left out, which is exact without
+    ignore_merges only (required, as is byte_fallback with all 256 byte pieces)."""
+    model = spec.get('model') or {}
+    if not model.get('byte_fallback') or model.get('ignore_merges'):
+        return None
+    vocab = model.get('vocab') or {}
+    names = [f'<0x{b:02X}>' for b in range(256)]
+    if not all(n in vocab for n in names):
+        return None
+    chars = {t for t in vocab if len(t) == 1}
+    pieces = set(names)
+    sub = {t: i for t, i in vocab.items() if t not in pieces and all(c in chars for c in t)}
+    index = {}
+    for i, m in enumerate(model.get('merges') or []):
+        pair = tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m)
+        index[pair] = i
+    splits = _natural_splits(sub)
+    previous = -1
+    for t in sorted(splits, key=sub.__getitem__):
+        i = index.get(splits[t])
+        if i is None or i <= previous:
+            return None
+        previous = i
+    wide = sorted(c for c in chars if len(c.encode()) > 1)
+    prefixes = sorted({c.encode()[:k] for c in wide for k in range(2, len(c.encode()))})
+    shift = len(prefixes) + len(wide)
+    ranks = {p: k for k, p in enumerate(prefixes)}
+    ranks.update({c.encode(): len(prefixes) + k for k, c in enumerate(wide)})
+    low = [tuple(shift + vocab[names[b]] for b in p) for p in prefixes] + [(shift + vocab[c],) for c in wide]
+    for b in range(256):
+        ranks[bytes([b])] = shift + vocab.get(chr(b) if b < 128 else '', vocab[names[b]])
+    ranks.update({t.encode(): shift + sub[t] for t in splits})
+    if len(set(ranks.values())) != len(ranks):
+        return None
+    return ranks, shift, low
 
 
 def _read_json(path: str, required: bool = False) -> dict:

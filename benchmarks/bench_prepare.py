@@ -224,6 +224,12 @@ def build_format_dirs(root, texts, held_out):
                ['</s>'])
 
 
+def encoder_name(tok) -> str:
+    # a Metaspace tokenizer runs on tiktoken or on its word cache (tokenizer._metaspace_ranks)
+    name = type(tok).__name__
+    return name + ('+tiktoken' if getattr(tok, 'enc', None) is not None and 'Metaspace' in name else '')
+
+
 def format_worker(args):
     """One contender in its own process: load, then encode every example; prints a JSON line."""
     import hashlib
@@ -247,7 +253,7 @@ def format_worker(args):
     with open('/proc/self/status') as f:   # ru_maxrss would carry the parent's peak across exec
         peak_kb = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
     print(json.dumps({'cpu_s': t_encode, 'load_s': t_load, 'tokens': sum(len(i) for i, _ in out),
-                      'encoder': type(tok).__name__, 'rss_mb': peak_kb / 1024, 'digest': h.hexdigest()[:16]}))
+                      'encoder': encoder_name(tok), 'rss_mb': peak_kb / 1024, 'digest': h.hexdigest()[:16]}))
 
 
 def bench_formats(args):
@@ -280,12 +286,12 @@ def bench_formats(args):
     med = {i: {k: statistics.median(x[k] for x in rs) for k in ('cpu_s', 'load_s', 'rss_mb')}
            for i, rs in runs.items()}
     base = med[0]['cpu_s'] / runs[0][0]['tokens']
-    print(f'\n{"contender":<42}{"encoder":>22}{"tokens":>10}{"CPU s":>8}{"ns/token":>10}{"vs qwen3":>10}'
+    print(f'\n{"contender":<42}{"encoder":>32}{"tokens":>10}{"CPU s":>8}{"ns/token":>10}{"vs qwen3":>10}'
           f'{"load s":>8}{"RSS MB":>8}')
     for i, (label, *_rest) in enumerate(FORMAT_CONTENDERS):
         r, m = runs[i][0], med[i]
         per = m['cpu_s'] / r['tokens']
-        print(f'{label:<42}{r["encoder"]:>22}{r["tokens"]:>10,}{m["cpu_s"]:>8.2f}{1e9 * per:>10.0f}'
+        print(f'{label:<42}{r["encoder"]:>32}{r["tokens"]:>10,}{m["cpu_s"]:>8.2f}{1e9 * per:>10.0f}'
               f'{per / base:>9.2f}x{m["load_s"]:>8.2f}{m["rss_mb"]:>8.0f}')
     groups = {}
     for i, (*_rest, group) in enumerate(FORMAT_CONTENDERS):
