@@ -451,6 +451,23 @@ def _natural_splits(vocab: dict[str, int]) -> dict[str, tuple[str, str]]:
     return splits
 
 
+def _listed_natural_splits(model: dict, vocab: dict[str, int]) -> dict[str, tuple[str, str]] | None:
+    """vocab's natural splits (_natural_splits) when each is a listed merge of the tokenizer.json
+    model and their merge indices rise with their tokens' ranks, else None."""
+    index = {}
+    for i, m in enumerate(model.get('merges') or []):
+        pair = tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m)
+        index[pair] = i   # a pair listed twice: Hugging Face keeps the last index
+    splits = _natural_splits(vocab)
+    previous = -1
+    for t in sorted(splits, key=vocab.__getitem__):
+        i = index.get(splits[t])
+        if i is None or i <= previous:
+            return None
+        previous = i
+    return splits
+
+
 def _tiktoken_ranks(spec: dict, added_ids=frozenset()) -> tuple[dict[bytes, int], str, bool,
                                                                 dict[int, bytes]] | None:
     """(ranks, pattern, nfc, kept_out) when tiktoken gives exactly this tokenizer.json's ids, else
@@ -493,17 +510,9 @@ def _tiktoken_ranks(spec: dict, added_ids=frozenset()) -> tuple[dict[bytes, int]
     if (len(ranks) != len(vocab) or len(set(vocab.values())) != len(vocab)
             or not all(bytes([b]) in ranks for b in range(256))):
         return None
-    index = {}
-    for i, m in enumerate(model.get('merges') or []):
-        pair = tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m)
-        index[pair] = i   # a pair listed twice: Hugging Face keeps the last index
-    splits = _natural_splits(vocab)
-    previous = -1
-    for t in sorted(splits, key=vocab.__getitem__):
-        i = index.get(splits[t])
-        if i is None or i <= previous:
-            return None
-        previous = i
+    splits = _listed_natural_splits(model, vocab)
+    if splits is None:
+        return None
     kept_out = {} if model.get('ignore_merges') else {
         vocab[t]: t.translate(to_bytes).encode('latin-1') for t in vocab if len(t) > 1 and t not in splits}
     ranks = {k: v for k, v in ranks.items() if v not in kept_out}
@@ -578,17 +587,9 @@ def _metaspace_ranks(spec: dict) -> tuple[dict[bytes, int], int, list[tuple[int,
     chars = {t for t in vocab if len(t) == 1}
     pieces = set(names)
     sub = {t: i for t, i in vocab.items() if t not in pieces and all(c in chars for c in t)}
-    index = {}
-    for i, m in enumerate(model.get('merges') or []):
-        pair = tuple(m.split(' ', 1)) if isinstance(m, str) else tuple(m)
-        index[pair] = i
-    splits = _natural_splits(sub)
-    previous = -1
-    for t in sorted(splits, key=sub.__getitem__):
-        i = index.get(splits[t])
-        if i is None or i <= previous:
-            return None
-        previous = i
+    splits = _listed_natural_splits(model, sub)
+    if splits is None:
+        return None
     wide = sorted(c for c in chars if len(c.encode()) > 1)
     prefixes = sorted({c.encode()[:k] for c in wide for k in range(2, len(c.encode()))})
     shift = len(prefixes) + len(wide)
