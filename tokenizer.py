@@ -596,8 +596,8 @@ def _metaspace_ranks(spec: dict) -> tuple[dict[bytes, int], int, list[tuple[int,
     ranks = {p: k for k, p in enumerate(prefixes)}
     ranks.update({c.encode(): len(prefixes) + k for k, c in enumerate(wide)})
     low = [tuple(shift + vocab[names[b]] for b in p) for p in prefixes] + [(shift + vocab[c],) for c in wide]
-    for b in range(256):
-        ranks[bytes([b])] = shift + vocab.get(chr(b) if b < 128 else '', vocab[names[b]])
+    for b in range(256):   # an ASCII character that is a token is that token, any other byte its piece
+        ranks[bytes([b])] = shift + (vocab[chr(b)] if b < 128 and chr(b) in vocab else vocab[names[b]])
     ranks.update({t.encode(): shift + sub[t] for t in splits})
     if len(set(ranks.values())) != len(ranks):
         return None
