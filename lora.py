@@ -361,6 +361,7 @@ def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=No
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
+    recast = not cfg.quantize and cfg.base_dtype != 'float32'   # the frozen projections held in bf16
     for path, slices in layout.items():
         parent, _, child = path.rpartition('.')
         linear = model.get_submodule(path)
@@ -369,11 +370,11 @@ def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=No
             linear.weight = to_nf4(w.to(device) if device is not None else w, f"{path}.weight")
             if device is not None and linear.bias is not None:
                 linear.bias.data = linear.bias.data.to(device)
-        elif cfg.base_dtype != 'float32':
+        elif recast:
             linear.weight = nn.Parameter(linear.weight.detach().to(getattr(torch, cfg.base_dtype)),
                                          requires_grad=False)
         # an untargeted bf16 projection is a LoRALinear too, without adapters: its forward upcasts
-        if any(s.target in adapt for s in slices) or cfg.base_dtype != 'float32' and not cfg.quantize:
+        if recast or any(s.target in adapt for s in slices):
             setattr(model.get_submodule(parent), child, LoRALinear(linear, slices, adapt, cfg, gen))
     full = full_module_names(model)
     for t in train:

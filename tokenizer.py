@@ -154,6 +154,16 @@ class ChatTokenizer:
             ids = self._cache[text] = self.encode(text)
         return ids
 
+    def _text_only(self, ids: list[int], forbidden: frozenset, text: str) -> list[int]:
+        """ids, unless plain text became one of the `forbidden` added-token ids: then an error."""
+        if forbidden and not forbidden.isdisjoint(ids):
+            self._not_text(text)
+        return ids
+
+    def _not_text(self, text: str):
+        raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
+                         'token id; nanoSFT cannot keep it text with this tokenizer')
+
     def token_id(self, content: str) -> int | None:
         return self.special_tokens.get(content)
 
@@ -193,12 +203,6 @@ class TiktokenChatTokenizer(ChatTokenizer):
         for k, v in directory.items():
             setattr(self, k, v)
         self._init_ids()
-
-    def _text_only(self, ids: list[int], built: frozenset, text: str) -> list[int]:
-        if built and not built.isdisjoint(ids):
-            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
-                             'token id; nanoSFT cannot keep it text with this tokenizer')
-        return ids
 
     def encode(self, text: str) -> list[int]:
         return self._text_only(self.enc.encode_ordinary(self.normalize(text)), self._built, text)
@@ -250,10 +254,9 @@ class HFChatTokenizer(ChatTokenizer):
         if SENTINEL in text:
             raise ValueError('text contains U+FDD0, a Unicode noncharacter nanoSFT reserves')
         ids = self.plain.encode(SENTINEL + text, add_special_tokens=False).ids
-        if ids[0] != self.sentinel_id or not self.added_ids.isdisjoint(ids[1:]):
-            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
-                             'token id; nanoSFT cannot keep it text with this tokenizer')
-        return ids[1:]
+        if ids[0] != self.sentinel_id:
+            self._not_text(text)
+        return self._text_only(ids[1:], self.added_ids, text)
 
     def encode_assistant(self, text: str) -> list[int]:
         ids, rest = [], text
@@ -310,10 +313,10 @@ class MetaspaceChatTokenizer(HFChatTokenizer):
             # rank -> id in one list (a C-level lookup per token); the first ranks are the leftover
             # character prefixes, expanded to their byte pieces before the lookup
             self._prefixes = sum(len(t) > 1 for t in self._low)
-            self._id_of = [t[0] - shift if len(t) == 1 else -1 for t in self._low] + \
-                list(range(max(ranks.values()) + 1 - shift))
-            # added tokens merging can build from plain text (none in Mistral's): refused, as below
             built = set(ranks.values())
+            self._id_of = [t[0] - shift if len(t) == 1 else -1 for t in self._low] + \
+                list(range(max(built) + 1 - shift))
+            # added tokens merging can build from plain text (none in Mistral's): refused, as below
             self._built = frozenset(i for i in self.added_ids if i + shift in built)
             # the regex engines differ (fancy-regex vs re): the word path decides on a probe text
             probe = _probe_without(special_tokens)
@@ -343,18 +346,10 @@ class MetaspaceChatTokenizer(HFChatTokenizer):
         if out and min(out) < self._prefixes:   # an unknown character's leading bytes
             low, n = self._low, self._prefixes
             out = [j for r in out for j in (low[r] if r < n else (r,))]
-        ids = list(map(self._id_of.__getitem__, out))
-        if self._built and not self._built.isdisjoint(ids):
-            raise ValueError(f'tokenizer {self.name}: plain text {text[:40]!r} encodes to an added '
-                             'token id; nanoSFT cannot keep it text with this tokenizer')
-        return ids
+        return self._text_only(list(map(self._id_of.__getitem__, out)), self._built, text)
 
     def _tokenize(self, word: str) -> list[int]:
-        ids = [t.id for t in self._model.tokenize(word)]
-        if not self.added_ids.isdisjoint(ids):
-            raise ValueError(f'tokenizer {self.name}: plain text {word[:40]!r} encodes to an added '
-                             'token id; nanoSFT cannot keep it text with this tokenizer')
-        return ids
+        return self._text_only([t.id for t in self._model.tokenize(word)], self.added_ids, word)
 
 
 def _tokenizer_hash(blob: bytes, special_tokens: dict[str, int]) -> str:
