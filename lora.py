@@ -113,23 +113,23 @@ class LoRAConfig:
         return cls(**{k: tuple(v) if k == 'targets' else v for k, v in d.items()})
 
 
-def resolve_base_dtype(setting: str, compute_dtype: str, device_type: str) -> str:
-    """lora_base_dtype='auto': bfloat16 where training runs under bf16 autocast (CUDA), where it
-    changes nothing but memory (Qwen3-8B's 6.9B projection weights: 14 GB instead of 28 GB of fp32
-    plus 14 GB of the bf16 casts autocast keeps for backward); float32 elsewhere, so a CPU run trains
-    on the base as given."""
+def resolve_base_dtype(setting: str, compute_dtype: str) -> str:
+    """lora_base_dtype='auto': bfloat16 where training runs under bf16 autocast (CUDA or CPU), where
+    it changes nothing but memory (Qwen3-8B's 6.9B projection weights: 14 GB instead of 28 GB of fp32
+    plus 14 GB of the bf16 casts autocast keeps for backward); float32 elsewhere, so an fp32 run
+    trains on the base as given."""
     if setting == 'auto':
-        return 'bfloat16' if device_type == 'cuda' and compute_dtype == 'bfloat16' else 'float32'
+        return 'bfloat16' if compute_dtype == 'bfloat16' else 'float32'
     return setting
 
 
 def check_qlora_device(cfg: LoRAConfig, dtype: torch.dtype, device_type: str) -> None:
-    """QLoRA dequantizes every weight at every use in the compute dtype. On a CPU nanoSFT computes
-    in float32 (no autocast there) and float16 matmuls have no fast kernels, so float16 would
-    neither apply nor help: refused before anything is loaded."""
+    """QLoRA dequantizes every weight at every use in the compute dtype. CPUs have no fast float16
+    matmuls, so a float16 QLoRA run there would be slower than float32 at every step, for nothing:
+    refused before anything is loaded."""
     if cfg.quantize and device_type == 'cpu' and dtype == torch.float16:
-        raise LoRAError("QLoRA with dtype float16 on CPU is not supported (CPUs train in float32 here "
-                        "and have no fast float16 matmuls): use dtype float32")
+        raise LoRAError("QLoRA with dtype float16 on CPU is not supported (CPUs have no fast float16 "
+                        "matmuls): use dtype bfloat16 or float32")
 
 
 # ---------------------------------------------------------------------- where the projections are
@@ -381,6 +381,32 @@ def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=No
         model.get_submodule(full[t][0]).weight.requires_grad_(True)
     model.lora_config = cfg
     return model
+
+
+class FrozenEmbedding(nn.Embedding):
+    """A frozen token embedding held in 16 bits whose lookups come out in fp32, so the residual
+    stream it starts stays fp32, as from the fp32 table (bf16 -> fp32 is exact)."""
+
+    def forward(self, idx):
+        return super().forward(idx).float()
+
+
+def hold_embeddings_in(model: ConfigurableGPT, dtype: torch.dtype) -> None:
+    """Hold the frozen token embedding and LM head in `dtype`, for training under autocast to it.
+    There every use of them is in that dtype anyway (the head's matmul; the lookup is cast up for
+    the residual stream), so this changes nothing but memory: Qwen3-0.6B's tied 151,936 x 1,024
+    table 0.58 -> 0.29 GiB and no bf16 copy of it made by the loss each step; Qwen3-8B's untied
+    pair 5.0 -> 2.5 GB. Without autocast (fp32 math) the fp32 loss would need a full fp32 copy of
+    the head at the step's peak, so fp32 runs keep them fp32. Trained ones stay as they are."""
+    wte, head = model.transformer.wte, model.lm_head
+    tied = head.weight is wte.weight
+    if not wte.weight.requires_grad and wte.weight.dtype != dtype:
+        model.transformer.wte = FrozenEmbedding.from_pretrained(wte.weight.detach().to(dtype), freeze=True,
+                                                                padding_idx=wte.padding_idx)
+        if tied:
+            head.weight = model.transformer.wte.weight
+    if not tied and not head.weight.requires_grad and head.weight.dtype != dtype:
+        head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:

@@ -2,12 +2,13 @@
 renting the GPUs: `python train_sft.py CONFIG --plan [--gpus N] [--gpu_memory_gb G]`.
 
 Counted per GPU, in bytes, the way train_sft trains (fp32 master weights and AdamW states, bf16
-autocast on CUDA, the fused LM-head loss, document-masked attention without a mask):
+autocast, the fused LM-head loss, document-masked attention without a mask):
   weights      the parameters (sharded 1/N under FSDP) + their 16-bit compute copies (autocast's
                weight cache; FSDP's all-gathered blocks and root); LoRA: the frozen base as
                train_sft holds it, projections in bf16 (lora_base_dtype 'bfloat16', or 'auto' under
-               CUDA bf16 autocast) or fp32 (+ under autocast the 16-bit copies of them that backward
-               keeps), the rest fp32; QLoRA: NF4 projections (0.5 byte + block scales) + fp32 embedding.
+               bf16 autocast) or fp32 (+ under autocast the 16-bit copies of them that backward
+               keeps), the rest fp32; QLoRA: NF4 projections (0.5 byte + block scales). Under bf16
+               autocast a bf16 (or NF4) base holds the frozen embedding and LM head in bf16 too.
   gradients    of the trainable parameters (1/N under FSDP) + DDP's bucket copy of them.
   optimizer    AdamW's two fp32 moments per trainable parameter (1/N under FSDP).
   activations  what autograd keeps for backward, per token and layer, from what each op of
@@ -19,8 +20,8 @@ The peak is the largest of four moments of a step: the loss at the end of the fo
 activations alive), the first block of the backward, the embedding's backward (the tied matrix's
 dense gradient) and the optimizer step (fused AdamW, CPU and CUDA: no temporaries).
 Validated against measured CPU peaks by benchmarks/bench_memory.py (and tests/test_memory_plan.py):
-fp32 is what is measured; the bf16 and FSDP terms follow the same accounting but are estimates until
-a GPU run checks them. Imports only model_config (torch only to read a checkpoint's model_args).
+fp32 and CPU bf16 autocast are measured; the CUDA (varlen) and FSDP terms follow the same accounting
+but are estimates until a GPU run checks them. Imports only model_config (torch only to read a checkpoint's model_args).
 """
 from __future__ import annotations
 
@@ -128,13 +129,16 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     """Memory of one GPU (or the CPU process) for micro-batches of `tokens` tokens (batch_size x
     block_size). trained_tokens defaults to all of them (the LM head's worst case)."""
     N = setup.gpus if setup.parallel == 'fsdp' else 1
-    lo = 2 if dtype in ('bfloat16', 'float16') and device == 'cuda' else 4
-    path = path or ('varlen' if lo == 2 else 'per_doc')   # 'sdpa': padded rows, causal SDPA
+    lo = 2 if dtype in ('bfloat16', 'float16') else 4     # under autocast (CUDA or CPU) or fp32
+    path = path or ('varlen' if lo == 2 and device == 'cuda' else 'per_doc')   # 'sdpa': padded rows
     trained = tokens if trained_tokens is None else trained_tokens
     C, V, L = a.n_embd, a.vocab_size, a.n_layer
     # lora.resolve_base_dtype's rule: bf16 where autocast would cast every use to bf16 anyway
-    base16 = setup.finetune == 'lora' and (setup.lora_base_dtype == 'bfloat16' or (
-        setup.lora_base_dtype == 'auto' and dtype == 'bfloat16' and device == 'cuda'))
+    held16 = setup.lora_base_dtype == 'bfloat16' or (setup.lora_base_dtype == 'auto' and dtype == 'bfloat16')
+    base16 = setup.finetune == 'lora' and held16
+    # train_sft's hold_embeddings_in: the frozen embedding and head in bf16 under bf16 autocast
+    emb16 = setup.finetune != 'full' and held16 and dtype == 'bfloat16' and not (
+        {'embed_tokens', 'lm_head'} & set(setup.lora_targets))
     emb = V * C                                        # the embedding (= the head when tied)
     head = 0 if a.tie_word_embeddings else V * C
     total = a.num_params(non_embedding=False)
@@ -148,7 +152,8 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         trainable = lora_params(a, setup.lora_rank, setup.lora_targets)
         proj = L * sum(i * o for i, o in block_linears(a).values())
         base_proj = NF4_BYTES if setup.finetune == 'qlora' else 2 if base16 else 4
-        weights = (base_proj * proj + 4 * (total - proj)) / N + 4 * trainable / N
+        weights = (base_proj * proj + (2 if emb16 else 4) * (emb + head) + 4 * (total - proj - emb - head)) / N \
+            + 4 * trainable / N
         if lo == 2 and N == 1 and setup.finetune == 'lora' and not base16:
             weights += 2 * proj   # autocast does not cache frozen weights: each cast is kept for backward
         if N > 1:
@@ -170,7 +175,7 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     # one chunk of fp32 logits, worked on in place (16-bit: + the matmul's output / the 16-bit
     # softmax for the gradient matmuls); the selected hidden states and their gradient
     loss = (4 if lo == 4 else 6) * rows * V + 2 * 4 * trained * C + (lo * trained * C if lo == 2 else 0)
-    if lo == 2 and head_trained:
+    if lo == 2 and not emb16:
         loss += 2 * emb                                 # the head's 16-bit copy inside the loss
     bw_temp = tokens * 4 * 2 * C                        # the residual stream's gradients
     dequant = 0

@@ -2,10 +2,13 @@
 
 Same model for all: the `qwen3-0.6b` preset shape (28 layers, width 1024, 16/8 heads, SwiGLU 3072,
 tied embeddings, the real 151,936 vocabulary), random weights (seed 0) saved once in bf16, as Qwen3
-checkpoints ship, as a transformers Qwen3ForCausalLM directory that every contender loads into fp32. Same data: the first GSM8K train conversations
-(user = question, assistant = answer; only the answer and its <|im_end|> trained), packed into rows of
-512 tokens, one row per optimizer step, the same number of steps. Same adapter: rank 16, alpha 32, no
-dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. fp32 math everywhere.
+checkpoints ship, as a transformers Qwen3ForCausalLM directory. Same data: the first GSM8K train
+conversations (user = question, assistant = answer; only the answer and its <|im_end|> trained), packed
+into rows of 512 tokens, one row per optimizer step, the same number of steps. Same adapter: rank 16,
+alpha 32, no dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. Two
+precisions, each tool against the other at the same one: fp32 math (the model loaded into fp32), and
+the `_amp` pair, bf16 autocast on the CPU (fast where it has AVX512-BF16 or AMX) with the frozen base
+held in bf16 as it ships and the trained adapters, gradients and AdamW state in fp32.
 
     python benchmarks/bench_lora.py --json lora.json            # 3 interleaved repeats, medians
     python benchmarks/bench_lora.py --repeats 1 --steps 1 --contenders nanosft_lora,trl_lora
@@ -22,6 +25,11 @@ Contenders (each in its own process, run in turn, repeated --repeats times inter
                   the packed documents apart from position_ids, checked in tests), assistant_only_loss,
                   sequential sampler, gradient checkpointing off (the same compute as the others),
                   fp32 (bf16=False: the same precision as the others).
+  nanosft_lora_amp  train_sft with dtype='bfloat16' on the CPU: bf16 autocast, lora_base_dtype 'auto'
+                  (the frozen projections, embedding and LM head held in bf16; fp32 residual stream).
+  trl_lora_amp    TRL + PEFT's documented bf16 LoRA setting: the model loaded in bf16
+                  (from_pretrained dtype=bfloat16), SFTConfig(bf16=True) (autocast on the CPU), PEFT
+                  keeping the adapters in fp32 (autocast_adapter_dtype), otherwise as trl_lora.
   nanosft_lora_ac / trl_lora_gc   the same LoRA runs at each tool's lowest-memory documented setting:
                   nanoSFT activation_checkpointing='full' (every block recomputed), TRL
                   gradient_checkpointing=True (transformers' per-layer checkpointing). Not in the
@@ -34,6 +42,7 @@ back with malloc_trim, for every contender alike).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -47,8 +56,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
 CONTENDERS = ('nanosft_full', 'nanosft_lora', 'nanosft_lora_bf16', 'nanosft_qlora', 'trl_lora', 'nanosft_lora_ac',
-              'trl_lora_gc')
+              'trl_lora_gc', 'nanosft_lora_amp', 'trl_lora_amp')
 LORAS = ('nanosft_lora', 'nanosft_lora_bf16')   # nanoSFT LoRA without checkpointing: base fp32 / bf16
+# nanoSFT LoRA against TRL + PEFT at the same precision: fp32 (two ways to hold the base), bf16 autocast
+PAIRS = (('nanosft_lora', 'trl_lora'), ('nanosft_lora_bf16', 'trl_lora'), ('nanosft_lora_amp', 'trl_lora_amp'))
 PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 LR, BETAS, WD, GRAD_CLIP = 1e-4, (0.9, 0.95), 0.0, 1.0
 
@@ -65,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument('--preset', default='qwen3-0.6b')
     p.add_argument('--n_layer', type=int, default=None, help='override the preset (smoke tests)')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--jobs', type=int, default=1,
+                   help='contenders run at once: 1 for measurements; more only to smoke-test the script')
     p.add_argument('--data', default=common.GSM8K)
     p.add_argument('--json', default=None)
     p.add_argument('--workdir', default=None)
@@ -167,8 +180,10 @@ def child_nanosft(args, name):
     if name != 'nanosft_full':
         cfg = lora.LoRAConfig(rank=args.rank, alpha=args.alpha, targets=tuple(PROJECTIONS),
                               quantize=name == 'nanosft_qlora',
-                              base_dtype='bfloat16' if name == 'nanosft_lora_bf16' else 'float32')
+                              base_dtype='bfloat16' if name in ('nanosft_lora_bf16', 'nanosft_lora_amp') else 'float32')
         lora.apply_lora(model, cfg)
+        if name.endswith('_amp'):   # as train_sft holds the base under bf16 autocast
+            lora.hold_embeddings_in(model, torch.bfloat16)
         if name.endswith('_ac'):
             model.set_activation_checkpointing('full')
         held = lora.frozen_bytes(model)
@@ -182,10 +197,11 @@ def child_nanosft(args, name):
     extra.update(start_training_peak())
     times, cpu, trained, total, losses, per_step = [], [], 0, 0, [], []
     device = torch.device('cpu')
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16) if name.endswith('_amp') else contextlib.nullcontext()
     for step in range(n_steps):
         batch = ds.collate([units[step]])
         t, c = time.perf_counter(), time.process_time()
-        stats = forward_backward(model, [batch], device)
+        stats = forward_backward(model, [batch], device, autocast=autocast)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -213,14 +229,16 @@ def child_trl(args, name):
     n_steps = args.warmup + args.steps
     ds = Dataset.from_dict({'messages': _conversations(args)})
     t0 = time.process_time()
-    model = Qwen3ForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation='sdpa')
+    amp = name.endswith('_amp')
+    model = Qwen3ForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if amp else torch.float32,
+                                             attn_implementation='sdpa')
     out_dir = tempfile.mkdtemp(prefix='bench_trl_lora_')
     cfg = SFTConfig(
         output_dir=out_dir, max_steps=n_steps, per_device_train_batch_size=1,
         gradient_accumulation_steps=1, learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
         weight_decay=WD, max_grad_norm=GRAD_CLIP, lr_scheduler_type='constant', warmup_steps=0,
         max_length=args.block_size, packing=True, assistant_only_loss=True,
-        gradient_checkpointing=name.endswith('_gc'), bf16=False, fp16=False, use_cpu=True, report_to='none',
+        gradient_checkpointing=name.endswith('_gc'), bf16=amp, fp16=False, use_cpu=True, report_to='none',
         save_strategy='no', eval_strategy='no', logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0, seed=0, train_sampling_strategy='sequential', dataset_num_proc=None)
     peft_config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
@@ -328,7 +346,8 @@ def goals(med: dict[str, dict]) -> list[str]:
     same = len(set(per_step.values())) == 1
     out.append(f"same examples per step for every contender: {'yes' if same else 'NO'} "
                f"(trained tokens per step {next(iter(per_step.values())) if same else per_step})")
-    first = {n: med[n]['first_loss'] for n in ('nanosft_full', *LORAS, 'trl_lora') if ok(n)}
+    first = {n: med[n]['first_loss'] for n in ('nanosft_full', *LORAS, 'trl_lora', 'nanosft_lora_amp', 'trl_lora_amp')
+             if ok(n)}
     out.append(f"first losses (the same base and row: equal but for rounding): "
                f"{', '.join(f'{n} {v:.6f}' for n, v in first.items())}")
     for lo in LORAS:
@@ -349,16 +368,16 @@ def goals(med: dict[str, dict]) -> list[str]:
                    f"({bf16 / 2**20:,.0f} MiB) when the rest is bf16 (a GPU run); {held:.3f}x as this fp32 "
                    f"CPU run holds it ({(fb['projections'] + fb['other']) / 2**20:,.0f} MiB); goal <= 0.3x: "
                    f"{'met' if as_bf16 <= 0.3 else 'not met'}")
-    for lo in LORAS:
-        if not (ok(lo) and ok('trl_lora')):
+    for lo, peer in PAIRS:
+        if not (ok(lo) and ok(peer)):
             continue
-        a, b = med[lo], med['trl_lora']
+        a, b = med[lo], med[peer]
         s = a['trained_tok_per_cpu_s'] / b['trained_tok_per_cpu_s']
-        out.append(f'{lo} / TRL+PEFT trained tokens per CPU-second: {s:.2f}x (goal >= 1.5x: '
+        out.append(f'{lo} / {peer} trained tokens per CPU-second: {s:.2f}x (goal >= 1.5x: '
                    f'{"met" if s >= 1.5 else "not met"})')
         for key, what in (('train_peak_rss_bytes', 'training'), ('peak_rss_bytes', 'whole run')):
             r = a[key] / b[key]
-            out.append(f'{lo} / TRL+PEFT peak RSS ({what}): {r:.2f}x (goal <= 0.7x: '
+            out.append(f'{lo} / {peer} peak RSS ({what}): {r:.3f}x (goal <= 0.7x: '
                        f'{"met" if r <= 0.7 else "not met"})')
     if ok('nanosft_lora_ac') and ok('nanosft_full'):
         r = med['nanosft_lora_ac']['train_peak_rss_bytes'] / med['nanosft_full']['train_peak_rss_bytes']
@@ -400,17 +419,22 @@ def main(argv=None):
                HF_DATASETS_OFFLINE='1')
     runs: dict[str, list[dict]] = {n: [] for n in names}
     loads = []
-    for rep in range(args.repeats):
-        for name in names:   # interleaved: each repeat runs every contender once, in turn
+    # interleaved: each repeat runs every contender once, in turn (--jobs at a time: smoke tests only)
+    turns = [(rep, name) for rep in range(args.repeats) for name in names]
+    for i in range(0, len(turns), args.jobs):
+        t0, procs = time.time(), []
+        for rep, name in turns[i:i + args.jobs]:
             out = os.path.join(work, f'{name}.{rep}.json')
             cmd = [sys.executable, os.path.abspath(__file__), *fwd, '--child', name,
                    '--model_dir', model_dir, '--out', out]
-            t0 = time.time()
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            procs.append((rep, name, out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                           stderr=subprocess.PIPE, text=True)))
+        for rep, name, out, proc in procs:
+            stdout, stderr = proc.communicate()
             loads.append(os.getloadavg()[0])
             if proc.returncode != 0 or not os.path.exists(out):
-                runs[name].append({'error': (proc.stderr or proc.stdout).strip()[-3000:]})
-                print(f'{name} #{rep}: FAILED\n{proc.stderr[-3000:]}', file=sys.stderr)
+                runs[name].append({'error': (stderr or stdout).strip()[-3000:]})
+                print(f'{name} #{rep}: FAILED\n{stderr[-3000:]}', file=sys.stderr)
                 continue
             with open(out) as f:
                 runs[name].append(json.load(f))
@@ -422,7 +446,7 @@ def main(argv=None):
     head = (f"model: {args.preset} shape ({arch.n_layer} layers, width {arch.n_embd}, heads {arch.n_head}/"
             f"{arch.kv_heads} x {arch.head_size}, SwiGLU {arch.ffn_size}, vocab {arch.vocab_size}, "
             f"{arch.num_params(non_embedding=False) / 1e6:.0f}M parameters), "
-            f"random weights stored bf16, trained in fp32; GSM8K packed rows of {args.block_size}, 1 row/step, {args.warmup} warm-up + "
+            f"random weights stored bf16, trained in fp32 (the _amp pair: bf16 autocast); GSM8K packed rows of {args.block_size}, 1 row/step, {args.warmup} warm-up + "
             f"{args.steps} timed steps; LoRA rank {args.rank}, alpha {args.alpha:g}, {len(PROJECTIONS)} projections; "
             f"{args.threads} threads; {args.repeats} interleaved repeats (medians); {common.machine_description()}; "
             f"load average during the run {min(loads):.2f}-{max(loads):.2f}")

@@ -22,7 +22,7 @@ def test_every_contender_runs_and_lora_starts_from_the_base(tmp_path):
                                 'answer': f'{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}'}) + '\n')
     out = tmp_path / 'out.json'
     rc = bench_lora.main(['--preset', 'tiny', '--block_size', '128', '--rank', '4', '--repeats', '1',
-                          '--warmup', '1', '--steps', '1', '--threads', '1', '--data', str(data),
+                          '--warmup', '1', '--steps', '1', '--threads', '1', '--jobs', '2', '--data', str(data),
                           '--workdir', str(tmp_path), '--json', str(out)])
     res = json.loads(out.read_text())
     assert rc == 0, {k: v.get('error') for k, v in res['medians'].items()}
@@ -41,5 +41,11 @@ def test_every_contender_runs_and_lora_starts_from_the_base(tmp_path):
     assert med['trl_lora_gc']['first_loss'] == pytest.approx(med['trl_lora']['first_loss'], abs=1e-5)
     q = med['nanosft_qlora']
     assert 0.25 < q['frozen_base']['projections'] / q['bf16_projection_bytes'] < 0.3
-    assert any('TRL+PEFT' in g for g in res['goals'])
+    # the bf16 autocast pair: the same step in bf16 matmuls, nanoSFT's frozen embedding held in bf16
+    amp = med['nanosft_lora_amp']
+    assert amp['first_loss'] == pytest.approx(med['nanosft_lora']['first_loss'], abs=0.05)
+    assert med['trl_lora_amp']['first_loss'] == pytest.approx(med['trl_lora']['first_loss'], abs=0.05)
+    assert amp['frozen_base']['other'] < 0.6 * med['nanosft_lora']['frozen_base']['other']
+    assert sum(g.startswith(f'{lo} / {peer} trained tokens per CPU-second') for g in res['goals']
+               for lo, peer in bench_lora.PAIRS) == 3
     assert res['goals'][0].startswith('same examples per step for every contender: yes'), res['goals'][0]

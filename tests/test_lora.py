@@ -167,6 +167,41 @@ def test_bf16_base_trains_exactly_like_fp32_on_the_bf16_rounded_base():
             torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_under_bf16_autocast_a_bf16_held_base_and_embedding_compute_exactly_as_the_fp32_one(tied):
+    """What train_sft does with lora_base_dtype='auto' under bf16 autocast (CUDA, or a CPU with
+    dtype='bfloat16'): projections, embedding and head held in bf16 change nothing but memory."""
+    base, x = tiny(tie_word_embeddings=tied), ids()
+    with torch.no_grad():   # weights as a bf16 checkpoint ships them
+        for p in base.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    labels = x.clone()
+    labels[:, :4] = -100
+    half = perturb(apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, base_dtype='bfloat16'))).train()
+    lora.hold_embeddings_in(half, torch.bfloat16)
+    full = perturb(apply_lora(base, LoRAConfig(rank=4))).train()
+    assert half.transformer.wte.weight.dtype == half.lm_head.weight.dtype == torch.bfloat16
+    assert (half.lm_head.weight is half.transformer.wte.weight) == tied
+    held, kept = lora.frozen_bytes(half), lora.frozen_bytes(full)
+    assert held['transformer.wte.weight'] == kept['transformer.wte.weight'] // 2
+    out = {}
+    for name, m in (('half', half), ('full', full)):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            h = m.transformer.wte(x)
+            _, loss = m(x, labels=labels)
+        loss.backward()
+        out[name] = h, loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert out['half'][0].dtype == torch.float32   # the residual stream starts in fp32, as before
+    assert torch.equal(out['half'][0], out['full'][0]) and torch.equal(out['half'][1], out['full'][1])
+    assert out['half'][2].keys() == out['full'][2].keys()
+    for n, g in out['full'][2].items():
+        assert torch.equal(out['half'][2][n], g), n
+    # trained in full ('embed_tokens'), the embedding stays fp32
+    trained = apply_lora(tiny(), LoRAConfig(rank=4, base_dtype='bfloat16', targets=('q_proj', 'embed_tokens')))
+    lora.hold_embeddings_in(trained, torch.bfloat16)
+    assert trained.transformer.wte.weight.dtype == torch.float32 and trained.transformer.wte.weight.requires_grad
+
+
 def test_qlora_frozen_base_is_about_a_quarter_of_its_bf16_bytes():
     model = apply_lora(tiny(), LoRAConfig(rank=4, quantize=True))
     mods = lora.lora_modules(model)

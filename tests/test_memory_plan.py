@@ -19,9 +19,11 @@ def _arch(n_layer, n_embd, vocab, block, n_head=4, n_kv_head=2):
                                                intermediate_size=3 * n_embd, vocab_size=vocab, block_size=block)
 
 
-def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32'):
+def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32', dtype='float32'):
     """Peak bytes of live tensors in the third step of train_sft's loop (MemTracker follows every
-    storage the step creates and frees, plus parameters, gradients and AdamW state)."""
+    storage the step creates and frees, plus parameters, gradients and AdamW state); dtype
+    'bfloat16': under CPU autocast, the model held as train_sft holds it there."""
+    from contextlib import nullcontext
     from torch.distributed._tools.mem_tracker import MemTracker
     rng = np.random.default_rng(0)
     examples = []
@@ -36,11 +38,15 @@ def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32
     if finetune != 'full':
         import lora
         lora.apply_lora(model, lora.LoRAConfig(rank=8, quantize=finetune == 'qlora', base_dtype=base_dtype))
+        if dtype == 'bfloat16' and base_dtype == 'bfloat16':
+            lora.hold_embeddings_in(model, torch.bfloat16)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
     model.set_activation_checkpointing(ac, every)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
 
     def step(s):
-        stats = train_sft.forward_backward(model, [ds.collate(units[s * rows:(s + 1) * rows])], 'cpu')
+        stats = train_sft.forward_backward(model, [ds.collate(units[s * rows:(s + 1) * rows])], 'cpu',
+                                           autocast=autocast)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -82,6 +88,12 @@ def _frozen_parameters_tracked():
     dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='lora', base='bfloat16'),
     dict(n_layer=4, n_embd=128, vocab=2048, block=512, rows=2, ac='full', finetune='qlora'),
     dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='qlora'),
+    # CPU bf16 autocast: 16-bit activations; LoRA with the frozen base (embedding too) in bf16
+    dict(n_layer=3, n_embd=128, vocab=2048, block=512, rows=2, ac='none', dtype='bfloat16'),
+    dict(n_layer=3, n_embd=128, vocab=2048, block=512, rows=2, ac='none', finetune='lora', base='bfloat16',
+         dtype='bfloat16'),
+    dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='lora', base='bfloat16',
+         dtype='bfloat16'),
 ])
 def test_planned_peak_is_within_15_percent_of_the_measured_cpu_step(shape):
     if shape.get('finetune') == 'qlora':
@@ -89,9 +101,11 @@ def test_planned_peak_is_within_15_percent_of_the_measured_cpu_step(shape):
     arch = _arch(shape['n_layer'], shape['n_embd'], shape['vocab'], shape['block'])
     finetune = shape.get('finetune', 'full')
     base = shape.get('base', 'float32')
-    measured, trained = _measured_peak(arch, shape['rows'], shape['ac'], finetune=finetune, base_dtype=base)
+    dtype = shape.get('dtype', 'float32')
+    measured, trained = _measured_peak(arch, shape['rows'], shape['ac'], finetune=finetune, base_dtype=base,
+                                       dtype=dtype)
     planned = plan(arch, Setup(ac=shape['ac'], finetune=finetune, lora_rank=8, lora_base_dtype=base),
-                   tokens=shape['rows'] * shape['block'], trained_tokens=trained, dtype='float32', device='cpu').peak
+                   tokens=shape['rows'] * shape['block'], trained_tokens=trained, dtype=dtype, device='cpu').peak
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
 
 
@@ -119,13 +133,14 @@ def test_lora_rows_count_rank_times_in_plus_out_per_targeted_projection():
     # 4 bytes per weight + the 2-byte copies of the projections that backward keeps
     base = plan(a, Setup(finetune='lora'), tokens=4096, dtype='float32', device='cpu')
     assert base.weights == 4 * a.num_params(non_embedding=False) + 4 * lora_params(a, 16)
-    # lora_base_dtype: bf16 projections; 'auto' chooses them under CUDA bf16 autocast, where they
-    # are also the copies backward keeps (none of its own)
+    # lora_base_dtype: bf16 projections; 'auto' chooses them under bf16 autocast, where they are
+    # also the copies backward keeps (none of its own), and holds the frozen tied embedding in bf16
     proj = 28 * sum(i * o for i, o in memory_plan.block_linears(a).values())
     half = plan(a, Setup(finetune='lora', lora_base_dtype='bfloat16'), tokens=4096, dtype='float32', device='cpu')
     assert half.weights == base.weights - 2 * proj
     gpu = {b: plan(a, Setup(finetune='lora', lora_base_dtype=b), tokens=4096) for b in ('float32', 'auto')}
-    assert gpu['float32'].weights - gpu['auto'].weights == 4 * proj   # 4 + 2 bytes -> 2
+    assert gpu['float32'].weights - gpu['auto'].weights == 4 * proj + 2 * 151936 * 1024   # 4 + 2 bytes -> 2
+    assert plan(a, Setup(finetune='lora'), tokens=4096, device='cpu').weights == gpu['auto'].weights
 
 
 def test_the_loss_chunk_the_plan_counts_is_the_models():

@@ -777,8 +777,8 @@ def test_consecutive_nan_steps_abort_with_clear_message_and_usable_checkpoint(wo
     assert summary['iters'] == 6 and summary['skipped_steps'] == 0
 
 
-# dtype=float16 on CPU runs fp32 math (no autocast there) but with train_sft's GradScaler enabled:
-# the scaler's skip-and-back-off logic is the same code path as on CUDA.
+# dtype=float16 on CPU trains under CPU float16 autocast with train_sft's GradScaler: the scaler's
+# skip-and-back-off logic is the same code path as on CUDA.
 FP16_DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 

@@ -219,6 +219,21 @@ def test_token_weighting_is_independent_of_the_micro_batch_split(data_dir):
 
 
 @pytest.mark.slow
+def test_bfloat16_on_a_cpu_trains_under_autocast_with_fp32_weights(tmp_path, data_dir, capsys):
+    import json
+    losses = {}
+    for dtype in ('float32', 'bfloat16'):
+        train_sft.train(tiny_cfg(tmp_path / dtype, data_dir=str(data_dir), max_iters=4, eval_interval=4, dtype=dtype))
+        run = next((tmp_path / dtype / 'out').glob('run_*.json'))
+        losses[dtype] = [it['loss'] for it in json.loads(run.read_text())['iters']]
+        assert all(v.dtype == torch.float32 for v in params_of(tmp_path / dtype / 'out' / 'ckpt.pt').values())
+    # bf16 matmuls: not the fp32 numbers, but the same training
+    assert losses['float32'] != losses['bfloat16']
+    assert losses['bfloat16'] == pytest.approx(losses['float32'], abs=0.05)
+    out = capsys.readouterr().out
+    assert 'cpu float32' in out and 'cpu bfloat16 autocast (fp32 weights)' in out
+
+
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, monkeypatch):
     import os
     import signal
@@ -809,13 +824,14 @@ def lora_cfg(tmp_path, data_dir, base_ckpt, **over):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('finetune,base_dtype', [('lora', 'auto'), ('qlora', 'auto'), ('lora', 'bfloat16')])
-def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tmp_path, data_dir, base_ckpt,
-                                                                             finetune, base_dtype):
+@pytest.mark.parametrize('finetune,base_dtype,dtype', [('lora', 'auto', 'float32'), ('qlora', 'auto', 'float32'),
+                                                       ('lora', 'bfloat16', 'float32'), ('lora', 'auto', 'bfloat16')])
+def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tmp_path, data_dir, base_ckpt, capsys,
+                                                                             finetune, base_dtype, dtype):
     from checkpoint import load_checkpoint
     from lora import base_fingerprint, lora_modules
     summary = train_sft.train(lora_cfg(tmp_path, data_dir, base_ckpt, finetune=finetune, lora_dora=True,
-                                       lora_base_dtype=base_dtype))
+                                       lora_base_dtype=base_dtype, dtype=dtype))
     assert summary['iters'] == 4 and summary['skipped_steps'] == 0
     ck = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=False)
     base, _ = load_checkpoint(base_ckpt)
@@ -827,9 +843,13 @@ def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tm
     assert (tmp_path / 'out' / 'ckpt.pt').stat().st_size < base_ckpt.stat().st_size / 20
     model, _ = load_checkpoint(tmp_path / 'out' / 'ckpt.pt')
     assert len(lora_modules(model)) == 8 and model.lora_config.quantize == (finetune == 'qlora')
-    # 'auto' on a CPU keeps the fp32 base; asked for, the frozen projections come back in bf16
-    held = 'bfloat16' if base_dtype == 'bfloat16' else 'float32'
+    # 'auto' keeps the fp32 base in fp32 training and holds it in bf16 under bf16 autocast (the
+    # embedding too); asked for, the frozen projections come back in bf16
+    held = 'bfloat16' if 'bfloat16' in (base_dtype, dtype) else 'float32'
     assert ck['lora']['base_dtype'] == model.lora_config.base_dtype == held
+    embedding = 'bfloat16' if dtype == 'bfloat16' else 'float32'
+    assert f"frozen projections in {'nf4' if finetune == 'qlora' else held}, embedding in {embedding}" in \
+        capsys.readouterr().out
     if finetune == 'lora':
         assert {str(m.weight.dtype) for m in lora_modules(model).values()} == {f'torch.{held}'}
     moved = [n for n, p in model.named_parameters() if '.lora_B.' in n and p.abs().sum() > 0]
@@ -868,8 +888,9 @@ def test_lora_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir,
 
 @pytest.mark.slow
 def test_lora_on_two_ranks_matches_one_process(tmp_path, data_dir, base_ckpt):
-    """DDP with LoRA, and FSDP with QLoRA (the frozen NF4 base sharded too), on 2 gloo ranks x 2
-    micro-steps end where 1 process x 4 micro-steps does."""
+    """DDP with LoRA, FSDP with QLoRA (the frozen NF4 base sharded too) and FSDP with LoRA under bf16
+    autocast (the frozen base, embedding included, held in bf16), on 2 gloo ranks x 2 micro-steps end
+    where 1 process x 4 micro-steps does."""
     # FSDP shards each NF4 weight with whole groups of 256 x 64 weights per rank: a wider base
     wide = tmp_path / 'wide'
     train_sft.train(tiny_cfg(wide, data_dir=str(data_dir), max_iters=0, n_embd=256, n_head=4, head_dim=64,
@@ -878,8 +899,9 @@ def test_lora_on_two_ranks_matches_one_process(tmp_path, data_dir, base_ckpt):
                   packing=False, log_interval=3, learning_rate=3e-3, min_lr=3e-4)
     for name, base, extra in (('ddp_lora', base_ckpt, dict(finetune='lora', lora_dora=True)),
                               ('fsdp_qlora', wide / 'out' / 'ckpt.pt', dict(finetune='qlora', parallel='fsdp')),
-                              ('fsdp_lora_bf16_base', base_ckpt, dict(finetune='lora', parallel='fsdp',
-                                                                      lora_base_dtype='bfloat16'))):
+                              # under bf16 autocast: projections, embedding and head held in bf16
+                              ('fsdp_lora_bf16_autocast', base_ckpt, dict(finetune='lora', parallel='fsdp',
+                                                                          dtype='bfloat16'))):
         torchrun2(lora_cfg(tmp_path / name / '2', data_dir, base, gradient_accumulation_steps=2, **common, **extra))
         train_sft.train(lora_cfg(tmp_path / name / '1', data_dir, base, gradient_accumulation_steps=4, **common,
                                  **dict(extra, parallel='ddp')))
