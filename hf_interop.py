@@ -33,18 +33,18 @@ def from_hf(path, dtype=torch.float32) -> ConfigurableGPT:
         config = ModelArchitectureConfig.from_hf_config(hf_config)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{config_file}: {e}") from e
-    hf_sd = _RecordingDict(_read_hf_weights(path))
-    try:
-        sd = _hf_to_ours(config, hf_config['model_type'], hf_sd)
-    except KeyError as e:
-        raise ValueError(f"{path}: weight {e.args[0]!r} is missing") from e
-    unused = [k for k in hf_sd if k not in hf_sd.used and not _IGNORED_HF_KEY(k, config)]
+    hf_sd = _HFWeights(path)
+    unused = [k for k in hf_sd if k not in hf_sd.expected(config, hf_config['model_type'])
+              and not _IGNORED_HF_KEY(k, config)]
     if unused:
         raise ValueError(f"{path}: weights this architecture does not use (unsupported "
                          f"variant?): {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+    try:
+        sd = _hf_to_ours(config, hf_config['model_type'], hf_sd, dtype)
+    except KeyError as e:
+        raise ValueError(f"{path}: weight {e.args[0]!r} is missing") from e
     with torch.device('meta'):
         model = ConfigurableGPT(config)
-    sd = {k: v.to(dtype) for k, v in sd.items()}
     result = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == 'lm_head.weight')]
     if missing or result.unexpected_keys:
@@ -54,36 +54,46 @@ def from_hf(path, dtype=torch.float32) -> ConfigurableGPT:
     return model
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    single, index, binary = path / 'model.safetensors', path / 'model.safetensors.index.json', path / 'pytorch_model.bin'
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        weight_map = json.loads(index.read_text())['weight_map']
-        sd = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).is_file():
-                raise FileNotFoundError(f"{path / shard}: shard listed in {index} is missing")
-            sd.update(load_file(path / shard))
-        return sd
-    if binary.is_file():
-        return torch.load(binary, map_location='cpu', weights_only=True, mmap=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
-                            f"pytorch_model.bin")
+class _HFWeights:
+    """The tensors of a local HF directory by name, each read from its file only when asked
+    (safetensors: from the memory map, one tensor at a time), so that loading never holds the whole
+    checkpoint next to the model it becomes: Qwen3-8B's 16 GB of bf16 plus the fused copies
+    would come on top of the 33 GB of the fp32 model."""
 
+    def __init__(self, path: Path):
+        single, index = path / 'model.safetensors', path / 'model.safetensors.index.json'
+        binary = path / 'pytorch_model.bin'
+        self.files: dict[str, object] = {}    # name -> an open safetensors file (or the .bin's dict)
+        if single.is_file() or index.is_file():
+            from safetensors import safe_open
+            shards = [single.name] if single.is_file() else \
+                sorted(set(json.loads(index.read_text())['weight_map'].values()))
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise FileNotFoundError(f"{path / shard}: shard listed in {index} is missing")
+                f = safe_open(path / shard, framework='pt')
+                self.files.update(dict.fromkeys(f.keys(), f))
+        elif binary.is_file():   # memory-mapped too: a tensor's pages are read when it is used
+            sd = torch.load(binary, map_location='cpu', weights_only=True, mmap=True)
+            self.files.update(dict.fromkeys(sd, sd))
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                                    f"pytorch_model.bin")
 
-class _RecordingDict(dict):
-    """Remembers which keys were read, so leftover (unsupported) weights can be reported."""
+    def __iter__(self):
+        return iter(self.files)
 
-    def __init__(self, *a):
-        super().__init__(*a)
-        self.used = set()
+    def __contains__(self, name):
+        return name in self.files
 
-    def __getitem__(self, k):
-        v = super().__getitem__(k)
-        self.used.add(k)
-        return v
+    def __getitem__(self, name):
+        f = self.files[name]
+        return f[name] if isinstance(f, dict) else f.get_tensor(name)
+
+    def expected(self, config: ModelArchitectureConfig, model_type: str) -> set[str]:
+        """The names _hf_to_ours reads (GPT-2 files come with and without 'transformer.')."""
+        names = {n for _, ns, _ in _weight_map(config, model_type) for n in ns}
+        return names | {n.removeprefix('transformer.') for n in names} if model_type == 'gpt2' else names
 
 
 def _IGNORED_HF_KEY(key: str, config: ModelArchitectureConfig) -> bool:
@@ -135,11 +145,13 @@ def _weight_map(config: ModelArchitectureConfig, model_type: str):
         yield 'lm_head.weight', ['lm_head.weight'], 'copy'
 
 
-def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf: dict) -> dict:
+def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf, dtype=torch.float32) -> dict:
+    """Our state dict in `dtype`, built one weight at a time: each source tensor is read, converted
+    and dropped before the next, so the peak is the result plus one fused weight."""
     def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
         if model_type == 'gpt2' and k not in hf:
-            return hf[k.removeprefix('transformer.')]
-        return hf[k]
+            return hf[k.removeprefix('transformer.')].to(dtype)
+        return hf[k].to(dtype)
     sd = {}
     for ours, names, how in _weight_map(config, model_type):
         if how == 'copy':

@@ -85,6 +85,29 @@ def test_to_hf_does_not_write_tied_lm_head_and_loads_bf16(tmp_path):
     assert again.lm_head.weight is again.transformer.wte.weight
 
 
+def test_from_hf_reads_one_weight_at_a_time_not_the_whole_checkpoint(tmp_path, monkeypatch):
+    """An 8B checkpoint (16 GB of bf16) is never held whole next to the fp32 model it becomes:
+    each source tensor is read, converted and dropped before the next is read."""
+    import weakref
+
+    import hf_interop
+    model = ConfigurableGPT(ModelArchitectureConfig.from_preset('tiny', vocab_size=VOCAB, n_layer=4))
+    to_hf(model, tmp_path / 'bf16', dtype=torch.bfloat16)
+    live, most = weakref.WeakSet(), [0]
+    read = hf_interop._HFWeights.__getitem__
+
+    def tracked(self, name):
+        t = read(self, name)
+        live.add(t)
+        most[0] = max(most[0], len(live))
+        return t
+    monkeypatch.setattr(hf_interop._HFWeights, '__getitem__', tracked)
+    loaded = from_hf(tmp_path / 'bf16')
+    assert most[0] == 1, most[0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16).float()), k
+
+
 def test_from_hf_reads_sharded_safetensors_and_pytorch_bin(tmp_path):
     hf = _random_hf_model('llama')
     hf.save_pretrained(tmp_path / 'sharded', max_shard_size='20KB')
