@@ -234,7 +234,7 @@ def load_base(source: str | None, dropout=None) -> ConfigurableGPT:
         if not os.path.isdir(source[3:]):
             raise CheckpointError(f"base {source}: directory not found")
         try:
-            return from_hf(source[3:])
+            return from_hf(source[3:], dtype=None)   # as stored: apply_lora sets each weight's dtype
         except (OSError, ValueError) as e:
             raise CheckpointError(f"base {source}: {e}") from e
     if not os.path.isfile(source):

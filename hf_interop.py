@@ -21,8 +21,9 @@ from model_builder import ConfigurableGPT
 from model_config import ModelArchitectureConfig
 
 
-def from_hf(path, dtype=torch.float32) -> ConfigurableGPT:
-    """Load a local Hugging Face Qwen3 / Qwen2 / Llama / GPT-2 directory (no network)."""
+def from_hf(path, dtype: torch.dtype | None = torch.float32) -> ConfigurableGPT:
+    """Load a local Hugging Face Qwen3 / Qwen2 / Llama / GPT-2 directory (no network). dtype None:
+    each weight as stored (a LoRA base read at half the memory of fp32, made fp32 where needed)."""
     path = Path(path)
     config_file = path / 'config.json'
     if not config_file.is_file():
@@ -146,12 +147,11 @@ def _weight_map(config: ModelArchitectureConfig, model_type: str):
 
 
 def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf, dtype=torch.float32) -> dict:
-    """Our state dict in `dtype`, built one weight at a time: each source tensor is read, converted
-    and dropped before the next, so the peak is the result plus one fused weight."""
+    """Our state dict in `dtype` (None: as stored), built one weight at a time: each source tensor
+    is read, converted and dropped before the next, so the peak is the result plus one fused weight."""
     def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
-        if model_type == 'gpt2' and k not in hf:
-            return hf[k.removeprefix('transformer.')].to(dtype)
-        return hf[k].to(dtype)
+        t = hf[k.removeprefix('transformer.') if model_type == 'gpt2' and k not in hf else k]
+        return t if dtype is None else t.to(dtype)
     sd = {}
     for ours, names, how in _weight_map(config, model_type):
         if how == 'copy':

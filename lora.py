@@ -358,21 +358,24 @@ def apply_lora(model: ConfigurableGPT, cfg: LoRAConfig, seed: int = 0, device=No
         raise LoRAError("this model already has LoRA adapters")
     adapt, train = resolve_targets(cfg, model)
     layout = projection_layout(model)
+    projections = {id(model.get_submodule(path).weight) for path in layout}
     for p in model.parameters():
         p.requires_grad_(False)
+        if id(p) not in projections and p.dtype != torch.float32:
+            p.data = p.data.float()   # a base read as stored (bf16): all but the projections in fp32
     gen = torch.Generator().manual_seed(seed)
-    recast = not cfg.quantize and cfg.base_dtype != 'float32'   # the frozen projections held in bf16
+    held = torch.float32 if cfg.quantize else getattr(torch, cfg.base_dtype)
+    recast = held != torch.float32   # the frozen projections held in bf16
     for path, slices in layout.items():
         parent, _, child = path.rpartition('.')
         linear = model.get_submodule(path)
-        if cfg.quantize:
+        if cfg.quantize:   # from fp32 values, as a base loaded in fp32 would be quantized
             w = linear.weight.detach()
-            linear.weight = to_nf4(w.to(device) if device is not None else w, f"{path}.weight")
+            linear.weight = to_nf4((w.to(device) if device is not None else w).float(), f"{path}.weight")
             if device is not None and linear.bias is not None:
                 linear.bias.data = linear.bias.data.to(device)
-        elif recast:
-            linear.weight = nn.Parameter(linear.weight.detach().to(getattr(torch, cfg.base_dtype)),
-                                         requires_grad=False)
+        elif linear.weight.dtype != held:
+            linear.weight = nn.Parameter(linear.weight.detach().to(held), requires_grad=False)
         # an untargeted bf16 projection is a LoRALinear too, without adapters: its forward upcasts
         if recast or any(s.target in adapt for s in slices):
             setattr(model.get_submodule(parent), child, LoRALinear(linear, slices, adapt, cfg, gen))

@@ -566,7 +566,8 @@ def build_model(cfg: TrainConfig, device, log=say, dtype: str = 'float32') -> tu
             if not os.path.isdir(init[3:]):
                 raise TrainError(f"init_from={init}: directory not found: {init[3:]}")
             try:
-                model = from_hf(init[3:])
+                # a LoRA base as stored (bf16: half of fp32 in host memory): apply_lora sets the dtypes
+                model = from_hf(init[3:], dtype=None if lora_run else torch.float32)
             except (OSError, ValueError) as e:
                 raise TrainError(f"init_from={init}: {e}") from e
         else:

@@ -2,7 +2,8 @@
 
 Same model for all: the `qwen3-0.6b` preset shape (28 layers, width 1024, 16/8 heads, SwiGLU 3072,
 tied embeddings, the real 151,936 vocabulary), random weights (seed 0) saved once in bf16, as Qwen3
-checkpoints ship, as a transformers Qwen3ForCausalLM directory. Same data: the first GSM8K train
+checkpoints ship, as a transformers Qwen3ForCausalLM directory (nanoSFT reads a LoRA base as stored,
+as train_sft does, full fine-tuning into fp32). Same data: the first GSM8K train
 conversations (user = question, assistant = answer; only the answer and its <|im_end|> trained), packed
 into rows of 512 tokens, one row per optimizer step, the same number of steps. Same adapter: rank 16,
 alpha 32, no dropout, on q/k/v/o/gate/up/down (every attention and MLP projection), AdamW. Two
@@ -166,7 +167,8 @@ def child_nanosft(args, name):
     if len(units) < n_steps:
         raise SystemExit(f'{name}: only {len(units)} packed rows for {n_steps} steps')
     t0 = time.process_time()
-    model = from_hf(args.model_dir)
+    # as train_sft reads them: a LoRA base as stored (bf16; apply_lora sets the dtypes), else fp32
+    model = from_hf(args.model_dir, dtype=None if name != 'nanosft_full' else torch.float32)
     want = _model_arch(args)
     shape = ('n_layer', 'n_embd', 'n_head', 'kv_heads', 'head_size', 'ffn_size', 'vocab_size', 'tie_word_embeddings')
     diff = {k: (getattr(model.config, k), getattr(want, k)) for k in shape

@@ -202,6 +202,25 @@ def test_under_bf16_autocast_a_bf16_held_base_and_embedding_compute_exactly_as_t
     assert trained.transformer.wte.weight.dtype == torch.float32 and trained.transformer.wte.weight.requires_grad
 
 
+@pytest.mark.parametrize('quantize', [False, True])
+def test_a_base_read_as_stored_in_bf16_becomes_the_same_lora_model_as_one_read_in_fp32(tmp_path, quantize):
+    """train_sft reads a LoRA base as stored (Qwen3-8B: 16 GB of bf16 in host memory, not 33 GB of
+    fp32); apply_lora then gives every weight the dtype the fp32 read would have had."""
+    from hf_interop import to_hf
+    to_hf(tiny(), tmp_path / 'hf', dtype=torch.bfloat16)
+    stored, fp32 = from_hf(tmp_path / 'hf', dtype=None), from_hf(tmp_path / 'hf')
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    assert lora.base_fingerprint(stored) == lora.base_fingerprint(fp32)
+    for base_dtype in ('float32', 'bfloat16'):
+        cfg = LoRAConfig(rank=4, quantize=quantize, base_dtype=base_dtype)
+        a, b = (apply_lora(copy.deepcopy(m), cfg) for m in (stored, fp32))
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and a.lm_head.weight is a.transformer.wte.weight
+        for k in sb:
+            assert type(sa[k]) is type(sb[k]) and sa[k].dtype == sb[k].dtype, k
+            assert torch.equal(lora.dense(sa[k]), lora.dense(sb[k])), k
+
+
 def test_qlora_frozen_base_is_about_a_quarter_of_its_bf16_bytes():
     model = apply_lora(tiny(), LoRAConfig(rank=4, quantize=True))
     mods = lora.lora_modules(model)
