@@ -151,7 +151,9 @@ def _hf_to_ours(config: ModelArchitectureConfig, model_type: str, hf, dtype=torc
     is read, converted and dropped before the next, so the peak is the result plus one fused weight."""
     def get(k):  # GPT-2 files exist with and without the 'transformer.' prefix
         t = hf[k.removeprefix('transformer.') if model_type == 'gpt2' and k not in hf else k]
-        return t if dtype is None else t.to(dtype)
+        # a copy even in the stored dtype: a view would keep the whole file mapped (and counted in
+        # the process's memory) for as long as the model lives
+        return t.to(t.dtype if dtype is None else dtype, copy=True)
     sd = {}
     for ours, names, how in _weight_map(config, model_type):
         if how == 'copy':
