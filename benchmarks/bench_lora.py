@@ -225,7 +225,7 @@ def child_trl(args, name):
     torch.manual_seed(0)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import Qwen3ForCausalLM, TrainerCallback
+    from transformers import Qwen3ForCausalLM
     from trl import SFTConfig, SFTTrainer
     tok = common.hf_qwen_tokenizer()
     n_steps = args.warmup + args.steps
@@ -254,22 +254,7 @@ def child_trl(args, name):
             self.batches.append((inputs['input_ids'].numel(), int((lab[:, 1:] != -100).sum())))
             return super().compute_loss(model, inputs, *a, **kw)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t0 = self.c0 = None
-            self.times, self.cpu, self.load = [], [], {}
-
-        def on_train_begin(self, a, state, control, **kw):
-            self.load = start_training_peak()
-
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-            self.cpu.append(time.process_time() - self.c0)
-
-    timer = Timer()
+    timer = common.trl_step_timer(start_training_peak)
     trainer = Counting(model=model, args=cfg, train_dataset=ds, processing_class=tok,
                        peft_config=peft_config, callbacks=[timer])
     load_cpu = time.process_time() - t0

@@ -203,7 +203,7 @@ def child_hf(args, name):
 def child_trl(args, name):
     torch = _setup_torch(args)
     from datasets import Dataset
-    from transformers import Qwen3ForCausalLM, TrainerCallback
+    from transformers import Qwen3ForCausalLM
     from trl import SFTConfig, SFTTrainer
     steps, convs = _load_steps(args)
     tok = common.hf_qwen_tokenizer()
@@ -226,19 +226,7 @@ def child_trl(args, name):
             self.seen.append((inputs['input_ids'].numel(), int((inputs['labels'][:, 1:] != -100).sum())))
             return super().compute_loss(model, inputs, *a, **kw)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.t0 = self.c0 = None
-            self.times, self.cpu = [], []
-
-        def on_step_begin(self, a, state, control, **kw):
-            self.t0, self.c0 = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.times.append(time.perf_counter() - self.t0)
-            self.cpu.append(time.process_time() - self.c0)
-
-    timer = Timer()
+    timer = common.trl_step_timer()
     trainer = Counting(model=model, args=cfg, train_dataset=Dataset.from_dict({'messages': convs}),
                        processing_class=tok, callbacks=[timer])
     # TRL's own packing must have made the steps every other contender trains

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the benchmark shapes: name -> (n_layer, n_embd, n_head, n_kv_head, intermediate); head_dim 64, GQA
@@ -113,6 +114,29 @@ def write_random_qwen3(path: str, n_layer: int, n_embd: int, n_head: int, n_kv_h
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).to(getattr(torch, dtype))
     model.save_pretrained(path)
+
+
+def trl_step_timer(on_train_begin=None):
+    """A transformers TrainerCallback that times each optimizer step (wall and CPU seconds, in
+    .times / .cpu); on_train_begin() runs once before the first step, its result kept in .load."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t0 = self.c0 = None
+            self.times, self.cpu, self.load = [], [], {}
+
+        def on_train_begin(self, a, state, control, **kw):
+            if on_train_begin is not None:
+                self.load = on_train_begin()
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
+    return Timer()
 
 
 def rss_bytes() -> int:
