@@ -120,8 +120,8 @@ class TrainConfig:
     device: str = ''                  # '' -> cuda if available, else cpu
     dtype: str = ''                   # '' -> bfloat16 on CUDA with bf16 support, float16 on other
                                       # CUDA, float32 on CPU; bfloat16 / float16 train under autocast
-                                      # (weights and AdamW stay fp32) on CPU too: bfloat16 is ~3x
-                                      # faster where the CPU has AVX512-BF16 or AMX
+                                      # (weights and AdamW stay fp32) on CPU too: bf16 matmuls run ~3x
+                                      # fp32's where the CPU has AVX512-BF16 or AMX
     compile: bool = False             # torch.compile the model
     attention: str = 'auto'           # packed rows: 'auto' (flash varlen on CUDA bf16/fp16, SDPA per
                                       # document elsewhere) | 'varlen' | 'per_doc' | 'dense' (the
@@ -406,10 +406,10 @@ class Runtime:
 def cpu_has_fast(dtype: str) -> bool:
     """Whether this CPU multiplies `dtype` matrices in hardware (bf16: AVX512-BF16 or AMX; fp16:
     AMX-FP16), so autocast to it beats float32."""
-    cpu = torch.cpu
+    has = lambda what: getattr(torch.cpu, f'_is_{what}_supported', lambda: False)()  # noqa: E731  (private probes)
     if dtype == 'bfloat16':
-        return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
-    return dtype == 'float16' and cpu._is_amx_fp16_supported()
+        return has('avx512_bf16') or has('amx_tile')
+    return dtype == 'float16' and has('amx_fp16')
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:

@@ -219,8 +219,9 @@ def test_token_weighting_is_independent_of_the_micro_batch_split(data_dir):
 
 
 @pytest.mark.slow
-def test_bfloat16_on_a_cpu_trains_under_autocast_with_fp32_weights(tmp_path, data_dir, capsys):
+def test_bfloat16_on_a_cpu_trains_under_autocast_with_fp32_weights(tmp_path, data_dir, capsys, monkeypatch):
     import json
+    monkeypatch.setattr(train_sft, 'cpu_has_fast', lambda dtype: False)   # as on a CPU without AVX512-BF16
     losses = {}
     for dtype in ('float32', 'bfloat16'):
         train_sft.train(tiny_cfg(tmp_path / dtype, data_dir=str(data_dir), max_iters=4, eval_interval=4, dtype=dtype))
@@ -232,6 +233,7 @@ def test_bfloat16_on_a_cpu_trains_under_autocast_with_fp32_weights(tmp_path, dat
     assert losses['bfloat16'] == pytest.approx(losses['float32'], abs=0.05)
     out = capsys.readouterr().out
     assert 'cpu float32' in out and 'cpu bfloat16 autocast (fp32 weights)' in out
+    assert out.count('warning: this CPU has no bfloat16 matrix instructions') == 1
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, monkeypatch):
