@@ -21,7 +21,8 @@ activations alive), the first block of the backward, the embedding's backward (t
 dense gradient) and the optimizer step (fused AdamW, CPU and CUDA: no temporaries).
 Validated against measured CPU peaks by benchmarks/bench_memory.py (and tests/test_memory_plan.py):
 fp32 and CPU bf16 autocast are measured; the CUDA (varlen) and FSDP terms follow the same accounting
-but are estimates until a GPU run checks them. Imports only model_config (torch only to read a checkpoint's model_args).
+but are estimates until a GPU run checks them. Imports only model_config (torch only to read a
+checkpoint's model_args).
 """
 from __future__ import annotations
 
