@@ -146,7 +146,7 @@ def document_attention(q, k, v, docs: Documents, dropout_p: float = 0.0) -> torc
         return varlen_attn(q, k, v, cu, cu, m, m, window_size=(-1, 0), enable_gqa=gqa)
     if path != 'per_doc':
         raise ValueError(f"document_attention: path {path!r} is handled by the model's mask")
-    return _per_doc(q, k, v, docs.lengths, dropout_p, gqa)
+    return _per_doc(q, k, v, docs, dropout_p, gqa)
 
 
 # Eager under torch.compile: the document lengths change every batch (a graph per length list
@@ -154,8 +154,11 @@ def document_attention(q, k, v, docs: Documents, dropout_p: float = 0.0) -> torc
 # build n full-size zero gradients (O(n T)), the backward of split concatenates once. 4-D views:
 # CPU SDPA takes its flash kernel (GQA native, O(L) saved state) only for 4-D inputs; 3-D ones fall
 # back to the math kernel, which expands K/V and keeps the L x L probabilities for backward.
-@torch.compiler.disable
-def _per_doc(q, k, v, lengths, dropout_p, gqa):
+# torch._disable_dynamo is torch.compiler.disable imported on first call: the public decorator
+# imports torch._dynamo when this module loads, ~1 s of every command's start.
+@torch._disable_dynamo
+def _per_doc(q, k, v, docs, dropout_p, gqa):
+    lengths = docs.lengths   # read in the eager region: traced, the property compiles a frame of its own
     outs = [F.scaled_dot_product_attention(a.transpose(0, 1)[None], b.transpose(0, 1)[None],
                                            c.transpose(0, 1)[None], is_causal=True,
                                            dropout_p=dropout_p, enable_gqa=gqa)[0]

@@ -345,8 +345,9 @@ class ConfigurableGPT(nn.Module):
         return logits, self._chunked_loss(h, labels, reduction, trained_index)
 
     # Eager under torch.compile: the trained-position count changes every batch, and compiling
-    # per count would recompile until the cache limit; the chunks are big matmuls anyway.
-    @torch.compiler.disable
+    # per count would recompile until the cache limit; the chunks are big matmuls anyway. (Lazy
+    # torch.compiler.disable: see attention._per_doc.)
+    @torch._disable_dynamo
     def _chunked_loss(self, h, labels, reduction, trained_index=None):
         if trained_index is None:
             trained_index = trained_positions(labels)

@@ -164,7 +164,7 @@ def test_a_second_backward_through_the_fused_loss_is_refused():
 
 
 def test_compiled_model_does_not_recompile_when_the_trained_token_count_changes():
-    """The loss runs eager (torch.compiler.disable): compiling it per trained-token count would
+    """The loss runs eager (a lazy torch.compiler.disable): compiling it per trained-token count would
     recompile on every new batch until dynamo's cache limit."""
     import torch._dynamo
     torch._dynamo.reset()
@@ -178,6 +178,30 @@ def test_compiled_model_does_not_recompile_when_the_trained_token_count_changes(
             _, loss = compiled(ids, labels=labels)
             loss.backward()
             assert abs(loss.item() - _full_logits_loss(model, ids, labels, 'mean').item()) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_compiled_model_does_not_recompile_when_the_document_lengths_change():
+    """Packed batches differ in document count and lengths. The second batch's recompile is dynamo
+    making the count dynamic; after it, new lengths and counts reuse the graphs, not one graph per
+    batch until dynamo's cache limit."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = _tiny()
+    compiled = torch.compile(model, backend='aot_eager')
+
+    def step(seed):
+        ids, labels, pos, _, cu = _packed_batch(seed=seed)
+        _, loss = compiled(ids, labels=labels, position_ids=pos, cu_seqlens=cu, max_seqlen=9)
+        loss.backward()
+        _, ref = model(ids, labels=labels, position_ids=pos, cu_seqlens=cu, max_seqlen=9)
+        assert abs(loss.item() - ref.item()) < 1e-5
+        return cu.numel()
+
+    counts = {step(5), step(6)}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        counts |= {step(seed) for seed in (7, 8, 9)}
+    assert len(counts) >= 3            # the batches did differ in document count
     torch._dynamo.reset()
 
 
