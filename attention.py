@@ -19,6 +19,8 @@ Rows without documents (padding, generation) take SDPA's causal or masked path i
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -26,11 +28,13 @@ from model_config import ATTENTION_CHOICES
 
 
 def varlen_available() -> bool:
+    """torch's flash varlen_attn, taking the arguments document_attention passes: torch 2.9's took
+    is_causal; window_size and enable_gqa are in 2.12's."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.9)
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    return True
+    return {'window_size', 'enable_gqa'} <= set(inspect.signature(varlen_attn).parameters)
 
 
 def resolve(choice: str, device_type: str, dtype: torch.dtype, dropout: float = 0.0) -> tuple[str, str]:
@@ -41,7 +45,7 @@ def resolve(choice: str, device_type: str, dtype: torch.dtype, dropout: float = 
     flash_ok = device_type == 'cuda' and dtype in (torch.float16, torch.bfloat16) and varlen_available()
     if choice == 'varlen':
         if not flash_ok:
-            raise ValueError(f"attention='varlen' needs CUDA with float16/bfloat16 and torch >= 2.9 "
+            raise ValueError(f"attention='varlen' needs CUDA with float16/bfloat16 and torch >= 2.12 "
                              f"(here: {device_type}, {dtype}); use 'auto' or 'per_doc'")
         if dropout > 0:
             raise ValueError("attention='varlen' has no attention dropout; use 'per_doc' or dropout=0")
@@ -102,7 +106,11 @@ def packed_documents(choice, B, T, doc_ids, cu_seqlens, max_seqlen, device):
         return dense_doc_mask(doc_ids), None
     if cu_seqlens is None:
         cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
-    return None, Documents(cu_seqlens, max_seqlen, choice)
+    docs = Documents(cu_seqlens, max_seqlen, choice)
+    # the device copy made here, not at the first layer's use: under torch.compile, filling the cache
+    # from inside a checkpointed block is a side effect that sends the block back to eager
+    docs.cu_on(device)
+    return None, docs
 
 
 class Documents:

@@ -352,8 +352,9 @@ class ConfigurableGPT(nn.Module):
         if trained_index is None:
             trained_index = trained_positions(labels)
         n = trained_index.numel()
-        if n == 0:
-            return h.sum() * 0.0           # exactly 0, still part of the graph (DDP needs grads)
+        if n == 0:   # exactly 0, and every trainable weight still gets a (zero) gradient: DDP and
+            # FSDP expect one on each rank, and an untied head is not reached through h
+            return (h.sum() + sum(p.sum() for p in self.lm_head.parameters())) * 0.0
         # (N, C): only the positions whose next token is trained; their targets are one further on
         h_sel = h.reshape(-1, h.size(-1)).index_select(0, trained_index)
         t_sel = labels.reshape(-1).index_select(0, trained_index + 1)

@@ -729,7 +729,11 @@ def check_data_fits_model(cfg: TrainConfig, model, tok: dict, ckpt: dict | None,
 
 def check_nf4_shardable(model, world: int) -> None:
     """FSDP shards each NF4 weight by rows together with its block scales (torchao): each rank needs
-    whole groups of 256 x 64 weights, so the groups of every NF4 weight must divide by world."""
+    whole groups of 256 x 64 weights, so the groups of every NF4 weight must divide by world. One
+    rank: FSDP2 skips the all-gather there, and torchao's NF4 unsharding then fails mid-forward."""
+    if world == 1:
+        raise TrainError("finetune='qlora' with parallel='fsdp' on 1 rank: FSDP2 cannot unshard torchao's "
+                         "NF4 weights without a gather; one process has nothing to shard, use parallel='ddp'")
     for name, p in model.named_parameters():
         if is_nf4(p) and (p.quantization_factor.numel() % world or p.shape[0] % world):
             raise TrainError(f"finetune='qlora' with parallel='fsdp' on {world} ranks: {name} {tuple(p.shape)} "
@@ -857,20 +861,26 @@ class StepMeter:
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, model):
         self.rt, self.acc = rt, torch.zeros(3, dtype=torch.float64, device=rt.device)
-        self.flops_per_token = model.config.flops_per_token(cfg.block_size)
-        self.peak = cfg.peak_flops or guess_peak_flops(rt.device_type)
+        self.flops_per_token = train_flops_per_token(model, cfg.block_size)
+        self.peak = cfg.peak_flops or guess_peak_flops(rt.device_type, rt.dtype)
         if rt.device_type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         self.t_start = self.t_last = time.time()
+        self.excluded = 0.0
 
     def add(self, step_stats):
         self.acc += step_stats
+
+    def exclude(self, seconds: float):
+        """Time since the last log line that was not training (evaluation, checkpoints): not in tok/s."""
+        self.excluded += seconds
 
     def read(self, iter_num, lr, grad_norm) -> dict:
         stats = self.rt.all_reduce(self.acc.clone())
         self.acc.zero_()
         now = time.time()
-        dt, self.t_last = now - self.t_last, now
+        dt, self.t_last = max(now - self.t_last - self.excluded, 1e-9), now
+        self.excluded = 0.0
         trained, total = stats[1].item(), stats[2].item()
         rec = {'iter': iter_num, 'loss': stats[0].item() / max(trained, 1.0), 'lr': lr, 'grad_norm': grad_norm,
                'tokens': int(total), 'trained_tokens': int(trained), 'tok_per_s': total / dt,
@@ -889,15 +899,32 @@ class StepMeter:
         return line
 
 
-def guess_peak_flops(device_type):
+def train_flops_per_token(model, seq_len: int) -> int:
+    """PaLM's 6N + attention (ModelArchitectureConfig.flops_per_token), less what a LoRA run does not
+    compute: a frozen weight costs its forward and input-gradient matmuls (4 per weight), not 6; each
+    adapter weight costs 6."""
+    flops = model.config.flops_per_token(seq_len)
+    if getattr(model, 'lora_config', None) is None:
+        return flops
+    c = model.config
+    head = c.vocab_size * c.n_embd
+    frozen = c.num_params(non_embedding=True) + head * (not model.lm_head.weight.requires_grad)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if '.lora_' in n)
+    return flops - 2 * frozen + 6 * adapters
+
+
+def guess_peak_flops(device_type, dtype: str = 'bfloat16'):
+    """Dense tensor-core peak per GPU from its name: bf16 / fp16, or TF32 (half of that) for float32."""
     if device_type != 'cuda':
         return 0.0
     name = torch.cuda.get_device_name()
-    for key, flops in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40', 181e12),
-                       ('A10', 125e12), ('4090', 165e12), ('3090', 71e12)):
+    flops = 312e12
+    for key, f in (('H200', 989e12), ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12),
+                   ('A100', 312e12), ('L40', 181e12), ('A10', 125e12), ('4090', 165e12), ('3090', 71e12)):
         if key in name:
-            return flops
-    return 312e12
+            flops = f
+            break
+    return flops / 2 if dtype == 'float32' else flops
 
 
 # -----------------------------------------------------------------------------
@@ -968,6 +995,7 @@ def train(cfg: TrainConfig) -> dict:
             do_gen = gen is not None and (
                 (iter_num % (cfg.gen_eval_interval or cfg.eval_interval) == 0 and fresh) or at_end or cfg.eval_only)
             if do_loss or do_gen:
+                t_eval = time.time()
                 record, wb = evaluate(model, raw_model, train_ds, val_ds, gen, cfg, rt, iter_num, do_loss, do_gen,
                                       bar.write)
                 last_val = record.get('val_loss', last_val)
@@ -987,6 +1015,7 @@ def train(cfg: TrainConfig) -> dict:
                     early_stop = rt.all_reduce(torch.tensor([float(patience_out)], device=rt.device),
                                                dist.ReduceOp.MAX).item() > 0
                 run_log.write()
+                meter.exclude(time.time() - t_eval)
                 if early_stop and not at_end:
                     bar.write(f"early stopping at iter {iter_num}: {cfg.best_metric} has not improved on "
                               f"{best.value:.4g} for {best.since} evaluations (early_stopping_patience="

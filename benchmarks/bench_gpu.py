@@ -120,7 +120,7 @@ def run_child(args) -> dict:
     head_flops = 6 * cfg.vocab_size * cfg.n_embd
     model_flops = flops_tok * tokens
     done_flops = (flops_tok - head_flops) * tokens + head_flops * trained
-    peak = (args.peak_tflops * 1e12 if args.peak_tflops else guess_peak_flops(device.type)) or None
+    peak = (args.peak_tflops * 1e12 if args.peak_tflops else guess_peak_flops(device.type, args.dtype)) or None
     res = {'preset': args.child, 'batch_size': args.batch_size, 'block_size': T,
            'params': cfg.num_params(non_embedding=False), 'step_s': seconds / len(times),
            'tok_s': tokens / seconds, 'trained_tok_s': trained / seconds,

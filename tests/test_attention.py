@@ -94,12 +94,34 @@ def test_resolve_picks_the_flash_kernel_only_where_it_runs():
         resolve('flash', 'cpu', torch.float32)
 
 
+def test_the_flash_kernel_is_not_chosen_where_varlen_attn_lacks_window_size_and_gqa(monkeypatch):
+    """torch 2.9's varlen_attn (is_causal, no window_size / enable_gqa): the call would fail."""
+    import torch.nn.attention.varlen as varlen
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError('not to be called')
+    monkeypatch.setattr(varlen, 'varlen_attn', varlen_attn)
+    assert not attention.varlen_available()
+    assert resolve('auto', 'cuda', torch.bfloat16)[0] == 'per_doc'
+
+
 def test_documents_read_lengths_once_from_host_boundaries():
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     docs = Documents(cu, None, 'auto')
     assert docs.lengths == [3, 7] and docs.max_seqlen() == 7
     assert Documents(cu, 9, 'auto').max_seqlen() == 9       # a caller's host value is taken as is
     assert docs.cu_on('cpu') is docs.cu_on('cpu')
+
+
+def test_the_documents_a_forward_gets_need_no_filling_in_the_layers():
+    """Under torch.compile a checkpointed block that fills a cache of an object made outside it is a
+    side effect dynamo does not compile: the block would run eager. The varlen path reads only the
+    device boundaries and the caller's max_seqlen, both made before the layers."""
+    cu = torch.tensor([0, 3, 10, 16], dtype=torch.int32)
+    _, docs = attention.packed_documents('auto', 2, 8, None, cu, 7, 'cpu')
+    before = dict(vars(docs))
+    assert docs.cu_on('cpu') is before['_device_cu'] and docs.max_seqlen() == 7
+    assert vars(docs) == before
 
 
 @pytest.mark.gpu

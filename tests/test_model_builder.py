@@ -163,6 +163,19 @@ def test_a_second_backward_through_the_fused_loss_is_refused():
         loss.backward()
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_a_batch_without_trained_tokens_gives_every_weight_a_zero_gradient(tied):
+    """DDP and FSDP fail (or hang) when a weight gets no gradient on one rank only: an untied LM head
+    is not reached through the hidden states when no position is trained."""
+    model = _tiny(tie_word_embeddings=tied)
+    ids = _ids(T=16, B=2)
+    _, loss = model(ids, labels=torch.full_like(ids, -100))
+    loss.backward()
+    assert loss.item() == 0.0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
 def test_compiled_model_does_not_recompile_when_the_trained_token_count_changes():
     """The loss runs eager (a lazy torch.compiler.disable): compiling it per trained-token count would
     recompile on every new batch until dynamo's cache limit."""

@@ -963,6 +963,53 @@ def test_lora_non_finite_steps_are_skipped_then_abort(tmp_path, data_dir, base_c
     assert 'skipping this step' in capsys.readouterr().out
 
 
+def test_mfu_of_a_lora_run_leaves_out_the_frozen_weights_gradients():
+    """A frozen weight has no weight gradient: a LoRA step computes ~2/3 of full fine-tuning's FLOPs,
+    and its MFU must not count the rest. The formula's LoRA / full ratio against torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from lora import LoRAConfig, apply_lora
+    from model_builder import ConfigurableGPT
+    from model_config import ModelArchitectureConfig
+    T, ratios = 64, {}
+    for targets in (None, ('all',), ('all', 'lm_head')):
+        torch.manual_seed(0)
+        model = ConfigurableGPT(ModelArchitectureConfig.from_preset(
+            'tiny', vocab_size=512, n_embd=128, n_head=4, head_dim=32, intermediate_size=384))
+        if targets:
+            model = apply_lora(model, LoRAConfig(rank=4, targets=targets))
+        ids = torch.randint(1, 500, (1, T))
+        with FlopCounterMode(display=False) as counter:
+            model(ids, labels=ids)[1].backward()
+        ratios[targets] = (train_sft.train_flops_per_token(model, T), counter.get_total_flops() / T)
+    full = ratios.pop(None)
+    for targets, (formula, counted) in ratios.items():
+        assert formula / full[0] == pytest.approx(counted / full[1], rel=0.03), targets
+        assert formula / full[0] < 0.8
+
+
+def test_peak_flops_follow_the_gpu_and_the_precision(monkeypatch):
+    for name, bf16 in (('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
+                       ('NVIDIA H200', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12)):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda *a, n=name: n)
+        assert train_sft.guess_peak_flops('cuda', 'bfloat16') == bf16
+        assert train_sft.guess_peak_flops('cuda', 'float32') == bf16 / 2     # TF32 tensor cores
+    assert train_sft.guess_peak_flops('cpu', 'bfloat16') == 0.0
+
+
+def test_qlora_under_fsdp_needs_two_ranks_and_whole_nf4_groups_on_each():
+    from lora import LoRAConfig, apply_lora
+    from model_builder import ConfigurableGPT
+    from model_config import ModelArchitectureConfig
+    model = apply_lora(ConfigurableGPT(ModelArchitectureConfig.from_preset(
+        'tiny', vocab_size=512, n_embd=256, n_head=4, head_dim=64, intermediate_size=256)),
+        LoRAConfig(rank=4, quantize=True))
+    train_sft.check_nf4_shardable(model, 2)
+    with pytest.raises(train_sft.TrainError, match=r"on 1 rank: .* use parallel='ddp'"):
+        train_sft.check_nf4_shardable(model, 1)
+    with pytest.raises(train_sft.TrainError, match=r"on 3 ranks: transformer\.h\.0\..* not divisible by 3"):
+        train_sft.check_nf4_shardable(model, 3)
+
+
 def test_bad_lora_settings_are_clear_errors_before_training(tmp_path, data_dir, base_ckpt):
     cases = [
         (dict(init_from='scratch'), r"finetune='lora' adapts a trained base"),
