@@ -95,8 +95,11 @@ def apply_config_file(path: str, config: dict, typed: dict) -> dict:
     """exec the config file with the current values visible; return only the keys it set."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a python config file (binary: a checkpoint or data file?)") from None
     scope = dict(config)
     try:
         exec(compile(source, path, 'exec'), scope)

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 
 from configurator import ConfigError, configure, help_text
-from model_config import ATTENTION_CHOICES
+from model_config import ATTENTION_CHOICES, PRESET_ALIASES, PRESETS
 from progress import Progress, say
 
 
@@ -150,6 +150,20 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= 1")
         if self.block_size < 2:
             raise ConfigError(f"block_size={self.block_size}: must be >= 2")
+        if self.model_preset and PRESET_ALIASES.get(self.model_preset, self.model_preset) not in PRESETS:
+            raise ConfigError(f"model_preset={self.model_preset!r}: expected one of "
+                              f"{sorted(PRESETS) + sorted(PRESET_ALIASES)}")
+        for key in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'lr_decay_iters'):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= 0")
+        for key in ('beta1', 'beta2'):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be in [0, 1)")
+        if self.decay_lr and self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr={self.min_lr:g} is above learning_rate={self.learning_rate:g}: the cosine "
+                              f"schedule would raise the rate; set min_lr <= learning_rate (often a tenth)")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed={self.seed}: must be in [0, 2**32)")
         if self.eval_iters < 0 or self.max_iters < 0 or self.keep_last_n < 0:
             raise ConfigError("eval_iters, max_iters and keep_last_n must be >= 0")
         for key in ('gen_eval_interval', 'gen_eval_limit', 'early_stopping_patience'):
@@ -453,6 +467,12 @@ def load_data(cfg: TrainConfig, rt: Runtime) -> tuple[SFTDataset, SFTDataset, di
     train_ds = SFTDataset(train_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, mixture=mixture)
     val_ds = SFTDataset(val_split, cfg.block_size, cfg.packing, pad_id, cfg.seed, shuffle=False)
     rt.print0(f"data: {len(train_ds)} train / {len(val_ds)} val examples from {cfg.data_dir}")
+    if len(val_ds) == 0:
+        if cfg.best_metric == 'val_loss' and cfg.early_stopping_patience:
+            raise TrainError(f"early_stopping_patience={cfg.early_stopping_patience} follows the val loss, but "
+                             f"{cfg.data_dir} has no val examples (prepared with --val_fraction 0?)")
+        rt.print0(f"note: {cfg.data_dir} has no val examples (prepared with --val_fraction 0?): the val loss "
+                  f"is nan" + (", and no ckpt_best.pt is written" if cfg.best_metric == 'val_loss' else ''))
     if mixture is not None:
         rt.print0(f"mixture by {mixture.by} (an epoch = the split's {mixture.by}; epoch 0 realizes):")
         for r in mixture.report(0):
@@ -653,8 +673,12 @@ def describe_model(cfg: TrainConfig, rt: 'Runtime', model, base: dict | None) ->
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}{held}), init_from={cfg.init_from}"
               + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))
-    rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout, cfg.packing,
-                                 cfg.block_size, cfg.activation_checkpointing, cfg.activation_checkpointing_every))
+    try:
+        rt.print0(describe_attention(cfg.attention, rt.device_type, getattr(torch, rt.dtype), cfg.dropout,
+                                     cfg.packing, cfg.block_size, cfg.activation_checkpointing,
+                                     cfg.activation_checkpointing_every))
+    except ValueError as e:   # e.g. attention='varlen' where the flash kernel does not run
+        raise TrainError(str(e)) from None
 
 
 def is_empty(model) -> bool:

@@ -37,7 +37,7 @@ def toy_conversation(rng):
     return ids, labels
 
 
-def write_shards(out_dir, n=96, seed=0):
+def write_shards(out_dir, n=96, seed=0, val_fraction=0.2):
     """A tiny data set through the real pipeline: JSONL -> prepare_sft.py -> shards."""
     import json
 
@@ -49,7 +49,7 @@ def write_shards(out_dir, n=96, seed=0):
             words = ' '.join(rng.choice(WORDS, int(rng.integers(2, 8))))
             f.write(json.dumps({'messages': [{'role': 'user', 'content': f'repeat: {words}'},
                                              {'role': 'assistant', 'content': words}]}) + '\n')
-    prepare_sft.main(['--input', str(jsonl), '--out_dir', str(out_dir), '--val_fraction', '0.2',
+    prepare_sft.main(['--input', str(jsonl), '--out_dir', str(out_dir), '--val_fraction', str(val_fraction),
                       '--max_length', '64'])
     return out_dir
 
@@ -368,6 +368,41 @@ def test_help_lists_every_key(capsys):
     assert all(f'--{f.name}=' in out for f in dataclasses.fields(train_sft.TrainConfig))
 
 
+def test_optimizer_schedule_and_preset_values_are_clear_errors_before_anything_runs(tmp_path):
+    """Values torch or numpy would reject with a traceback mid-setup, or take silently (a min_lr above
+    the peak raises the rate along the cosine), as one error line naming the key."""
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes(b'PK\x03\x04\x00\xff\xfe binary')
+    for args, error in ((['--model_preset=Qwen3-0.6B'], r"model_preset='Qwen3-0.6B': expected one of \[.*'qwen3-0.6b'"),
+                        (['--learning_rate=-1'], r'learning_rate=-1.0: must be >= 0'),
+                        (['--beta1=1.5'], r'beta1=1.5: must be in \[0, 1\)'),
+                        (['--grad_clip=-1'], r'grad_clip=-1.0: must be >= 0'),
+                        (['--seed=-1'], r'seed=-1: must be in \[0, 2\*\*32\)'),
+                        (['--learning_rate=2e-5', '--min_lr=3e-4'], r'min_lr=0.0003 is above learning_rate=2e-05'),
+                        ([str(ckpt)], rf'{ckpt}: not a python config file \(binary')):
+        with pytest.raises(SystemExit, match=error):
+            train_sft.main(args + [f'--out_dir={tmp_path / "out"}'])
+    assert not (tmp_path / 'out').exists()
+    train_sft.TrainConfig(learning_rate=2e-5, min_lr=3e-4, decay_lr=False)   # no schedule: min_lr unused
+
+
+def test_data_without_a_val_split_trains_with_a_note_and_cannot_drive_early_stopping(tmp_path, capsys):
+    """Otherwise every evaluation says 'val loss nan', no ckpt_best.pt appears, and early stopping on
+    the val loss would stop the run after `patience` evaluations without a (comparable) number."""
+    data = write_shards(tmp_path / 'data', n=24, val_fraction=0)
+    with pytest.raises(train_sft.TrainError, match=r"early_stopping_patience=2 follows the val loss, but .* no val"):
+        train_sft.train(tiny_cfg(tmp_path, data_dir=str(data), early_stopping_patience=2))
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data), max_iters=2, eval_interval=2))
+    assert 'has no val examples (prepared with --val_fraction 0?): the val loss is nan, and no ckpt_best.pt' \
+        in capsys.readouterr().out
+    assert (tmp_path / 'out' / 'ckpt.pt').exists()
+
+
+def test_attention_varlen_on_a_cpu_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(train_sft.TrainError, match=r"attention='varlen' needs CUDA"):
+        train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), attention='varlen', packing=True, max_iters=1))
+
+
 def test_generation_eval_settings_and_sets_are_checked_before_training(tmp_path, data_dir):
     with pytest.raises(SystemExit, match=r"best_metric='accuracy' is a generation-eval metric: set gen_eval_data"):
         train_sft.main(['--best_metric=accuracy', f'--out_dir={tmp_path / "out"}'])
@@ -431,7 +466,7 @@ def test_architecture_keys_that_disagree_with_a_resumed_model_are_refused_by_nam
 
 def test_settings_that_train_nothing_on_a_short_run_are_warned_about_once(tmp_path, data_dir, capsys):
     train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=3, warmup_iters=100,
-                             lr_decay_iters=3000, learning_rate=2e-5, eval_interval=100))
+                             lr_decay_iters=3000, learning_rate=2e-5, min_lr=2e-6, eval_interval=100))
     out = capsys.readouterr().out
     for text in ('warning: warmup_iters=100 >= max_iters=3', 'warning: lr_decay_iters=3000 differs from max_iters=3',
                  "warning: init_from='scratch' with learning_rate=2e-05"):
