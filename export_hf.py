@@ -99,8 +99,14 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
     from checkpoint import base_source, load_checkpoint
     from hf_interop import to_hf
     from lora import merge_lora, save_peft_adapter
+    from tokenizer import load_tokenizer
     out_dir = os.path.realpath(out_dir)   # a symlink: replace the directory it points at, keep the link
     check_out_dir(out_dir)
+    if tokenizer:   # asked for by name: fail now, not after loading the model
+        try:
+            load_tokenizer(tokenizer)
+        except ValueError as e:
+            raise SystemExit(f'--tokenizer {tokenizer}: {e}')
     try:
         model, ckpt = load_checkpoint(ckpt_path, device='cpu', base=base_source(base) if base else None)
     except ValueError as e:
@@ -113,10 +119,11 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
     tok = fmt = None
     try:
         from chat_format import format_from_meta
-        from tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer or tok_meta.get('name') or 'qwen3')
         fmt = format_from_meta(tok, tok_meta, (ckpt.get('config') or {}).get('chat_template') or 'chatml')
     except ValueError as e:
+        if tokenizer:
+            raise SystemExit(f'--tokenizer {tokenizer}: {e}')
         print(f'warning: tokenizer {tok_meta.get("name")!r} unusable here ({e}); exported without '
               'tokenizer files', file=sys.stderr)
         tok = fmt = None
@@ -178,7 +185,8 @@ def main(argv=None) -> None:
                    '(refused if it holds files an export does not write)')
     p.add_argument('--dtype', choices=sorted(DTYPES), default=None,
                    help='weights dtype (default: as trained)')
-    p.add_argument('--tokenizer', default=None, help="override: 'qwen3' or a tokenizer directory")
+    p.add_argument('--tokenizer', default=None,
+                   help="override: 'qwen3' or a tokenizer directory (an error if unusable)")
     p.add_argument('--peft', action='store_true',
                    help='LoRA checkpoint: write a PEFT adapter directory instead of a merged model')
     p.add_argument('--base', default=None,

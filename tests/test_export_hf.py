@@ -249,3 +249,9 @@ def test_export_to_an_existing_file_is_a_clear_error_before_any_work(tmp_path):
         export_hf.main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')])
     assert (tmp_path / 'out').read_text() == 'mine'
 
+
+def test_an_unusable_tokenizer_asked_for_is_an_error_not_a_warning(tmp_path):
+    ckpt = _tiny_ckpt(tmp_path)
+    with pytest.raises(SystemExit, match=r"--tokenizer .*typo: unknown tokenizer"):
+        export_hf.main([ckpt, str(tmp_path / 'hf'), '--tokenizer', str(tmp_path / 'typo')])
+    assert not (tmp_path / 'hf').exists()
