@@ -18,9 +18,12 @@ copied (tokenizer.json, tokenizer_config.json, special_tokens_map.json) with cha
 replaced. So `AutoTokenizer.from_pretrained(dir).apply_chat_template(history,
 add_generation_prompt=True)` gives the very prompt ids training put in front of each reply, and
 `AutoModelForCausalLM.from_pretrained(dir)` our logits. The directory appears complete or not at
-all. Caveat of the HF path (not of these templates): it tokenizes the rendered string, so a reply
-starting with whitespace and "\\n" merges into the header and text that spells a special token
-becomes that token (unless apply_chat_template(..., sanitize_control_tokens=True)).
+all. An existing one is replaced whole, so no file of an earlier export survives (an adapter left
+beside a merged model would be applied to it by transformers); one that holds files an export does
+not write is refused, so nothing of the user's is deleted. Caveat of the HF path (not of these
+templates): it tokenizes the rendered string, so a reply starting with whitespace and "\\n" merges
+into the header and text that spells a special token becomes that token (unless
+apply_chat_template(..., sanitize_control_tokens=True)).
 """
 from __future__ import annotations
 
@@ -51,6 +54,22 @@ def generation_config(tok_meta: dict, tok=None, fmt=None) -> dict:
 
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+# everything an export writes: a directory holding only these is an earlier export, safe to replace
+EXPORT_FILES = {'config.json', 'model.safetensors', 'model.safetensors.index.json', 'generation_config.json',
+                'adapter_config.json', 'adapter_model.safetensors', 'chat_template.jinja', *TOKENIZER_FILES}
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an out_dir the export would not simply replace: a file, or a directory holding files
+    that are not from an export (replacing it would delete them)."""
+    if os.path.isdir(out_dir):
+        foreign = sorted(set(os.listdir(out_dir)) - EXPORT_FILES)
+        if foreign:
+            raise SystemExit(f'{out_dir}: holds files an export does not write ({", ".join(foreign[:5])}'
+                             f'{" ..." if len(foreign) > 5 else ""}); an export replaces the whole directory: '
+                             'choose a new or empty one, or move those files out')
+    elif os.path.lexists(out_dir):
+        raise SystemExit(f'{out_dir}: exists and is not a directory')
 
 
 def write_tokenizer(tok, template: str, out: str) -> None:
@@ -80,6 +99,14 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
     from checkpoint import base_source, load_checkpoint
     from hf_interop import to_hf
     from lora import merge_lora, save_peft_adapter
+    from tokenizer import load_tokenizer
+    out_dir = os.path.realpath(out_dir)   # a symlink: replace the directory it points at, keep the link
+    check_out_dir(out_dir)
+    if tokenizer:   # asked for by name: fail now, not after loading the model
+        try:
+            load_tokenizer(tokenizer)
+        except ValueError as e:
+            raise SystemExit(f'--tokenizer {tokenizer}: {e}')
     try:
         model, ckpt = load_checkpoint(ckpt_path, device='cpu', base=base_source(base) if base else None)
     except ValueError as e:
@@ -92,18 +119,19 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
     tok = fmt = None
     try:
         from chat_format import format_from_meta
-        from tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer or tok_meta.get('name') or 'qwen3')
         fmt = format_from_meta(tok, tok_meta, (ckpt.get('config') or {}).get('chat_template') or 'chatml')
     except ValueError as e:
+        if tokenizer:
+            raise SystemExit(f'--tokenizer {tokenizer}: {e}')
         print(f'warning: tokenizer {tok_meta.get("name")!r} unusable here ({e}); exported without '
               'tokenizer files', file=sys.stderr)
         tok = fmt = None
     if tok is not None and tok_meta.get('hash') and tok_meta['hash'] != tok.hash:
         raise SystemExit(f'{ckpt_path}: trained with tokenizer hash {tok_meta["hash"][:12]}, '
                          f'but {tok.name} has {tok.hash[:12]}; pass --tokenizer')
-    out_dir = os.path.abspath(out_dir)
     stage = os.path.join(os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.export{os.getpid()}')
+    old = stage + '.old'
     shutil.rmtree(stage, ignore_errors=True)
     try:
         if peft:
@@ -130,13 +158,21 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
         if not peft:
             with open(os.path.join(stage, 'generation_config.json'), 'w') as f:
                 json.dump(generation_config(tok_meta, tok, fmt), f, indent=2)
+        check_out_dir(out_dir)   # again: files may have appeared there while we wrote
         if os.path.isdir(out_dir):
-            # keep unrelated files a user put there; replace everything we write
-            for name in os.listdir(stage):
-                os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
-            shutil.rmtree(stage)
+            # swapped whole, not merged: a stale adapter_config.json beside a merged model would
+            # make transformers apply the old adapter to it
+            os.replace(out_dir, old)
+            try:
+                os.replace(stage, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(stage, out_dir)
+    except OSError as e:   # disk full, no permission, a file where a parent directory should be
+        raise SystemExit(f'{out_dir}: cannot write the export: {e}')
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_dir
@@ -145,10 +181,12 @@ def export(ckpt_path: str, out_dir: str, dtype: str | None = None, tokenizer: st
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('ckpt', help='checkpoint written by train_sft.py (.pt, or a sharded checkpoint directory)')
-    p.add_argument('out_dir', help='Hugging Face directory to write')
+    p.add_argument('out_dir', help='Hugging Face directory to write; an existing one is replaced whole '
+                   '(refused if it holds files an export does not write)')
     p.add_argument('--dtype', choices=sorted(DTYPES), default=None,
                    help='weights dtype (default: as trained)')
-    p.add_argument('--tokenizer', default=None, help="override: 'qwen3' or a tokenizer directory")
+    p.add_argument('--tokenizer', default=None,
+                   help="override: 'qwen3' or a tokenizer directory (an error if unusable)")
     p.add_argument('--peft', action='store_true',
                    help='LoRA checkpoint: write a PEFT adapter directory instead of a merged model')
     p.add_argument('--base', default=None,

@@ -29,7 +29,7 @@ def from_hf(path, dtype: torch.dtype | None = torch.float32) -> ConfigurableGPT:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found (from_hf needs a local Hugging Face "
                                 f"model directory with config.json)")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = _read_json(config_file)
     try:
         config = ModelArchitectureConfig.from_hf_config(hf_config)
     except (ValueError, KeyError) as e:
@@ -55,6 +55,13 @@ def from_hf(path, dtype: torch.dtype | None = torch.float32) -> ConfigurableGPT:
     return model
 
 
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding='utf-8'))
+    except ValueError as e:   # json's message names a line and column, not the file
+        raise ValueError(f"{file}: not valid JSON: {e}") from e
+
+
 class _HFWeights:
     """The tensors of a local HF directory by name, each read from its file only when asked
     (safetensors: from the memory map, one tensor at a time), so that loading never holds the whole
@@ -66,16 +73,26 @@ class _HFWeights:
         binary = path / 'pytorch_model.bin'
         self.files: dict[str, object] = {}    # name -> an open safetensors file (or the .bin's dict)
         if single.is_file() or index.is_file():
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
             shards = [single.name] if single.is_file() else \
-                sorted(set(json.loads(index.read_text())['weight_map'].values()))
+                sorted(set(_read_json(index)['weight_map'].values()))
             for shard in shards:
                 if not (path / shard).is_file():
                     raise FileNotFoundError(f"{path / shard}: shard listed in {index} is missing")
-                f = safe_open(path / shard, framework='pt')
+                try:
+                    f = safe_open(path / shard, framework='pt')
+                except SafetensorError as e:   # a header that does not fit the file
+                    raise ValueError(f"{path / shard}: not a safetensors file (a Git LFS pointer or an "
+                                     f"incomplete download?)") from e
                 self.files.update(dict.fromkeys(f.keys(), f))
         elif binary.is_file():   # memory-mapped too: a tensor's pages are read when it is used
-            sd = torch.load(binary, map_location='cpu', weights_only=True, mmap=True)
+            try:
+                sd = torch.load(binary, map_location='cpu', weights_only=True, mmap=True)
+            except PermissionError:
+                raise
+            except Exception as e:   # torch's errors for these name neither the file nor the cause
+                raise ValueError(f"{binary}: not a PyTorch weights file (a Git LFS pointer or an "
+                                 f"incomplete download?)") from e
             self.files.update(dict.fromkeys(sd, sd))
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or "

@@ -209,3 +209,49 @@ def test_peft_export_of_a_full_checkpoint_is_a_clear_error(exported, tmp_path):
     with pytest.raises(SystemExit, match='--peft exports the adapters of a LoRA checkpoint'):
         export_hf.main([str(ckpt), str(tmp_path / 'a'), '--peft'])
     assert not (tmp_path / 'a').exists()
+
+
+# ---------------------------------------------------------------- the output directory, bad arguments
+
+def _tiny_ckpt(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelArchitectureConfig.from_preset('tiny', vocab_size=320, n_layer=1)
+    save_checkpoint(tmp_path / 'ckpt.pt', {'model': ConfigurableGPT(cfg).state_dict(), 'model_args': cfg.to_dict()})
+    return str(tmp_path / 'ckpt.pt')
+
+
+def test_export_over_an_earlier_peft_export_leaves_no_adapter_behind(tmp_path):
+    """transformers applies an adapter_config.json it finds beside a model: a stale one must go."""
+    ckpt, out = _tiny_ckpt(tmp_path), tmp_path / 'hf'
+    out.mkdir()
+    (out / 'adapter_config.json').write_text('{"peft_type": "LORA"}')
+    (out / 'adapter_model.safetensors').write_bytes(b'old')
+    export_hf.main([ckpt, str(out)])
+    names = set(os.listdir(out))
+    assert 'config.json' in names and not names & {'adapter_config.json', 'adapter_model.safetensors'}
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'hf']   # no staging or old copy left
+
+
+def test_export_refuses_a_directory_with_files_it_did_not_write_before_any_work(tmp_path):
+    out = tmp_path / 'hf'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    (out / 'config.json').write_text('{}')
+    # a checkpoint that does not exist: the directory is checked before anything is loaded
+    with pytest.raises(SystemExit, match=rf'{out}: holds files an export does not write \(notes.txt\)'):
+        export_hf.main([str(tmp_path / 'nope.pt'), str(out)])
+    assert sorted(os.listdir(out)) == ['config.json', 'notes.txt']
+
+
+def test_export_to_an_existing_file_is_a_clear_error_before_any_work(tmp_path):
+    (tmp_path / 'out').write_text('mine')
+    with pytest.raises(SystemExit, match='out: exists and is not a directory'):
+        export_hf.main([str(tmp_path / 'nope.pt'), str(tmp_path / 'out')])
+    assert (tmp_path / 'out').read_text() == 'mine'
+
+
+def test_an_unusable_tokenizer_asked_for_is_an_error_not_a_warning(tmp_path):
+    ckpt = _tiny_ckpt(tmp_path)
+    with pytest.raises(SystemExit, match=r"--tokenizer .*typo: unknown tokenizer"):
+        export_hf.main([ckpt, str(tmp_path / 'hf'), '--tokenizer', str(tmp_path / 'typo')])
+    assert not (tmp_path / 'hf').exists()

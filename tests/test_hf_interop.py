@@ -142,6 +142,29 @@ def test_from_hf_errors_name_the_path_and_the_problem(tmp_path):
         from_hf(tmp_path / 'm')
 
 
+
+@pytest.mark.parametrize('damage', ['lfs_pointer', 'truncated'])
+@pytest.mark.parametrize('weights', ['model.safetensors', 'pytorch_model.bin'])
+def test_from_hf_names_a_weights_file_that_is_an_lfs_pointer_or_truncated(tmp_path, weights, damage):
+    hf = _random_hf_model('qwen3')
+    hf.save_pretrained(tmp_path)
+    f = tmp_path / weights
+    if weights == 'pytorch_model.bin':
+        (tmp_path / 'model.safetensors').unlink()
+        torch.save(hf.state_dict(), f)
+    data = f.read_bytes()
+    f.write_bytes(b'version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 4096\n'
+                  if damage == 'lfs_pointer' else data[:len(data) // 2])
+    with pytest.raises(ValueError, match=rf'{f}: not a .* file \(a Git LFS pointer or an incomplete download\?\)'):
+        from_hf(tmp_path)
+
+
+def test_from_hf_names_a_config_json_that_is_not_json(tmp_path):
+    _random_hf_model('qwen3').save_pretrained(tmp_path)
+    (tmp_path / 'config.json').write_text('{"model_type": "qwen3",}')
+    with pytest.raises(ValueError, match=rf'{tmp_path / "config.json"}: not valid JSON'):
+        from_hf(tmp_path)
+
 def _tiny():
     torch.manual_seed(0)
     return ConfigurableGPT(ModelArchitectureConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50))
