@@ -136,3 +136,9 @@ def test_lora_checkpoint_is_evaluated_as_its_adapter_model_and_finds_a_moved_bas
         eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)
     args.base = str(tmp_path / 'moved.pt')
     assert eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)['val_loss'] == got['val_loss']
+
+
+def test_swapped_arguments_name_the_checkpoint_as_binary_not_a_traceback(setup):
+    d, _, data = setup
+    with pytest.raises(SystemExit, match=r'm0.pt: not a JSONL/JSON text file \(binary data: is it a checkpoint'):
+        eval_sft.main([str(d / 'm0.pt'), str(data)])
