@@ -142,3 +142,20 @@ def test_swapped_arguments_name_the_checkpoint_as_binary_not_a_traceback(setup):
     d, _, data = setup
     with pytest.raises(SystemExit, match=r'm0.pt: not a JSONL/JSON text file \(binary data: is it a checkpoint'):
         eval_sft.main([str(d / 'm0.pt'), str(data)])
+
+
+@pytest.mark.parametrize('out', ['{tmp}', '{tmp}/new/', '{data}/eval.json'])
+def test_out_that_cannot_be_a_file_is_refused_before_evaluating(setup, tmp_path, monkeypatch, out):
+    d, _, data = setup
+    monkeypatch.setattr(eval_sft, 'evaluate', lambda *a, **k: pytest.fail('evaluated before --out was checked'))
+    out = out.format(tmp=tmp_path, data=data)
+    with pytest.raises(SystemExit, match=rf'--out {out}: (is a directory|cannot write there)'):
+        eval_sft.main([str(data), str(d / 'm0.pt'), '--out', out])
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_report_write_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(TypeError):
+        eval_sft.write_json(str(tmp_path / 'eval.json'), {'x': object()})
+    assert os.listdir(tmp_path) == []
+
