@@ -158,6 +158,8 @@ def main(argv=None) -> None:
         raise SystemExit(f'--labels: {len(args.labels)} labels for {len(args.models)} models')
     if args.limit is not None and args.limit < 1:
         raise SystemExit('--limit must be >= 1')
+    if args.batch_size < 1:
+        raise SystemExit('--batch_size must be >= 1')
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
     check_out(out)
     args.n_samples = max(args.n_samples, args.show)

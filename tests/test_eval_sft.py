@@ -159,3 +159,8 @@ def test_failed_report_write_leaves_no_temporary_file(tmp_path):
         eval_sft.write_json(str(tmp_path / 'eval.json'), {'x': object()})
     assert os.listdir(tmp_path) == []
 
+
+def test_batch_size_below_one_is_a_clear_error(setup):
+    d, _, data = setup
+    with pytest.raises(SystemExit, match='--batch_size must be >= 1'):
+        eval_sft.main([str(data), str(d / 'm0.pt'), '--batch_size', '0'])
