@@ -27,6 +27,7 @@ import torch
 
 from chat_format import encode_conversation
 from chat_records import DataError
+from checkpoint import check_device
 from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies
 from progress import Progress
 
@@ -160,6 +161,10 @@ def main(argv=None) -> None:
         raise SystemExit('--limit must be >= 1')
     if args.batch_size < 1:
         raise SystemExit('--batch_size must be >= 1')
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
     check_out(out)
     args.n_samples = max(args.n_samples, args.show)

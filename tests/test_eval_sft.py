@@ -164,3 +164,12 @@ def test_batch_size_below_one_is_a_clear_error(setup):
     d, _, data = setup
     with pytest.raises(SystemExit, match='--batch_size must be >= 1'):
         eval_sft.main([str(data), str(d / 'm0.pt'), '--batch_size', '0'])
+
+
+@pytest.mark.parametrize('device, error', [('cuda', "device='cuda': CUDA is not available here"),
+                                           ('gpu', "device='gpu': expected cpu, cuda, cuda:N, mps")])
+def test_device_not_here_is_a_clear_error_before_loading(setup, tmp_path, monkeypatch, device, error):
+    _, _, data = setup
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match=error):   # before the missing checkpoint is noticed
+        eval_sft.main([str(data), str(tmp_path / 'nope.pt'), '--device', device])
