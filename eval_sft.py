@@ -115,7 +115,7 @@ def check_out(path: str) -> None:
     """--out checked before the evaluation runs (minutes), not when the report is written after it.
     Missing folders are fine: write_json creates them."""
     if path.endswith(('/', os.sep)) or os.path.isdir(path):
-        raise SystemExit(f'--out {path}: is a directory; give a file name, e.g. '
+        raise SystemExit(f'--out {path}: names a directory; give a file name, e.g. '
                          f'{os.path.join(path, "eval.json")}')
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):

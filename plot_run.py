@@ -154,7 +154,7 @@ def check_out(out: str) -> None:
     or a format matplotlib cannot write is refused by name. Missing folders are fine: plot_runs
     creates them."""
     if out.endswith(('/', os.sep)) or os.path.isdir(out):
-        raise SystemExit(f'plot_run: --out {out}: is a directory; give a file name, e.g. '
+        raise SystemExit(f'plot_run: --out {out}: names a directory; give a file name, e.g. '
                          f'{os.path.join(out, "loss.png")}')
     parent = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(parent):

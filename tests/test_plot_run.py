@@ -103,7 +103,7 @@ def test_out_that_cannot_be_written_is_refused_before_plotting(tmp_path, monkeyp
     run = fake_run(tmp_path / 'run_a.json')
     monkeypatch.setattr(plot_run, 'figure', lambda *a, **k: pytest.fail('plotted before --out was checked'))
     out = out.format(tmp=tmp_path, run=run)
-    with pytest.raises(SystemExit, match=r'--out .*: (is a directory|cannot write there|matplotlib cannot '
+    with pytest.raises(SystemExit, match=r'--out .*: (names a directory|cannot write there|matplotlib cannot '
                                          r'write \.xyz files; use one of .*png)'):
         plot_run.plot_runs([run], out)
     assert os.listdir(tmp_path) == ['run_a.json']
