@@ -259,6 +259,11 @@ def _json_items(path: str):
     except OSError as e:
         raise DataError(f'{path}: cannot read ({e.strerror})') from None
     with f:
+        # text never holds NUL bytes; checkpoints, zips and images do near their start: say what the
+        # file is instead of a line of invalid UTF-8 (a swapped argument, a glob that caught ckpt.pt).
+        # peek, not read + seek: a pipe cannot seek, and peek does not wait for a full block
+        if b'\0' in f.peek(4096)[:4096]:
+            raise DataError(f'{path}: not a JSONL/JSON text file (binary data: is it a checkpoint?)')
         lines = enumerate(f, 1)
         blank = []
         for line, raw in lines:   # the first non-blank line tells JSONL from a JSON array
@@ -404,10 +409,12 @@ def check_input(path: str, fmt: str = 'auto') -> None:
 # ----------------------------------------------------------------------------------------------
 # Reading any input file
 
-def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, problems=None):
+def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, problems=None,
+                 raw: bool = False):
     """Yields (f'{path}:{line}', messages) (Parquet / Arrow: f'{path}:row {n}'), streaming: memory
     does not grow with the file (except a JSON array, read whole). Bad records raise DataError, or
-    with skip_invalid are appended to `problems` as 'file:line: what is wrong' strings and skipped."""
+    with skip_invalid are appended to `problems` as 'file:line: what is wrong' strings and skipped.
+    raw=True: (where, messages, the record as read, its format), for readers of extra keys."""
     if fmt not in FORMATS:
         raise DataError(f'unknown --format {fmt!r} (expected one of {", ".join(FORMATS)})')
     path = str(path)
@@ -420,6 +427,8 @@ def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, probl
         try:
             if isinstance(rec, Exception):
                 raise rec
+            if rec_fmt == 'auto' and isinstance(rec, dict):
+                rec_fmt = _detect(rec)
             msgs = to_messages(rec, rec_fmt)
         except ValueError as e:
             msg = f'{where}: {e}'
@@ -429,7 +438,7 @@ def iter_records(path: str, fmt: str = 'auto', skip_invalid: bool = False, probl
                 problems.append(msg)
             continue
         n += 1
-        yield where, msgs
+        yield (where, msgs, rec, rec_fmt) if raw else (where, msgs)
     if n == 0 and not skip_invalid:
         raise DataError(f'{path}:1: no records' if not is_arrow(path) else f'{path}: no records (0 rows)')
 

@@ -179,6 +179,21 @@ def read_checkpoint(path, device='cpu', verify: bool = True) -> dict:
     return ckpt
 
 
+def check_device(device: str) -> None:
+    """A --device string checked before anything is loaded: torch refuses a bad one only when the
+    first tensor moves there (after the loading), with a traceback. ValueError naming the string."""
+    kind, colon, index = device.partition(':')
+    if kind not in ('cpu', 'cuda', 'mps') or (colon and not (kind == 'cuda' and index.isdigit())):
+        raise ValueError(f'device={device!r}: expected cpu, cuda, cuda:N, mps')
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'device={device!r}: CUDA is not available here')
+    if kind == 'cuda' and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f'device={device!r}: there are {torch.cuda.device_count()} CUDA devices here '
+                         f'(cuda:0 to cuda:{torch.cuda.device_count() - 1})')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'device={device!r}: MPS is not available here')
+
+
 def load_checkpoint(path, device='cpu', dropout=None, verify: bool = True, base: str | None = None,
                     lora_overrides: dict | None = None) -> tuple[ConfigurableGPT, dict]:
     """Rebuild the model from ckpt['model_args'] and load ckpt['model'] -> (model, ckpt), after

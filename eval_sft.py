@@ -27,6 +27,7 @@ import torch
 
 from chat_format import encode_conversation
 from chat_records import DataError
+from checkpoint import check_device
 from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies
 from progress import Progress
 
@@ -110,12 +111,29 @@ def markdown_table(results: list[dict]) -> str:
     return '\n'.join(rows)
 
 
+def check_out(path: str) -> None:
+    """--out checked before the evaluation runs (minutes), not when the report is written after it.
+    Missing folders are fine: write_json creates them."""
+    if path.endswith(('/', os.sep)) or os.path.isdir(path):
+        raise SystemExit(f'--out {path}: names a directory; give a file name, e.g. '
+                         f'{os.path.join(path, "eval.json")}')
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f'--out {path}: cannot write there ({parent} is not a writable directory)')
+
+
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # a failed write leaves no half-written report behind
+            os.remove(tmp)
 
 
 def main(argv=None) -> None:
@@ -141,6 +159,14 @@ def main(argv=None) -> None:
         raise SystemExit(f'--labels: {len(args.labels)} labels for {len(args.models)} models')
     if args.limit is not None and args.limit < 1:
         raise SystemExit('--limit must be >= 1')
+    if args.batch_size < 1:
+        raise SystemExit('--batch_size must be >= 1')
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
+    check_out(out)
     args.n_samples = max(args.n_samples, args.show)
     try:
         records = load_eval_records(args.data, args.limit)
@@ -160,7 +186,6 @@ def main(argv=None) -> None:
             print(f"  {s['prompt']!r} -> {s['reply']!r}{'' if s['ended_with_im_end'] else ' [no end-of-turn token]'}{mark}",
                   file=sys.stderr)
         results.append(res)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
     write_json(out, {'data': args.data, 'results': results})
     print(markdown_table(results))
     print(f'\nwrote {out}', file=sys.stderr)

@@ -22,7 +22,6 @@ The prompt is the conversation up to (without) its last assistant reply, rendere
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 import time
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chat_records import DataError, load_records
+from chat_records import DataError, iter_records
 from progress import Progress
 from chat_format import encode_prompt, format_from_meta, get_format
 from tokenizer import load_tokenizer
@@ -58,56 +57,25 @@ def is_correct(reply: str, reference: str, numeric: bool) -> bool:
 
 
 def load_eval_records(path: str, limit: int | None = None) -> list[dict]:
-    """-> [{'messages', 'reference' (str|None), 'numeric' (bool), 'task'}]; DataError `file:line:`."""
+    """-> [{'messages', 'reference' (str|None), 'numeric' (bool), 'task'}]; DataError `file:line:`.
+    Records are read and checked by chat_records, as prepare_sft reads them: a record training
+    would refuse (a role typo, a non-string content) is refused here too, not scored."""
     recs: list[dict] = []
-    try:
-        f = open(path, encoding='utf-8')
-    except OSError as e:
-        raise DataError(f'{path}: cannot read: {e.strerror}') from None
-    with f:
-        first = f.read(1)
-        f.seek(0)
-        if first == '[':  # a JSON array: leave the formats to the records reader
-            return _via_records(path, limit)
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
-            if not isinstance(rec, dict):
-                raise DataError(f'{path}:{lineno}: expected a JSON object per line')
-            if 'question' in rec and 'answer' in rec:
-                ans = str(rec['answer'])
-                if '####' not in ans:
-                    raise DataError(f"{path}:{lineno}: GSM8K 'answer' has no '#### <number>'")
-                recs.append({'messages': [{'role': 'user', 'content': str(rec['question'])},
-                                          {'role': 'assistant', 'content': ans}],
-                             'reference': ans.split('####')[-1].strip(), 'numeric': True,
-                             'task': 'gsm8k'})
-            elif 'messages' in rec:
-                msgs = rec['messages']
-                if (not isinstance(msgs, list) or not msgs
-                        or not all(isinstance(m, dict) and 'role' in m and 'content' in m for m in msgs)):
-                    raise DataError(f"{path}:{lineno}: 'messages' must be a non-empty list of "
-                                    '{role, content} objects')
-                ref = rec.get('reference')
-                recs.append({'messages': msgs, 'reference': None if ref is None else str(ref),
-                             'numeric': False, 'task': str(rec.get('task', 'all'))})
-            else:
-                return _via_records(path, limit)
-            if limit is not None and len(recs) >= limit:
-                break
-    if not recs:
-        raise DataError(f'{path}: no conversations')
+    for where, msgs, rec, fmt in iter_records(path, raw=True):
+        if fmt == 'gsm8k':
+            ans = msgs[-1]['content']
+            if '####' not in ans:
+                raise DataError(f"{where}: GSM8K 'answer' has no '#### <number>'")
+            recs.append({'messages': msgs, 'reference': ans.split('####')[-1].strip(), 'numeric': True,
+                         'task': 'gsm8k'})
+        else:  # `reference` and `task` are keys of the messages format; the others score format only
+            extra = rec if fmt == 'messages' else {}
+            ref = extra.get('reference')
+            recs.append({'messages': msgs, 'reference': None if ref is None else str(ref),
+                         'numeric': False, 'task': str(extra.get('task', 'all'))})
+        if limit is not None and len(recs) >= limit:
+            break
     return recs
-
-
-def _via_records(path: str, limit: int | None) -> list[dict]:
-    convs = load_records(path)
-    convs = convs[:limit] if limit is not None else convs
-    return [{'messages': m, 'reference': None, 'numeric': False, 'task': 'all'} for m in convs]
 
 
 def default_max_new_tokens(records, tok, block_size: int) -> int:

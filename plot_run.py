@@ -28,6 +28,9 @@ def load_run(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise SystemExit(f'plot_run: {path}:{e.lineno}: not valid JSON ({e.msg}); '
                          'is the run still writing it?')
+    except UnicodeDecodeError:   # a glob like out-demo/* also catches ckpt.pt and loss.png
+        raise SystemExit(f'plot_run: {path}: not a JSON text file (binary data: is it a checkpoint?); '
+                         'expected a run_*.json written by train_sft.py')
     if not isinstance(run, dict) or not isinstance(run.get('iters'), list):
         raise SystemExit(f"plot_run: {path}: no 'iters' list; expected a run_*.json written by "
                          'train_sft.py')
@@ -146,7 +149,29 @@ def figure(runs: list[tuple[str, dict]], title: str | None = None):
     return fig
 
 
+def check_out(out: str) -> None:
+    """The output path checked before anything is read or drawn: a directory, a path under a file
+    or a format matplotlib cannot write is refused by name. Missing folders are fine: plot_runs
+    creates them."""
+    if out.endswith(('/', os.sep)) or os.path.isdir(out):
+        raise SystemExit(f'plot_run: --out {out}: names a directory; give a file name, e.g. '
+                         f'{os.path.join(out, "loss.png")}')
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f'plot_run: --out {out}: cannot write there ({parent} is not a writable directory)')
+    import_pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(out)[1][1:].lower()
+    if ext and ext not in kinds:   # no extension: PNG
+        raise SystemExit(f'plot_run: --out {out}: matplotlib cannot write .{ext} files; use one of '
+                         f'{", ".join(sorted(kinds))}')
+
+
 def plot_runs(paths: list[str], out: str, title: str | None = None) -> str:
+    check_out(out)
     runs = [(p, load_run(p)) for p in paths]
     fig = figure(runs, title)
     plt = import_pyplot()

@@ -188,6 +188,11 @@ def main(argv=None) -> None:
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) \
             or (args.top_k is not None and args.top_k < 1):
         raise SystemExit('need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 1')
+    from checkpoint import check_device
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(str(e))
     model, tok, chat_template = load_model(args.model, args.device, args.tokenizer, args.base)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     if args.prompt is None:

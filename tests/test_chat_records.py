@@ -236,3 +236,18 @@ def test_conversation_key_ignores_nfc_end_whitespace_role_aliases_and_key_order(
 
 def load_records_from(rec):
     return to_messages(rec)
+
+
+def test_binary_file_is_named_as_such_not_as_a_line_of_bad_utf8(tmp_path):
+    p = tmp_path / 'ckpt.pt'
+    p.write_bytes(b'PK\x03\x04\x00\x00\x08\x08' + bytes(range(256)))   # a zip, as torch.save writes
+    with pytest.raises(DataError, match=r'^\S*ckpt.pt: not a JSONL/JSON text file \(binary data: is it a '
+                                        r'checkpoint\?\)$'):
+        load_records(str(p))
+
+
+def test_raw_records_come_with_their_format_for_readers_of_extra_keys(tmp_path):
+    p = write_jsonl(tmp_path / 'mixed.jsonl', [{**chats(1)[0], 'reference': 'a0'},
+                                               {'question': 'q', 'answer': 'a #### 1'}])
+    got = [(where, rec.get('reference'), fmt) for where, _, rec, fmt in iter_records(p, raw=True)]
+    assert got == [(f'{p}:1', 'a0', 'messages'), (f'{p}:2', None, 'gsm8k')]

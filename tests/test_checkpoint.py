@@ -345,3 +345,20 @@ def test_export_and_sample_read_a_sharded_checkpoint(tmp_path):
         assert _same_outputs(model, loaded) and template.name == 'chatml'
     export_hf.export(str(tmp_path / 'ckpt.pt'), str(tmp_path / 'hf'))
     assert _same_outputs(model, from_hf(str(tmp_path / 'hf')))
+
+
+def test_device_string_is_checked_by_name_before_anything_loads(monkeypatch):
+    from checkpoint import check_device
+    check_device('cpu')
+    for bad in ('gpu', 'cpu:0', 'cuda:x', 'CUDA', ''):
+        with pytest.raises(ValueError, match=rf"device={bad!r}: expected cpu, cuda, cuda:N, mps"):
+            check_device(bad)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for missing in ('cuda', 'cuda:1'):
+        with pytest.raises(ValueError, match=rf"device={missing!r}: CUDA is not available here"):
+            check_device(missing)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    check_device('cuda:1')
+    with pytest.raises(ValueError, match=r"device='cuda:2': there are 2 CUDA devices here \(cuda:0 to cuda:1\)"):
+        check_device('cuda:2')

@@ -136,3 +136,40 @@ def test_lora_checkpoint_is_evaluated_as_its_adapter_model_and_finds_a_moved_bas
         eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)
     args.base = str(tmp_path / 'moved.pt')
     assert eval_sft.evaluate(str(tmp_path / 'lora.pt'), recs, args)['val_loss'] == got['val_loss']
+
+
+def test_swapped_arguments_name_the_checkpoint_as_binary_not_a_traceback(setup):
+    d, _, data = setup
+    with pytest.raises(SystemExit, match=r'm0.pt: not a JSONL/JSON text file \(binary data: is it a checkpoint'):
+        eval_sft.main([str(d / 'm0.pt'), str(data)])
+
+
+@pytest.mark.parametrize('out', ['{tmp}', '{tmp}/new/', '{data}/eval.json'])
+def test_out_that_cannot_be_a_file_is_refused_before_evaluating(setup, tmp_path, monkeypatch, out):
+    d, _, data = setup
+    monkeypatch.setattr(eval_sft, 'evaluate', lambda *a, **k: pytest.fail('evaluated before --out was checked'))
+    out = out.format(tmp=tmp_path, data=data)
+    with pytest.raises(SystemExit, match=rf'--out {out}: (names a directory|cannot write there)'):
+        eval_sft.main([str(data), str(d / 'm0.pt'), '--out', out])
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_report_write_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(TypeError):
+        eval_sft.write_json(str(tmp_path / 'eval.json'), {'x': object()})
+    assert os.listdir(tmp_path) == []
+
+
+def test_batch_size_below_one_is_a_clear_error(setup):
+    d, _, data = setup
+    with pytest.raises(SystemExit, match='--batch_size must be >= 1'):
+        eval_sft.main([str(data), str(d / 'm0.pt'), '--batch_size', '0'])
+
+
+@pytest.mark.parametrize('device, error', [('cuda', "device='cuda': CUDA is not available here"),
+                                           ('gpu', "device='gpu': expected cpu, cuda, cuda:N, mps")])
+def test_device_not_here_is_a_clear_error_before_loading(setup, tmp_path, monkeypatch, device, error):
+    _, _, data = setup
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match=error):   # before the missing checkpoint is noticed
+        eval_sft.main([str(data), str(tmp_path / 'nope.pt'), '--device', device])

@@ -144,3 +144,28 @@ def test_one_process_sharded_eval_scores_like_the_offline_path(data):
     assert {k: got[k] for k in offline} == offline
     assert got['sample']['prompt'] == 'What is 2 + 2?' and got['with_reference'] == 2
     assert model.training   # back in training mode for the next step
+
+
+@pytest.mark.parametrize('message, error', [
+    ({'role': 'asistant', 'content': '4'}, r"bad.jsonl:1: messages\[1\].role: unknown role 'asistant'"),
+    ({'role': 'bot', 'content': '4'}, r"bad.jsonl:1: messages\[1\].role: unknown role 'bot'"),
+    ({'role': 'assistant', 'content': 5}, r'bad.jsonl:1: messages\[1\].content: must be a string, got int'),
+])
+def test_records_training_would_refuse_are_refused_with_the_same_error(tmp_path, message, error):
+    p = tmp_path / 'bad.jsonl'
+    p.write_text(json.dumps({'messages': [{'role': 'user', 'content': 'q'}, message], 'reference': '4'}) + '\n')
+    with pytest.raises(DataError, match=error):
+        load_eval_records(str(p))
+
+
+def test_utf8_bom_is_read_as_prepare_sft_reads_it(tmp_path, data):
+    p = tmp_path / 'bom.jsonl'
+    p.write_bytes(b'\xef\xbb\xbf' + open(data, 'rb').read())
+    assert load_eval_records(str(p)) == load_eval_records(data)
+
+
+def test_a_checkpoint_given_as_the_data_file_is_named_as_binary(tmp_path):
+    p = tmp_path / 'ckpt.pt'
+    torch.save({'model': {'w': torch.zeros(3)}}, p)
+    with pytest.raises(DataError, match=r'ckpt.pt: not a JSONL/JSON text file \(binary'):
+        load_eval_records(str(p))

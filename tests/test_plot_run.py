@@ -88,3 +88,22 @@ def test_generation_evals_get_a_panel_of_accuracy_and_format(tmp_path):
     assert not [ax for ax in plain.axes if ax.get_ylabel() == 'generation eval (%)']
     plot_run.plot_runs([str(path)], str(tmp_path / 'g.png'))
     assert (tmp_path / 'g.png').stat().st_size > 1000
+
+
+def test_binary_file_caught_by_a_glob_is_a_clear_error(tmp_path):
+    ckpt = tmp_path / 'ckpt.pt'
+    ckpt.write_bytes(b'PK\x03\x04\x00\x00\x08\x08' + bytes(range(128, 256)))   # a zip, as torch.save writes
+    with pytest.raises(SystemExit, match=r'ckpt.pt: not a JSON text file \(binary data: is it a checkpoint\?\)'):
+        plot_run.load_run(str(ckpt))
+
+
+@pytest.mark.parametrize('out', ['{tmp}', '{tmp}/new/', '{run}/loss.png', '{tmp}/loss.xyz'])
+def test_out_that_cannot_be_written_is_refused_before_plotting(tmp_path, monkeypatch, out):
+    pytest.importorskip('matplotlib')
+    run = fake_run(tmp_path / 'run_a.json')
+    monkeypatch.setattr(plot_run, 'figure', lambda *a, **k: pytest.fail('plotted before --out was checked'))
+    out = out.format(tmp=tmp_path, run=run)
+    with pytest.raises(SystemExit, match=r'--out .*: (names a directory|cannot write there|matplotlib cannot '
+                                         r'write \.xyz files; use one of .*png)'):
+        plot_run.plot_runs([run], out)
+    assert os.listdir(tmp_path) == ['run_a.json']

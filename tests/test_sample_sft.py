@@ -156,3 +156,11 @@ def test_lora_checkpoint_replies_like_its_adapter_model(tmp_path, ckpt, capsys):
     sample_sft.main([str(tmp_path / 'lora.pt'), '--prompt', 'What is 2 + 2?', '--max_new_tokens', '6',
                      '--no_stream'])
     assert capsys.readouterr().out.strip() == tok.decode([t for t in want if t not in sample_sft.stop_ids(tok)]).strip()
+
+
+@pytest.mark.parametrize('device, error', [('cuda', "device='cuda': CUDA is not available here"),
+                                           ('gpu', "device='gpu': expected cpu, cuda, cuda:N, mps")])
+def test_device_not_here_is_a_clear_error_before_loading(tmp_path, monkeypatch, device, error):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match=error):   # before the missing checkpoint is noticed
+        sample_sft.main([str(tmp_path / 'nope.pt'), '--prompt', 'x', '--device', device])

@@ -415,7 +415,7 @@ def test_generation_eval_settings_and_sets_are_checked_before_training(tmp_path,
     no_ref.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(no_ref.read_text() + '{oops\n')
-    for path, error in ((no_ref, r'noref.jsonl: no conversation has a `reference`'), (bad, r'bad.jsonl:2: not valid JSON'),
+    for path, error in ((no_ref, r'noref.jsonl: no conversation has a `reference`'), (bad, r'bad.jsonl:2: invalid JSON'),
                         (tmp_path / 'none.jsonl', r'none.jsonl: cannot read')):
         cfg = tiny_cfg(tmp_path, data_dir=str(data_dir), gen_eval_data=str(path))
         with pytest.raises(SystemExit, match=error):
