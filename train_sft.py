@@ -208,9 +208,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from attention import describe as describe_attention  # noqa: E402
 from chat_records import DataError  # noqa: E402
-from checkpoint import (CheckpointError, base_source, is_sharded_checkpoint, load_checkpoint,  # noqa: E402
-                        lora_model, materialize, open_sharded_checkpoint, restore_training_state,
-                        save_training_state)
+from checkpoint import (CheckpointError, base_source, check_device, is_sharded_checkpoint,  # noqa: E402
+                        load_checkpoint, lora_model, materialize, open_sharded_checkpoint,
+                        restore_training_state, save_training_state)
 from lora import (LoRAConfig, LoRAError, apply_lora, base_fingerprint, check_qlora_device,  # noqa: E402
                   hold_embeddings_in, is_nf4, merge_lora, quantizer_version, read_peft_adapter,
                   resolve_base_dtype)
@@ -430,6 +430,12 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     """torchrun sets RANK: join the process group; choose device, dtype and autocast."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     dev = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        check_device(dev)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if dev.startswith('mps'):
+        raise TrainError(f"device={dev!r}: train_sft trains on cuda or cpu")
     rank, local_rank, world = 0, 0, 1
     if ddp:
         if not dist.is_initialized():

@@ -379,7 +379,8 @@ def test_optimizer_schedule_and_preset_values_are_clear_errors_before_anything_r
                         (['--grad_clip=-1'], r'grad_clip=-1.0: must be >= 0'),
                         (['--seed=-1'], r'seed=-1: must be in \[0, 2\*\*32\)'),
                         (['--learning_rate=2e-5', '--min_lr=3e-4'], r'min_lr=0.0003 is above learning_rate=2e-05'),
-                        ([str(ckpt)], rf'{ckpt}: not a python config file \(binary')):
+                        ([str(ckpt)], rf'{ckpt}: not a python config file \(binary'),
+                        (['--device=gpu'], r"device='gpu': expected cpu, cuda, cuda:N, mps")):
         with pytest.raises(SystemExit, match=error):
             train_sft.main(args + [f'--out_dir={tmp_path / "out"}'])
     assert not (tmp_path / 'out').exists()
