@@ -259,10 +259,11 @@ def _json_items(path: str):
     except OSError as e:
         raise DataError(f'{path}: cannot read ({e.strerror})') from None
     with f:
-        # text never holds NUL bytes; checkpoints, zips and images do near their start: say what the
-        # file is instead of a line of invalid UTF-8 (a swapped argument, a glob that caught ckpt.pt).
+        # text never holds NUL bytes; checkpoints (zip, safetensors) do in their first bytes: say what
+        # the file is instead of a line of invalid UTF-8 (a swapped argument, a glob that caught
+        # ckpt.pt). The first line only: a text file damaged further on gets its line number.
         # peek, not read + seek: a pipe cannot seek, and peek does not wait for a full block
-        if b'\0' in f.peek(4096)[:4096]:
+        if b'\0' in f.peek(4096)[:4096].split(b'\n', 1)[0]:
             raise DataError(f'{path}: not a JSONL/JSON text file (binary data: is it a checkpoint?)')
         lines = enumerate(f, 1)
         blank = []
