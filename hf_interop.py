@@ -62,6 +62,13 @@ def _read_json(file: Path):
         raise ValueError(f"{file}: not valid JSON: {e}") from e
 
 
+def _index_shards(index: Path) -> list[str]:
+    weight_map = _read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files")
+    return sorted(set(weight_map.values()))
+
+
 class _HFWeights:
     """The tensors of a local HF directory by name, each read from its file only when asked
     (safetensors: from the memory map, one tensor at a time), so that loading never holds the whole
@@ -74,8 +81,7 @@ class _HFWeights:
         self.files: dict[str, object] = {}    # name -> an open safetensors file (or the .bin's dict)
         if single.is_file() or index.is_file():
             from safetensors import SafetensorError, safe_open
-            shards = [single.name] if single.is_file() else \
-                sorted(set(_read_json(index)['weight_map'].values()))
+            shards = [single.name] if single.is_file() else _index_shards(index)
             for shard in shards:
                 if not (path / shard).is_file():
                     raise FileNotFoundError(f"{path / shard}: shard listed in {index} is missing")

@@ -159,11 +159,17 @@ def test_from_hf_names_a_weights_file_that_is_an_lfs_pointer_or_truncated(tmp_pa
         from_hf(tmp_path)
 
 
-def test_from_hf_names_a_config_json_that_is_not_json(tmp_path):
+def test_from_hf_names_a_config_json_or_index_that_is_not_what_it_should_be(tmp_path):
     _random_hf_model('qwen3').save_pretrained(tmp_path)
     (tmp_path / 'config.json').write_text('{"model_type": "qwen3",}')
     with pytest.raises(ValueError, match=rf'{tmp_path / "config.json"}: not valid JSON'):
         from_hf(tmp_path)
+    (tmp_path / 'config.json').write_text(json.dumps(_random_hf_model('qwen3').config.to_dict()))
+    (tmp_path / 'model.safetensors').unlink()
+    (tmp_path / 'model.safetensors.index.json').write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: no 'weight_map'"):
+        from_hf(tmp_path)
+
 
 def _tiny():
     torch.manual_seed(0)
