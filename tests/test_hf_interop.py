@@ -167,7 +167,7 @@ def test_from_hf_names_a_config_json_or_index_that_is_not_what_it_should_be(tmp_
     (tmp_path / 'config.json').write_text(json.dumps(_random_hf_model('qwen3').config.to_dict()))
     (tmp_path / 'model.safetensors').unlink()
     (tmp_path / 'model.safetensors.index.json').write_text('{"metadata": {}}')
-    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: no 'weight_map'"):
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: no 'weight_map'"):
         from_hf(tmp_path)
 
 
