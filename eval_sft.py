@@ -161,6 +161,8 @@ def main(argv=None) -> None:
         raise SystemExit('--limit must be >= 1')
     if args.batch_size < 1:
         raise SystemExit('--batch_size must be >= 1')
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise SystemExit('--max_new_tokens must be >= 1')
     try:
         check_device(args.device)
     except ValueError as e:

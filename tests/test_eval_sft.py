@@ -160,10 +160,11 @@ def test_failed_report_write_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_batch_size_below_one_is_a_clear_error(setup):
+@pytest.mark.parametrize('flag', ['--batch_size', '--max_new_tokens'])
+def test_batch_size_or_reply_limit_below_one_is_a_clear_error(setup, flag):
     d, _, data = setup
-    with pytest.raises(SystemExit, match='--batch_size must be >= 1'):
-        eval_sft.main([str(data), str(d / 'm0.pt'), '--batch_size', '0'])
+    with pytest.raises(SystemExit, match=f'{flag} must be >= 1'):
+        eval_sft.main([str(data), str(d / 'm0.pt'), flag, '-3'])
 
 
 @pytest.mark.parametrize('device, error', [('cuda', "device='cuda': CUDA is not available here"),
