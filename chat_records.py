@@ -365,14 +365,15 @@ def arrow_format(path: str, names, fmt: str = 'auto') -> tuple[str, list[str]]:
     return fmt, list(required) + [k for k in optional if k in names]
 
 
-def _drop_nulls(rec: dict) -> dict:
-    """Arrow gives every row every struct field (null where a JSON record would have no key):
-    drop the nulls of the record and of its messages so the JSON rules apply unchanged."""
-    rec = {k: v for k, v in rec.items() if v is not None}
-    for k, v in rec.items():
-        if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
-            rec[k] = [{mk: mv for mk, mv in m.items() if mv is not None} for m in v]
-    return rec
+def _drop_nulls(value):
+    """Arrow gives every row every struct field, null where a JSON record would have no key, at any
+    depth (a tool's schema and a call's arguments get the other rows' fields): drop those nulls so
+    the JSON rules apply unchanged. (A null meant as a value cannot be told apart in Arrow.)"""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 def _arrow_items(path: str, fmt: str):

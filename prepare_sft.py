@@ -62,6 +62,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import unicodedata
 from collections import deque
 from dataclasses import dataclass
 
@@ -126,8 +127,10 @@ def _encode_chunk(chunk):
 
 
 def _split_of(msgs, val_fraction: float) -> str:
-    # content hash: stable across runs, machines and file order; duplicates land together
-    h = hashlib.sha256(json.dumps(msgs, sort_keys=True, ensure_ascii=False).encode()).digest()
+    # content hash: stable across runs, machines and file order; duplicates land together, also
+    # those that differ only in Unicode normalization (the tokenizer NFC-normalizes: same ids)
+    text = unicodedata.normalize('NFC', json.dumps(msgs, sort_keys=True, ensure_ascii=False))
+    h = hashlib.sha256(text.encode()).digest()
     return 'val' if int.from_bytes(h[:8], 'big') / 2.0**64 < val_fraction else 'train'
 
 

@@ -244,9 +244,10 @@ class JsonlSplit:
             raise DataError(f'data_dir {path}: {e}') from None
         records = list(iter_records(path))
         # Deterministic split without a val file: every 20th conversation is validation.
-        if len(records) >= 20:
-            keep = (lambda i: i % 20 == 19) if split == 'val' else (lambda i: i % 20 != 19)
-            records = [r for i, r in enumerate(records) if keep(i)]
+        # Fewer than 20: all train, no val (not the same records in both: a val loss that is the
+        # training loss).
+        keep = (lambda i: i % 20 == 19) if split == 'val' else (lambda i: i % 20 != 19)
+        records = [r for i, r in enumerate(records) if keep(i)]
         self.examples = []
         for where, messages in records:
             try:
@@ -426,7 +427,8 @@ class SFTDataset:
         self.pad_id, self.seed, self.shuffle, self.mixture = pad_id, seed, shuffle, mixture
         self.lengths = np.asarray(getattr(data, 'lengths', None) if getattr(data, 'lengths', None) is not None
                                   else [len(data[i][0]) for i in range(len(data))], dtype=np.int64)
-        self.truncated = 0          # examples cut to block_size when batched (reported, never silent)
+        # examples cut to block_size when batched (reported, never silent): counted once, here
+        self.truncated = int((self.lengths > block_size).sum())
         self._cache = (None, None)
 
     def __len__(self):
@@ -454,7 +456,6 @@ class SFTDataset:
         ids, labels = self.data[i]
         ids, labels = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
         if len(ids) > self.block_size:
-            self.truncated += 1
             ids, labels = ids[:self.block_size], labels[:self.block_size]
         return ids, labels
 
@@ -536,10 +537,21 @@ class GlobalSampler:
 
 
 def eval_batches(dataset: SFTDataset, units, n_batches, world_size, rank, batch_size):
-    """Fixed eval batches: the same units at every eval, disjoint across ranks (wrapping around)."""
-    for e in range(n_batches):
-        start = (e * world_size + rank) * batch_size
-        yield dataset.collate([units[(start + j) % len(units)] for j in range(batch_size)])
+    """Fixed eval batches: the first n_batches * batch_size units (all, if fewer; none twice), the
+    same set on any number of ranks, dealt out to them, so the loss does not depend on the GPU count.
+    Every rank yields as many batches (an FSDP forward is a collective): a rank short of units gets a
+    batch whose labels are all ignored (no tokens, no loss)."""
+    total = min(len(units), n_batches * batch_size)
+    mine = [units[i] for i in range(rank, total, world_size)]
+    per_rank = -(-total // world_size)                 # ceil: rank 0 has the most
+    for b in range(-(-per_rank // batch_size)):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        if chunk:
+            yield dataset.collate(chunk)
+        else:
+            batch = dataset.collate(units[:1])
+            batch['labels'].fill_(IGNORE_INDEX)
+            yield batch
 
 
 def check_token_ids(split, model_vocab: int, where: str):

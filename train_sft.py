@@ -687,6 +687,11 @@ def describe_model(cfg: TrainConfig, rt: 'Runtime', model, base: dict | None) ->
         raise TrainError(str(e)) from None
 
 
+def data_order(cfg: TrainConfig, train_ds: SFTDataset) -> dict:
+    """What decides the order of the training units the sampler's cursor walks."""
+    return {'seed': cfg.seed, 'packing': cfg.packing, 'block_size': cfg.block_size, 'examples': len(train_ds)}
+
+
 def is_empty(model) -> bool:
     return next(model.parameters()).is_meta
 
@@ -991,9 +996,18 @@ def train(cfg: TrainConfig) -> dict:
     best = BestMetric(cfg.best_metric)
     if cfg.init_from == 'resume':
         best.load_state_dict(ckpt.get('best_metric'))
-        if ((ckpt.get('data_state') or {}).get('mixture') or None) != mixture_spec(train_ds):
+        saved = ckpt.get('data_state') or {}
+        if (saved.get('mixture') or None) != mixture_spec(train_ds):
             rt.print0("warning: the data mixture (sources, weights or mixture_by) changed since the "
                       "checkpoint: the sample order will differ from an uninterrupted run")
+        # the saved cursor is a position in the order these make: with another order it points
+        # elsewhere, and the rest of the epoch repeats some examples and skips others
+        changed = [f"{k} {saved[k]} -> {now}" for k, now in data_order(cfg, train_ds).items()
+                   if k in saved and saved[k] != now]
+        if changed:
+            rt.print0(f"warning: {', '.join(changed)} since the checkpoint: the data cursor (epoch "
+                      f"{saved.get('epoch')}, position {saved.get('position')}) now points into another "
+                      f"order, so the rest of this epoch repeats some examples and skips others")
     ckpt = None  # free the checkpoint's tensors
     run_log = RunLog(cfg, rt)
     extra = {'config': dataclasses.asdict(cfg), 'tokenizer': tok}
@@ -1001,7 +1015,7 @@ def train(cfg: TrainConfig) -> dict:
         extra['base'] = base   # a LoRA checkpoint names its frozen base instead of holding it
 
     def save(step_file, is_best=False):
-        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, 'seed': cfg.seed,
+        state = dict(extra, data_state={**sampler.state_dict(), 'global_batch': G, **data_order(cfg, train_ds),
                                         'mixture': mixture_spec(train_ds)},
                      best_metric=best.state_dict())
         if scaler.is_enabled():

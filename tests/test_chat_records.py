@@ -161,6 +161,21 @@ def test_parquet_and_arrow_rows_read_like_the_same_jsonl_records(tmp_path, fmt, 
     assert [m for _, m in iter_records(path, fmt=fmt)] == load_records(str(jsonl), fmt=fmt)
 
 
+def test_parquet_tool_schemas_and_calls_get_no_fields_of_other_rows(tmp_path):
+    """Arrow gives each row every struct field of every row, null-filled, nested ones too: the
+    weather call would carry the time tool's `zone: null` and train it."""
+    def rec(name, arg):
+        return {'tools': [{'type': 'function', 'function': {'name': name, 'parameters': {
+                    'type': 'object', 'properties': {arg: {'type': 'string'}}}}}],
+                'messages': [U, {'role': 'assistant', 'content': '', 'tool_calls': [
+                    {'type': 'function', 'function': {'name': name, 'arguments': {arg: 'v'}}}]},
+                    {'role': 'tool', 'content': 'r'}, A]}
+    recs = [rec('weather', 'city'), rec('time', 'zone')]
+    jsonl = tmp_path / 'r.jsonl'
+    jsonl.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+    assert load_records(write_arrow(tmp_path / 'r.parquet', recs, 'parquet')) == load_records(str(jsonl))
+
+
 def test_file_without_the_columns_of_a_format_is_refused_before_reading_naming_its_columns(tmp_path):
     path = write_arrow(tmp_path / 'text.parquet', [{'text': 'hi', 'id': 1}], 'parquet')
     with pytest.raises(DataError, match=r"text.parquet: no columns of a known record format.*\['text', 'id'\]"):

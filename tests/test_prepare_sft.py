@@ -240,6 +240,16 @@ def test_gsm8k_slice_shards_match_encode_conversation_with_two_processes(tmp_pat
     assert cursor == {s: len(r) for s, r in readers.items()}
 
 
+def test_conversations_that_differ_only_in_unicode_normalization_land_in_the_same_split():
+    """The tokenizer NFC-normalizes: an NFD copy has the same ids, and in the other split it would
+    leak a training example into validation."""
+    import unicodedata
+    for i in range(200):
+        nfc = [{'role': 'user', 'content': f'Café n°{i}: déjà vu?'}, {'role': 'assistant', 'content': f'Überall {i}'}]
+        nfd = [{**m, 'content': unicodedata.normalize('NFD', m['content'])} for m in nfc]
+        assert nfd != nfc and prepare_sft._split_of(nfc, 0.5) == prepare_sft._split_of(nfd, 0.5), i
+
+
 def test_tool_schemas_and_sharegpt_weights_are_kept(tmp_path, tok):
     tools = [{'type': 'function', 'function': {'name': 'f', 'parameters': {}}}]
     recs = [{'tools': json.dumps(tools), 'messages': [{'role': 'user', 'content': 'call f'},

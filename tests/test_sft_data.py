@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chat_records import DataError
-from sft_data import IGNORE_INDEX, GlobalSampler, Mixture, SFTDataset, pack_best_fit
+from sft_data import IGNORE_INDEX, GlobalSampler, Mixture, SFTDataset, eval_batches, pack_best_fit
 
 
 class ListSplit:
@@ -165,6 +165,24 @@ def test_bad_mixtures_are_clear_errors():
 
 # ---------------------------------------------------------------- batching
 
+@pytest.mark.parametrize('packing', [False, True])
+@pytest.mark.parametrize('n_batches', [3, 100])
+def test_eval_batches_are_the_same_units_once_each_on_any_number_of_ranks(packing, n_batches):
+    """Else the val loss (and so ckpt_best.pt and early stopping) would change with the GPU count."""
+    ds = SFTDataset(synthetic(n=37), block_size=24, packing=packing, shuffle=False)
+    units = ds.units(0)
+
+    def totals(batches):   # (sum of the trained labels, their count): a repeat or a miss changes it
+        labels = [b['labels'][b['labels'] != IGNORE_INDEX] for b in batches]
+        return sum(int(x.sum()) for x in labels), sum(len(x) for x in labels)
+
+    expect = totals([ds.collate(units[:n_batches * 4])])
+    for world in (1, 2, 3, 8):
+        per_rank = [list(eval_batches(ds, units, n_batches, world, rank, batch_size=4)) for rank in range(world)]
+        assert len({len(b) for b in per_rank}) == 1, world    # as many forwards on every rank (FSDP)
+        assert tuple(map(sum, zip(*map(totals, per_rank)))) == expect, world
+
+
 def test_padding_pads_to_longest_and_truncates_to_block_size():
     split = ListSplit([([1, 2, 3], [-100, 2, 3]), ([4, 5, 6, 7, 8, 9, 10], [-100] * 3 + [7, 8, 9, 10])])
     ds = SFTDataset(split, block_size=5, pad_id=151643)
@@ -173,7 +191,8 @@ def test_padding_pads_to_longest_and_truncates_to_block_size():
     b = ds.collate([[0], [1]])
     assert b['input_ids'].tolist() == [[1, 2, 3, 151643, 151643], [4, 5, 6, 7, 8]]
     assert b['labels'].tolist() == [[-100, 2, 3, -100, -100], [-100, -100, -100, 7, 8]]
-    assert ds.truncated == 1
+    ds.collate([[1]])
+    assert ds.truncated == 1     # examples, not the times one is batched (epochs, evaluations)
 
 
 def test_packing_restarts_positions_and_separates_documents():

@@ -399,6 +399,20 @@ def test_data_without_a_val_split_trains_with_a_note_and_cannot_drive_early_stop
     assert (tmp_path / 'out' / 'ckpt.pt').exists()
 
 
+def test_resume_with_another_data_order_says_the_cursor_now_points_elsewhere(tmp_path, data_dir, capsys):
+    """seed, packing and block_size make the order the saved cursor indexes: changed, the rest of
+    the epoch repeats some examples and skips others."""
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=2, eval_interval=2))
+    capsys.readouterr()
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=3, eval_interval=2, init_from='resume',
+                             seed=7, block_size=48))
+    out = capsys.readouterr().out
+    assert 'warning: seed 1337 -> 7, block_size 64 -> 48 since the checkpoint: the data cursor' in out, out[-2000:]
+    train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), max_iters=4, eval_interval=2, init_from='resume',
+                             seed=7, block_size=48))
+    assert 'the data cursor' not in capsys.readouterr().out
+
+
 def test_attention_varlen_on_a_cpu_is_a_clear_error(tmp_path, data_dir):
     with pytest.raises(train_sft.TrainError, match=r"attention='varlen' needs CUDA"):
         train_sft.train(tiny_cfg(tmp_path, data_dir=str(data_dir), attention='varlen', packing=True, max_iters=1))
@@ -605,6 +619,10 @@ def test_jsonl_data_is_tokenized_on_the_fly_like_the_shards(tmp_path, data_dir):
     assert split[0][0].tolist() == ids and split[0][1].tolist() == labels
     summary = train_sft.train(tiny_cfg(tmp_path, data_dir=str(jsonl), max_iters=2, eval_interval=100))
     assert summary['iters'] == 2
+    # under 20 conversations: all train, no val (not the same ones in both)
+    few = tmp_path / 'few.jsonl'
+    few.write_text(''.join(jsonl.read_text().splitlines(keepends=True)[:19]))
+    assert (len(open_split(str(few), 'train')), len(open_split(str(few), 'val'))) == (19, 0)
 
 
 def torchrun2(cfg):
