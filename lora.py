@@ -563,8 +563,13 @@ def save_peft_adapter(model, path, base_model_name_or_path: str | None = None,
 _PEFT_UNSUPPORTED = {  # adapter_config.json keys whose non-default values we do not implement
     'rank_pattern': {}, 'alpha_pattern': {}, 'layers_to_transform': None, 'layers_pattern': None,
     'lora_bias': False, 'use_qalora': False, 'trainable_token_indices': None, 'layer_replication': None,
-    'exclude_modules': None, 'target_parameters': None,
+    'exclude_modules': None, 'target_parameters': None, 'alora_invocation_tokens': None,
+    'use_bdlora': None, 'kasa_config': None, 'velora_config': None, 'monteclora_config': None,
+    'arrow_config': None,
 }
+# init_lora_weights values that leave the base untouched; PiSSA / OLoRA / CorDA / LoftQ rewrite the base
+# weights when PEFT loads the adapter, so their adapters belong to a base nanoSFT never builds
+_PEFT_PLAIN_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')
 
 
 def read_peft_adapter(path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
@@ -586,8 +591,16 @@ def read_peft_adapter(path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     if pc.get('bias', 'none') != 'none':
         raise LoRAError(f"{cfg_file}: bias={pc['bias']!r} (trained biases) is not supported; only 'none'")
     for key, default in _PEFT_UNSUPPORTED.items():
-        if pc.get(key, default) not in (default, None, {}, False):
+        value = pc.get(key, default)
+        # by identity and type: peft's layers_to_transform=0 (layer 0 only) == False
+        unset = value is None or value is False or value == {} or (value == default and type(value) is type(default))
+        if not unset:
             raise LoRAError(f"{cfg_file}: {key}={pc[key]!r} is not supported by nanoSFT's LoRA")
+    init = pc.get('init_lora_weights', True)
+    if init not in _PEFT_PLAIN_INITS:
+        raise LoRAError(f"{cfg_file}: init_lora_weights={init!r} changes the base weights when PEFT loads "
+                        f"the adapter; convert it to a plain LoRA adapter first (PEFT's "
+                        f"path_initial_model_for_weight_conversion)")
     targets = pc.get('target_modules')
     if isinstance(targets, str) or not targets:
         raise LoRAError(f"{cfg_file}: target_modules={targets!r}: nanoSFT reads a list of module "
@@ -599,7 +612,9 @@ def read_peft_adapter(path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     try:
         cfg = LoRAConfig(rank=pc.get('r', 8), alpha=pc.get('lora_alpha', 8),
                          dropout=pc.get('lora_dropout', 0.0) or 0.0,
-                         targets=tuple(targets) + tuple(pc.get('modules_to_save') or ()),
+                         # peft matches modules_to_save by name suffix ('model.embed_tokens')
+                         targets=tuple(targets) + tuple(m.rsplit('.', 1)[-1]
+                                                        for m in pc.get('modules_to_save') or ()),
                          rslora=bool(pc.get('use_rslora', False)), dora=bool(pc.get('use_dora', False)))
     except LoRAError as e:
         raise LoRAError(f"{cfg_file}: {e}") from e
@@ -612,6 +627,11 @@ def load_peft_tensors(model, tensors: dict[str, torch.Tensor], where: str = 'ada
     for ours, peft in _peft_names(model).items():
         to_ours.setdefault(peft, ours)
     tied = model.config.tie_word_embeddings
+    full = [f'{PEFT_PREFIX}{hf}.weight' for _, hf in full_module_names(model).values()]
+    if tied and sum(k in tensors for k in full) == 1:
+        raise LoRAError(f"{where}: trains {next(k for k in full if k in tensors)} alone on a base with tied "
+                        f"embeddings (PEFT's modules_to_save without ensure_weight_tying unties them); "
+                        f"nanoSFT keeps the embedding and LM head one matrix")
     sd, unknown = {}, []
     for k, v in tensors.items():
         key = k.replace('.lora_A.default.', '.lora_A.').replace('.lora_B.default.', '.lora_B.')

@@ -391,6 +391,25 @@ def test_adapter_trained_with_peft_continues_here(tmp_path):
     assert all(lora.is_nf4(m.weight) for m in lora.lora_modules(q).values())
 
 
+def test_peft_modules_to_save_on_a_tied_base_loads_only_when_peft_kept_the_tie(tmp_path):
+    """peft's default trains a copy of the embedding and leaves the LM head on the original: two
+    matrices where nanoSFT has one (refused); ensure_weight_tying=True keeps one (same logits)."""
+    base_dir = _hf_base('qwen3', tmp_path)
+    x = ids(seed=4)
+    for tie in (True, False):
+        cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=['q_proj'], modules_to_save=['embed_tokens'],
+                              init_lora_weights=False, task_type='CAUSAL_LM', ensure_weight_tying=tie)
+        pm = perturb(peft.get_peft_model(_hf_model(base_dir), cfg)).eval()
+        pm.save_pretrained(tmp_path / str(tie))
+        if tie:
+            ours = lora.load_peft_adapter(from_hf(base_dir), tmp_path / str(tie)).eval()
+            with torch.no_grad():
+                assert (pm(x).logits - logits(ours, x)).abs().max().item() < 1e-4
+        else:
+            with pytest.raises(LoRAError, match='alone on a base with tied embeddings'):
+                lora.load_peft_adapter(from_hf(base_dir), tmp_path / str(tie))
+
+
 def test_peft_dir_that_does_not_fit_is_a_clear_error(tmp_path):
     base_dir = _hf_base('qwen3', tmp_path)
     model = perturb(apply_lora(from_hf(base_dir), LoRAConfig(rank=4)))
@@ -406,6 +425,9 @@ def test_peft_dir_that_does_not_fit_is_a_clear_error(tmp_path):
                         ({'target_modules': 'all-linear'}, 'not a regex'),
                         ({'target_modules': ['q_proj', 'embed_tokens']}, 'modules_to_save'),
                         ({'bias': 'all'}, "bias='all'"),
+                        ({'layers_to_transform': 0}, 'layers_to_transform=0'),
+                        ({'init_lora_weights': 'pissa'}, "init_lora_weights='pissa' changes the base weights"),
+                        ({'alora_invocation_tokens': [7]}, 'alora_invocation_tokens'),
                         ({'r': 0}, 'rank must be an integer >= 1')):
         cfg_file.write_text(json.dumps(dict(good, **change)))
         with pytest.raises(LoRAError, match=msg):
