@@ -34,7 +34,8 @@ class TrainConfig:
     out_dir: str = 'out-sft'
     eval_interval: int = 200          # evaluate, then save ckpt_XXXXXX.pt, every this many steps
     log_interval: int = 1             # a log line every this many steps
-    eval_iters: int = 20              # batches per split in each evaluation
+    eval_iters: int = 20              # batch_size rows x this per split in each evaluation (the same
+                                      # rows on any number of GPUs, split among them)
     eval_only: bool = False           # evaluate the starting model once and exit
     best_metric: str = 'val_loss'     # what ckpt_best.pt and early stopping follow: 'val_loss' |
                                       # 'accuracy' | 'format' (the generation evals' metrics)
