@@ -151,7 +151,8 @@ TOOLS_TAIL = ('\n</tools>\n\nFor each function call, return a json object with f
               '<function-name>, "arguments": <args-json-object>}\n</tool_call>')
 
 
-def _qwen3_reasoning(msg: dict) -> tuple[str, str]:
+def qwen3_reasoning(msg: dict) -> tuple[str, str]:
+    """(reasoning, answer) of a Qwen3 assistant message, as its template splits them."""
     content = msg.get('content') or ''
     reasoning = msg.get('reasoning_content')
     if reasoning is not None:
@@ -282,7 +283,7 @@ class Qwen3(ChatML):
     name = 'qwen3'
 
     def _body(self, messages, i, last_query) -> str:
-        reasoning, content = _qwen3_reasoning(messages[i])
+        reasoning, content = qwen3_reasoning(messages[i])
         if i > last_query and (i == len(messages) - 1 or reasoning):
             body = '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n')
         else:

@@ -164,8 +164,9 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         grads += 4 * trainable                          # DDP's flat buckets hold a copy
     optimizer = 8 * trainable / N
     head_trained = setup.finetune == 'full'
-    # the tied head's gradient is made in the forward by the fused loss (its gradient row above)
-    grad_head = 4 * (emb if a.tie_word_embeddings else head) / N if head_trained else 0
+    # the tied head's gradient is made in the forward by the fused loss (its gradient row above), at
+    # full size under FSDP too: the loss works on the gathered weight
+    grad_head = 4 * (emb if a.tie_word_embeddings else head) if head_trained else 0
     per_tok = activation_bytes_per_token(a, lo, path)
     ac_blocks = {'none': 0, 'full': L, 'selective': math.ceil(L / setup.ac_every)}[setup.ac]
     # model level: token ids, positions (int64), RoPE cos/sin, the final norm's input and output
@@ -193,7 +194,7 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         'forward end (loss)': base + grads_in_fwd + activations + loss,
         # a recomputed block's activations, or a dequantized weight: measured not to coincide
         'backward start': base + grads_in_fwd + activations + max(recomputed, dequant) + bw_temp,
-        'embedding backward': base + grads + (4 * emb / N if head_trained and a.tie_word_embeddings else 0),
+        'embedding backward': base + grads + (4 * emb if head_trained and a.tie_word_embeddings else 0),
         'optimizer step': base + grads,            # fused AdamW: no temporaries
     }
     return Plan(setup, weights, grads, optimizer, activations, loss, phases)
@@ -255,8 +256,8 @@ def plan_args(argv: list[str]) -> tuple[list[str], dict | None]:
                 opts[key] = type(opts[key])(text)
             except ValueError:
                 raise ValueError(f"--{key}={text}: expected a number") from None
-            if opts[key] <= 0:
-                raise ValueError(f"--{key}={text}: must be > 0")
+            if not 0 < opts[key] < math.inf:
+                raise ValueError(f"--{key}={text}: must be a number > 0")
         else:
             rest.append(arg)
         i += 1

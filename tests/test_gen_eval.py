@@ -42,6 +42,27 @@ def test_batched_greedy_generation_matches_one_by_one(data):
         generate_replies(model, tok, recs, 'chatml', model.config.block_size, 1, 'cpu')
 
 
+def test_a_qwen3_reply_is_scored_after_its_think_block(tmp_path):
+    """Qwen3 trains every reply as '<think>\\n\\n</think>\\n\\n' + answer: a model that emits exactly
+    what it was trained on must score as correct, not be compared with the think block in front."""
+    from chat_format import get_format
+    from family_tokenizers import build_family_dir
+    tok = load_tokenizer(build_family_dir(str(tmp_path / 'q'), 'qwen3'))
+    fmt = get_format('qwen3', tok)
+    rec = {'messages': [{'role': 'user', 'content': 'What is 2 + 2?'}, {'role': 'assistant', 'content': 'four'}],
+           'reference': 'four', 'numeric': False, 'task': 'add'}
+    ids, labels = fmt.encode(rec['messages'])
+    trained = [t for t, label in zip(ids, labels) if label != -100]   # the reply training teaches
+
+    class Perfect:
+        config = ModelArchitectureConfig.from_preset("tiny", block_size=256)
+
+        def generate(self, prompts, max_new_tokens, temperature, stop_ids):
+            return [trained for _ in prompts]
+    replies = generate_replies(Perfect(), tok, [rec], fmt, 32, 1, progress=False)
+    assert tok.decode(trained).startswith('<think>') and replies == [('four', True, False)]
+
+
 def test_scores_are_counts_that_sum_over_slices_to_the_whole(data):
     recs = load_eval_records(data)
     replies = [('4', True, False), ('{"answer":  6}', False, False), ('3 2 1', True, False)]

@@ -119,6 +119,9 @@ def test_activation_checkpointing_and_fsdp_shrink_what_they_should():
     assert fsdp.gradients < ddp.gradients / 8      # no DDP bucket copy, sharded 1/8
     assert fsdp.activations == ddp.activations     # sharding does not touch activations
     assert fsdp.peak < ddp.peak
+    # the fused loss makes the (vocab x width) fp32 head gradient from the gathered weight: full size
+    in_forward = fsdp.phases['forward end (loss)'] - fsdp.weights - fsdp.optimizer - fsdp.activations - fsdp.loss
+    assert in_forward == pytest.approx(4 * a.vocab_size * a.n_embd)
 
 
 def test_lora_rows_count_rank_times_in_plus_out_per_targeted_projection():
@@ -160,3 +163,5 @@ def test_plan_command_prints_every_alternative_and_what_fits(capsys):
         train_sft.main(['--gpus=8'])
     with pytest.raises(SystemExit, match='--gpus=x: expected a number'):
         train_sft.main(['--plan', '--gpus=x'])
+    with pytest.raises(SystemExit, match='--gpu_memory_gb=nan: must be a number > 0'):
+        train_sft.main(['--plan', '--gpu_memory_gb=nan'])
