@@ -110,6 +110,10 @@ class ChatFormat:
     def prompt(self, messages, enable_thinking: bool = True) -> list[int]:
         raise NotImplementedError
 
+    def answer(self, reply: str) -> str:
+        """The part of a generated reply that answers (what an evaluation scores)."""
+        return reply
+
     def encode(self, messages, train_on: str = 'all') -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
@@ -151,8 +155,7 @@ TOOLS_TAIL = ('\n</tools>\n\nFor each function call, return a json object with f
               '<function-name>, "arguments": <args-json-object>}\n</tool_call>')
 
 
-def qwen3_reasoning(msg: dict) -> tuple[str, str]:
-    """(reasoning, answer) of a Qwen3 assistant message, as its template splits them."""
+def _qwen3_reasoning(msg: dict) -> tuple[str, str]:
     content = msg.get('content') or ''
     reasoning = msg.get('reasoning_content')
     if reasoning is not None:
@@ -282,8 +285,12 @@ class Qwen3(ChatML):
       enable_thinking=False."""
     name = 'qwen3'
 
+    def answer(self, reply: str) -> str:
+        # training puts a (maybe empty) <think> block before every final reply: the answer follows it
+        return _qwen3_reasoning({'content': reply})[1]
+
     def _body(self, messages, i, last_query) -> str:
-        reasoning, content = qwen3_reasoning(messages[i])
+        reasoning, content = _qwen3_reasoning(messages[i])
         if i > last_query and (i == len(messages) - 1 or reasoning):
             body = '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n')
         else:

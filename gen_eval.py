@@ -31,7 +31,6 @@ import torch
 
 from chat_records import DataError, iter_records
 from progress import Progress
-from chat_families import qwen3_reasoning
 from chat_format import encode_prompt, format_from_meta, get_format
 from tokenizer import load_tokenizer
 
@@ -115,9 +114,7 @@ def generate_replies(model, tok, records, chat_template, max_new_tokens, batch_s
                              temperature=0.0, stop_ids=stops)
         for i, new in zip(idx, gen):
             stopped = bool(new) and new[-1] in stops
-            text = tok.decode(new[:-1] if stopped else new)
-            if fmt.name == 'qwen3':   # Qwen3 trains every reply after a (maybe empty) <think> block:
-                text = qwen3_reasoning({'content': text})[1]   # the answer is what follows it
+            text = fmt.answer(tok.decode(new[:-1] if stopped else new))   # qwen3: after its <think>
             out[i] = (text, stopped and new[-1] == fmt.end_id, not stopped)
         bar.update(len(idx))
     bar.close()
