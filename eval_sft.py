@@ -29,7 +29,7 @@ from chat_format import encode_conversation
 from chat_records import DataError
 from checkpoint import check_device
 from gen_eval import default_max_new_tokens, generate_replies, load_eval_records, metrics, score_replies
-from progress import Progress
+from progress import Progress, check_out_file
 
 
 @torch.no_grad()
@@ -111,19 +111,6 @@ def markdown_table(results: list[dict]) -> str:
     return '\n'.join(rows)
 
 
-def check_out(path: str) -> None:
-    """--out checked before the evaluation runs (minutes), not when the report is written after it.
-    Missing folders are fine: write_json creates them."""
-    if path.endswith(('/', os.sep)) or os.path.isdir(path):
-        raise SystemExit(f'--out {path}: names a directory; give a file name, e.g. '
-                         f'{os.path.join(path, "eval.json")}')
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f'--out {path}: cannot write there ({parent} is not a writable directory)')
-
-
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}'
@@ -168,7 +155,10 @@ def main(argv=None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.models[-1])), 'eval.json')
-    check_out(out)
+    try:
+        check_out_file(out, 'eval.json')   # before the evaluation, not after it
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     args.n_samples = max(args.n_samples, args.show)
     try:
         records = load_eval_records(args.data, args.limit)

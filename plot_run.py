@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from progress import check_out_file
+
 
 def load_run(path: str) -> dict:
     try:
@@ -153,14 +155,10 @@ def check_out(out: str) -> None:
     """The output path checked before anything is read or drawn: a directory, a path under a file
     or a format matplotlib cannot write is refused by name. Missing folders are fine: plot_runs
     creates them."""
-    if out.endswith(('/', os.sep)) or os.path.isdir(out):
-        raise SystemExit(f'plot_run: --out {out}: names a directory; give a file name, e.g. '
-                         f'{os.path.join(out, "loss.png")}')
-    parent = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f'plot_run: --out {out}: cannot write there ({parent} is not a writable directory)')
+    try:
+        check_out_file(out, 'loss.png')
+    except ValueError as e:
+        raise SystemExit(f'plot_run: {e}') from None
     import_pyplot()
     from matplotlib.backend_bases import FigureCanvasBase
     kinds = FigureCanvasBase.get_supported_filetypes()

@@ -34,6 +34,20 @@ def silence(f) -> None:
         pass
 
 
+def check_out_file(path: str, example: str) -> None:
+    """An output file's path checked before the work that writes it (minutes of it), not after: a
+    directory, or a place that cannot be written, is a ValueError naming it. Missing folders are
+    fine: the writer creates them. `example`: a file name to suggest inside a directory."""
+    if path.endswith(('/', os.sep)) or os.path.isdir(path):
+        raise ValueError(f'--out {path}: names a directory; give a file name, e.g. '
+                         f'{os.path.join(path, example)}')
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f'--out {path}: cannot write there ({parent} is not a writable directory)')
+
+
 def fmt_seconds(s: float) -> str:
     s = int(s)
     return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 3600 else f'{s // 60}:{s % 60:02d}'
