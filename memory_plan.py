@@ -106,7 +106,7 @@ def activation_bytes_per_token(a: ModelArchitectureConfig, act_bytes: int = 4, p
       the projection's input (a 16-bit copy under autocast); q|k|v fused output;
       QK-norm: the normalized q and k (+ their fp32 copies under autocast); RoPE's rotated q and k;
       attention: its output (per_doc: + the concatenation of the documents' outputs) + logsumexp;
-      MLP: fused gate|up output, silu(gate), their product (GELU: output and gelu(output))."""
+      MLP: fused gate|up output and silu(gate) * up (GELU: output and gelu(output))."""
     C, Q, K, F, H = a.n_embd, a.n_head * a.head_size, a.kv_heads * a.head_size, a.ffn_size, a.n_head
     lo, f32 = act_bytes, 4
     norm = f32 * C * (2 if a.norm_type == 'rmsnorm' else 1)   # residual input (+ normalized x)
@@ -118,7 +118,7 @@ def activation_bytes_per_token(a: ModelArchitectureConfig, act_bytes: int = 4, p
         b += lo * (Q + K)                                # rotated q, k (their 16-bit casts)
     b += lo * Q * (2 if path in ('per_doc', 'sdpa') else 1) + f32 * H   # output (+ concat), lse
     if a.mlp_type == 'swiglu':
-        b += lo * 4 * F                                  # gate|up, silu(gate), product
+        b += lo * 3 * F                                  # gate|up, silu(gate) * up
     else:
         b += lo * 2 * F
     return b

@@ -119,6 +119,29 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy_in_float64():
         assert torch.allclose(fh, gh, atol=1e-12) and torch.allclose(fw, gw, atol=1e-12)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_swiglu_equals_autograd_bit_for_bit_and_keeps_only_its_input(dtype):
+    def silu_then_mul(h):
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(3, 7, 2 * 48, generator=g).to(dtype)
+    grad = torch.randn(3, 7, 48, generator=g).to(dtype)
+    results = []
+    for fn in (silu_then_mul, model_builder._SwiGLU.apply):
+        h = h0.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(h)
+        y.backward(grad)
+        results.append((y, h.grad, saved))
+    (y_ref, g_ref, saved_ref), (y, g, saved) = results
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    assert len(saved) == 1 and saved[0] is not None and saved[0].shape == h0.shape
+    assert len(saved_ref) == 3   # gate, silu(gate), up
+
+
 def test_return_logits_gives_the_full_logits_next_to_the_fused_loss():
     model = _tiny()
     ids = _ids(T=12, B=2)
