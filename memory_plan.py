@@ -35,10 +35,11 @@ from model_config import ModelArchitectureConfig
 
 GiB = 2 ** 30
 LOSS_CHUNK_ELEMENTS = 2 ** 25        # model_builder.LOSS_CHUNK_ELEMENTS (kept equal by a test)
+HEAD_BLOCK_ROWS = 4096               # model_builder.HEAD_BLOCK_ROWS (kept equal by a test)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4 bits + an int8 scale per 64 + an fp32 per 256 scales
-# bytes per element that torchao (0.18) allocates for a moment while it dequantizes an NF4 weight
-# for a matmul (int64 code indices, fp32 codes and scales, the output): measured on CPU, 21.4
-NF4_DEQUANT_BYTES = 21.5
+# bytes per element lora.nf4_rows allocates for a moment while it dequantizes an NF4 weight for a
+# matmul: int32 byte indices (2 per element) and the fp32 output (4). torchao's own took 21.4.
+NF4_DEQUANT_BYTES = 6
 HF_PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 USABLE_FRACTION = 0.9                # of a GPU's memory: the CUDA context and fragmentation take the rest
 
@@ -54,12 +55,15 @@ class Setup:
     ac: str = 'none'                 # 'none' | 'full' | 'selective'
     ac_every: int = 2
     lora_base_dtype: str = 'auto'    # LoRA's frozen projections: 'auto' | 'float32' | 'bfloat16'
+    quantize_embeddings: bool = False  # QLoRA: the frozen embedding / LM head in NF4 too
 
     def label(self) -> str:
         par = 'single' if self.parallel == 'single' else f'{self.parallel} x{self.gpus}'
         ft = self.finetune if self.finetune == 'full' else f'{self.finetune} r{self.lora_rank}'
         if self.finetune == 'lora' and self.lora_base_dtype != 'auto':
             ft += f" {'bf16' if self.lora_base_dtype == 'bfloat16' else 'fp32'} base"
+        if self.finetune == 'qlora' and self.quantize_embeddings:
+            ft += ' nf4 emb'
         ac = f'selective/{self.ac_every}' if self.ac == 'selective' else self.ac
         return f'{par}, {ft}, AC {ac}'
 
@@ -140,6 +144,9 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     # train_sft's hold_embeddings_in: the frozen embedding and head in bf16 under bf16 autocast
     emb16 = setup.finetune != 'full' and held16 and dtype == 'bfloat16' and not (
         {'embed_tokens', 'lm_head'} & set(setup.lora_targets))
+    # lora.quantize_embeddings: the frozen embedding / head in NF4, the head dequantized by blocks
+    emb_nf4 = setup.finetune == 'qlora' and setup.quantize_embeddings and not (
+        {'embed_tokens', 'lm_head'} & set(setup.lora_targets))
     emb = V * C                                        # the embedding (= the head when tied)
     head = 0 if a.tie_word_embeddings else V * C
     total = a.num_params(non_embedding=False)
@@ -153,7 +160,8 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         trainable = lora_params(a, setup.lora_rank, setup.lora_targets)
         proj = L * sum(i * o for i, o in block_linears(a).values())
         base_proj = NF4_BYTES if setup.finetune == 'qlora' else 2 if base16 else 4
-        weights = (base_proj * proj + (2 if emb16 else 4) * (emb + head) + 4 * (total - proj - emb - head)) / N \
+        emb_bytes = NF4_BYTES if emb_nf4 else 2 if emb16 else 4
+        weights = (base_proj * proj + emb_bytes * (emb + head) + 4 * (total - proj - emb - head)) / N \
             + 4 * trainable / N
         if lo == 2 and N == 1 and setup.finetune == 'lora' and not base16:
             weights += 2 * proj   # autocast does not cache frozen weights: each cast is kept for backward
@@ -177,7 +185,9 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     # one chunk of fp32 logits, worked on in place (16-bit: + the matmul's output / the 16-bit
     # softmax for the gradient matmuls); the selected hidden states and their gradient
     loss = (4 if lo == 4 else 6) * rows * V + 2 * 4 * trained * C + (lo * trained * C if lo == 2 else 0)
-    if lo == 2 and not emb16:
+    if emb_nf4:
+        loss += NF4_DEQUANT_BYTES * min(V, HEAD_BLOCK_ROWS) * C   # one dequantized block of the head
+    elif lo == 2 and not emb16:
         loss += 2 * emb                                 # the head's 16-bit copy inside the loss
     bw_temp = tokens * 4 * 2 * C                        # the residual stream's gradients
     dequant = 0
@@ -208,7 +218,7 @@ def alternatives(configured: Setup, gpus: int) -> list[Setup]:
         for ft in ('full', 'lora', 'qlora'):
             for ac in ('none', 'selective', 'full'):
                 s = Setup(par, gpus, ft, configured.lora_rank, configured.lora_targets, ac, configured.ac_every,
-                          configured.lora_base_dtype)
+                          configured.lora_base_dtype, ft == 'qlora' and configured.quantize_embeddings)
                 if s != configured:
                     out.append(s)
     return out
@@ -299,7 +309,8 @@ def report_for_config(cfg, a: ModelArchitectureConfig, gpus: int, gpu_memory_gb:
                   finetune=getattr(cfg, 'finetune', 'full'), lora_rank=getattr(cfg, 'lora_rank', 16),
                   lora_targets=tuple(targets.split(',') if isinstance(targets, str) else targets),
                   ac=cfg.activation_checkpointing, ac_every=cfg.activation_checkpointing_every,
-                  lora_base_dtype=getattr(cfg, 'lora_base_dtype', 'auto'))
+                  lora_base_dtype=getattr(cfg, 'lora_base_dtype', 'auto'),
+                  quantize_embeddings=getattr(cfg, 'lora_quantize_embeddings', False))
     dtype = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32', '': 'bfloat16'}.get(cfg.dtype, cfg.dtype)
     name = cfg.init_from if cfg.init_from != 'scratch' else cfg.model_preset
     n = a.num_params(non_embedding=False)

@@ -23,6 +23,9 @@ ACTIVATION_CHECKPOINTING = ('none', 'full', 'selective')
 # Logits elements (rows x vocab) the LM head + cross-entropy materialize at once in training:
 # 2**25 fp32 = 128 MiB, i.e. 220 rows at Qwen's 151,936 vocab, everything at once for a tiny vocab.
 LOSS_CHUNK_ELEMENTS = 2 ** 25
+# A head held compressed (QLoRA's NF4 table) is made dense this many rows at a time: 16 MiB of fp32
+# at width 1024.
+HEAD_BLOCK_ROWS = 4096
 
 
 # ---------------------------------------------------------------------- loss
@@ -31,17 +34,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
     are needed they are computed right there in the forward (softmax - onehot is the logits' grad),
     so a chunk's logits live for one chunk and nothing is recomputed in backward (as Liger's fused
     linear cross-entropy does). Under autocast the matmuls run in the autocast dtype and the softmax
-    in fp32, like F.linear + F.cross_entropy(logits.float()) would."""
+    in fp32, like F.linear + F.cross_entropy(logits.float()) would. A frozen head held compressed
+    (QLoRA's NF4 table) comes as dense_rows(start, end, dtype), made dense a block of rows at a time."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled):
+    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled, dense_rows):
         # needs_input_grad ignores no_grad(), so the caller says whether grads can be wanted
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
+        if dense_rows is not None and want_w:
+            raise ValueError("a head given as dense_rows is frozen: it gets no gradient")
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        V = weight.shape[0]
+        blocks = [(a, min(a + HEAD_BLOCK_ROWS, V)) for a in range(0, V, HEAD_BLOCK_ROWS)]
         with torch.autocast(dev, enabled=False):
-            hc_all, w = h.to(dtype), weight.to(dtype)
+            hc_all = h.to(dtype)
+            w = weight.to(dtype) if dense_rows is None else None
             grad_h = torch.empty_like(h) if want_h else None
             # fp32 accumulation over chunks even for bf16 weights (FSDP's param_dtype)
             acc = torch.promote_types(weight.dtype, torch.float32)
@@ -52,7 +61,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hc, tc = hc_all[s:s + chunk_rows], targets[s:s + chunk_rows]
                 # one (rows, vocab) buffer per chunk, everything in place (logsumexp would add a
                 # second): e = exp(logits - max), loss = max + log(sum e) - target logit
-                e = (hc @ w.t()).to(fp)
+                if w is not None:
+                    e = (hc @ w.t()).to(fp)
+                else:
+                    e = hc.new_empty(len(hc), V, dtype=fp)
+                    for a, b in blocks:
+                        e[:, a:b] = hc @ dense_rows(a, b, dtype).t()
                 target = e.gather(1, tc[:, None]).squeeze(1)
                 top = e.amax(dim=-1, keepdim=True)
                 z = e.sub_(top).exp_().sum(dim=-1, keepdim=True)
@@ -61,8 +75,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     p = e.div_(z)                                      # softmax, in place
                     p.scatter_add_(1, tc[:, None], p.new_full((len(tc), 1), -1.0))  # d(CE sum)/d(logits)
                     p = p.to(dtype)
-                    if want_h:
+                    if want_h and w is not None:
                         grad_h[s:s + chunk_rows] = p @ w
+                    elif want_h:
+                        gh = grad_h[s:s + chunk_rows].zero_()
+                        for a, b in blocks:
+                            gh.addmm_(p[:, a:b], dense_rows(a, b, dtype))
                     if want_w:
                         if grad_w.dtype == dtype:
                             grad_w.addmm_(p.t(), hc)
@@ -84,15 +102,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None):
+def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None, dense_rows=None):
     """F.cross_entropy(F.linear(h, weight).float(), targets, reduction='sum') (h: (N, C), targets: (N,),
-    all valid) holding at most LOSS_CHUNK_ELEMENTS logits at a time. One backward per forward."""
+    all valid) holding at most LOSS_CHUNK_ELEMENTS logits at a time. One backward per forward.
+    dense_rows(start, end, dtype): the frozen weight's rows, for a weight held compressed."""
     if chunk_rows is None:
         chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled(), dense_rows)
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -377,11 +396,12 @@ class ConfigurableGPT(nn.Module):
         n = trained_index.numel()
         if n == 0:   # exactly 0, and every trainable weight still gets a (zero) gradient: DDP and
             # FSDP expect one on each rank, and an untied head is not reached through h
-            return (h.sum() + sum(p.sum() for p in self.lm_head.parameters())) * 0.0
+            return (h.sum() + sum(p.sum() for p in self.lm_head.parameters() if p.requires_grad)) * 0.0
         # (N, C): only the positions whose next token is trained; their targets are one further on
         h_sel = h.reshape(-1, h.size(-1)).index_select(0, trained_index)
         t_sel = labels.reshape(-1).index_select(0, trained_index + 1)
-        total = linear_cross_entropy(h_sel, self.lm_head.weight, t_sel)
+        total = linear_cross_entropy(h_sel, self.lm_head.weight, t_sel,
+                                     dense_rows=getattr(self.lm_head, 'dense_rows', None))
         return total / n if reduction == 'mean' else total
 
     # ------------------------------------------------------------------ optimizer

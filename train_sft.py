@@ -99,6 +99,8 @@ class TrainConfig:
     lora_base_dtype: str = 'auto'     # the frozen projections' dtype: 'bfloat16' halves the base (fp32
                                       # math on it without autocast); 'auto': bfloat16 under bf16
                                       # autocast (bit-identical there), else float32 | 'float32'
+    lora_quantize_embeddings: bool = False  # qlora: the frozen embedding and LM head in NF4 too (off as in
+                                      # QLoRA / PEFT: the logits then come from 4-bit weights)
     lora_base: str = ''               # the base ('hf:/dir' or ckpt.pt) when init_from is a PEFT adapter
                                       # directory, or where a LoRA checkpoint's base moved to
     # optimizer (AdamW; weight decay on matrices and embeddings only)
@@ -536,7 +538,7 @@ def lora_config(cfg: TrainConfig, dtype: str = 'float32') -> LoRAConfig:
     try:
         return LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                           targets=cfg.lora_targets, rslora=cfg.lora_rslora, dora=cfg.lora_dora,
-                          quantize=cfg.finetune == 'qlora',
+                          quantize=cfg.finetune == 'qlora', quantize_embeddings=cfg.lora_quantize_embeddings,
                           base_dtype=resolve_base_dtype(cfg.lora_base_dtype, dtype))
     except LoRAError as e:
         raise TrainError(f"finetune={cfg.finetune!r}: {e}") from e
@@ -586,7 +588,7 @@ def build_model(cfg: TrainConfig, device, log=say, dtype: str = 'float32') -> tu
                                  f"base ('hf:/local/hf/dir' or a checkpoint)")
             peft_cfg, tensors = read_peft_adapter(init)
             peft_cfg = dataclasses.replace(peft_cfg, dropout=want.dropout, quantize=want.quantize,
-                                           base_dtype=want.base_dtype)
+                                           quantize_embeddings=want.quantize_embeddings, base_dtype=want.base_dtype)
             model, base = lora_model(base_source(cfg.lora_base), peft_cfg, adapters=tensors, peft=True,
                                      device=device, seed=cfg.seed, where=init)
         elif init.startswith('hf:'):
@@ -613,7 +615,8 @@ def build_model(cfg: TrainConfig, device, log=say, dtype: str = 'float32') -> tu
                 # a LoRA checkpoint continues with this run's dropout; resumed, it keeps its base as it was
                 over = {'dropout': want.dropout} if lora_run else None
                 if lora_run and init != 'resume':
-                    over.update(quantize=want.quantize, base_dtype=want.base_dtype)
+                    over.update(quantize=want.quantize, quantize_embeddings=want.quantize_embeddings,
+                                base_dtype=want.base_dtype)
                 moved = base_source(cfg.lora_base) if cfg.lora_base else None
                 model, ckpt = load_checkpoint(path, device=device if lora_run else 'cpu', dropout=cfg.dropout,
                                               base=moved, lora_overrides=over)
@@ -631,9 +634,11 @@ def build_model(cfg: TrainConfig, device, log=say, dtype: str = 'float32') -> tu
                              f"or 'qlora'")
         model, base = merge_lora(model), None   # full fine-tuning of the merged model
     elif adapted is not None:
-        if init == 'resume' and adapted.quantize != want.quantize:
+        if init == 'resume' and (adapted.quantize, adapted.quantize_embeddings) != (
+                want.quantize, want.quantize_embeddings):
             raise TrainError(f"{cfg.out_dir}/ckpt.pt was trained with finetune="
-                             f"{'qlora' if adapted.quantize else 'lora'}; resume with the same base "
+                             f"{'qlora' if adapted.quantize else 'lora'}, lora_quantize_embeddings="
+                             f"{adapted.quantize_embeddings}; resume with the same base "
                              f"(or start a new run from it with init_from=<that ckpt>)")
         mine = {k: getattr(want, k) for k in ('rank', 'alpha', 'targets', 'rslora', 'dora', 'base_dtype')}
         theirs = {k: getattr(adapted, k) for k in mine}
@@ -671,13 +676,19 @@ def check_finetune(cfg: TrainConfig, rt: 'Runtime') -> None:
         check_qlora_device(lora_config(cfg), getattr(torch, rt.dtype), rt.device_type)
     except LoRAError as e:
         raise TrainError(str(e)) from e
+    if cfg.lora_quantize_embeddings and cfg.parallel == 'fsdp':
+        # FSDP would shard the NF4 table, whose rows the lookup and the loss read directly
+        raise TrainError("lora_quantize_embeddings=True with parallel='fsdp': the NF4 embedding table is "
+                         "not sharded; use parallel='ddp' (the table is 4-bit: replicating it costs little)")
 
 
 def describe_model(cfg: TrainConfig, rt: 'Runtime', model, base: dict | None) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = getattr(model, 'lora_config', None)
+    wte = model.transformer.wte.weight
+    emb = 'nf4' if is_nf4(wte) else str(wte.dtype).removeprefix('torch.')
     held = '' if lora is None else (f", frozen projections in {'nf4' if lora.quantize else lora.base_dtype}, "
-                                    f"embedding in {str(model.transformer.wte.weight.dtype).removeprefix('torch.')}")
+                                    f"embedding in {emb}")
     rt.print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"({trainable / 1e6:.3f}M trained, finetune={cfg.finetune}{held}), init_from={cfg.init_from}"
               + (f", base {base['source']} (sha256 {base['sha256'][:12]})" if base else ''))

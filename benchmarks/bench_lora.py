@@ -20,6 +20,7 @@ Contenders (each in its own process, run in turn, repeated --repeats times inter
   nanosft_lora_bf16  the same with lora_base_dtype='bfloat16': the frozen projections held as they
                   ship (bf16), cast up at each use; the same fp32 math on the same values (lossless).
   nanosft_qlora   + quantize=True: the projections' frozen weights in torchao NF4; embedding fp32.
+  nanosft_qlora_emb  + quantize_embeddings=True: the tied embedding / LM head table in NF4 too.
   trl_lora        trl.SFTTrainer(peft_config=peft.LoraConfig(same r, alpha, targets)) on the same
                   conversations, at its best documented CPU setting: packing=True (best-fit
                   decreasing, padding-free rows of max_length 512; transformers' SDPA path keeps
@@ -56,8 +57,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/common.py)
 
-CONTENDERS = ('nanosft_full', 'nanosft_lora', 'nanosft_lora_bf16', 'nanosft_qlora', 'trl_lora', 'nanosft_lora_ac',
-              'trl_lora_gc', 'nanosft_lora_amp', 'trl_lora_amp')
+CONTENDERS = ('nanosft_full', 'nanosft_lora', 'nanosft_lora_bf16', 'nanosft_qlora', 'nanosft_qlora_emb', 'trl_lora',
+              'nanosft_lora_ac', 'trl_lora_gc', 'nanosft_lora_amp', 'trl_lora_amp')
 LORAS = ('nanosft_lora', 'nanosft_lora_bf16')   # nanoSFT LoRA without checkpointing: base fp32 / bf16
 # nanoSFT LoRA against TRL + PEFT at the same precision: fp32 (two ways to hold the base), bf16 autocast
 PAIRS = (('nanosft_lora', 'trl_lora'), ('nanosft_lora_bf16', 'trl_lora'), ('nanosft_lora_amp', 'trl_lora_amp'))
@@ -181,7 +182,7 @@ def child_nanosft(args, name):
     extra = {'bf16_base_bytes': 2 * sum(numel.values()), 'bf16_projection_bytes': 2 * sum(numel[k] for k in proj)}
     if name != 'nanosft_full':
         cfg = lora.LoRAConfig(rank=args.rank, alpha=args.alpha, targets=tuple(PROJECTIONS),
-                              quantize=name == 'nanosft_qlora',
+                              quantize=name.startswith('nanosft_qlora'), quantize_embeddings=name == 'nanosft_qlora_emb',
                               base_dtype='bfloat16' if name in ('nanosft_lora_bf16', 'nanosft_lora_amp') else 'float32')
         lora.apply_lora(model, cfg)
         if name.endswith('_amp'):   # as train_sft holds the base under bf16 autocast
@@ -355,6 +356,12 @@ def goals(med: dict[str, dict]) -> list[str]:
                    f"({bf16 / 2**20:,.0f} MiB) when the rest is bf16 (a GPU run); {held:.3f}x as this fp32 "
                    f"CPU run holds it ({(fb['projections'] + fb['other']) / 2**20:,.0f} MiB); goal <= 0.3x: "
                    f"{'met' if as_bf16 <= 0.3 else 'not met'}")
+    if ok('nanosft_qlora_emb') and 'frozen_base' in med['nanosft_qlora_emb']:
+        fb, m = med['nanosft_qlora_emb']['frozen_base'], med['nanosft_qlora_emb']
+        held = (fb['projections'] + fb['other']) / m['bf16_base_bytes']
+        out.append(f"QLoRA with quantize_embeddings (the table in NF4 too): whole frozen base "
+                   f"{(fb['projections'] + fb['other']) / 2**20:,.0f} MiB = {held:.3f}x the bf16 base (goal <= 0.3x: "
+                   f"{'met' if held <= 0.3 else 'not met'})")
     for lo, peer in PAIRS:
         if not (ok(lo) and ok(peer)):
             continue

@@ -41,6 +41,9 @@ def test_every_contender_runs_and_lora_starts_from_the_base(tmp_path):
     assert med['trl_lora_gc']['first_loss'] == pytest.approx(med['trl_lora']['first_loss'], abs=1e-5)
     q = med['nanosft_qlora']
     assert 0.25 < q['frozen_base']['projections'] / q['bf16_projection_bytes'] < 0.3
+    qe = med['nanosft_qlora_emb']   # the table in NF4 too: the same first loss but for its rounding
+    assert (qe['frozen_base']['projections'] + qe['frozen_base']['other']) / qe['bf16_base_bytes'] < 0.3
+    assert qe['first_loss'] == pytest.approx(q['first_loss'], abs=0.05)
     # the bf16 autocast pair: the same step in bf16 matmuls, nanoSFT's frozen embedding held in bf16
     amp = med['nanosft_lora_amp']
     assert amp['first_loss'] == pytest.approx(med['nanosft_lora']['first_loss'], abs=0.05)

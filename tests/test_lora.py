@@ -55,6 +55,7 @@ VARIANTS = {
     'partial_targets_and_embedding': dict(targets=('q_proj', 'v_proj', 'down_proj', 'embed_tokens')),
     'qlora': dict(quantize=True),
     'qdora': dict(quantize=True, dora=True),
+    'qlora_embeddings': dict(quantize=True, quantize_embeddings=True),
     'bf16_base': dict(base_dtype='bfloat16'),
     'bf16_base_partial_targets_dora': dict(base_dtype='bfloat16', targets=('q_proj', 'down_proj'), dora=True),
 }
@@ -231,6 +232,53 @@ def test_qlora_frozen_base_is_about_a_quarter_of_its_bf16_bytes():
     assert nbytes['transformer.wte.weight'] == 4 * VOCAB * 128   # the embedding stays as it was
 
 
+def test_nf4_rows_are_torchaos_dequantization_of_those_rows():
+    w = torch.randn(300, 128, generator=torch.Generator().manual_seed(0))
+    q = lora.to_nf4(w)   # 600 blocks: scale groups of 200 blocks, not aligned to rows
+    full = q.to(torch.float32)   # torchao's own dequantization
+    assert torch.equal(lora.nf4_rows(q), full)
+    assert torch.equal(lora.nf4_rows(q, slice(17, 251)), full[17:251])
+    idx = torch.tensor([[5, 299, 0], [5, 130, 64]])
+    assert torch.equal(lora.nf4_rows(q, idx), full[idx])
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_quantized_embeddings_compute_the_dequantized_table_and_shrink_the_whole_base(tied, monkeypatch):
+    import model_builder
+    for mod in (lora, model_builder):   # several head blocks, the last one short
+        monkeypatch.setattr(mod, 'HEAD_BLOCK_ROWS', 96)
+    base = tiny(tie_word_embeddings=tied)
+    q = perturb(apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, quantize=True, quantize_embeddings=True)))
+    assert type(q.transformer.wte) is lora.NF4Embedding and type(q.lm_head) is lora.NF4Head
+    assert (q.lm_head.weight is q.transformer.wte.weight) == tied
+    # the same QLoRA model with the dequantized table(s) held in fp32
+    ref = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, quantize=True))
+    with torch.no_grad():
+        ref.transformer.wte.weight.copy_(lora.dense(q.transformer.wte.weight))
+        ref.lm_head.weight.copy_(lora.dense(q.lm_head.weight))
+        for (_, a), (_, b) in zip(ref.named_parameters(), q.named_parameters()):
+            if b.requires_grad:
+                a.copy_(b)
+    x = ids()
+    labels = x.clone()
+    labels[:, :4] = -100
+    for m in (ref, q):
+        m.train()
+        m(x, labels=labels)[1].backward()
+    assert abs(ref(x, labels=labels)[1].item() - q(x, labels=labels)[1].item()) < 1e-6
+    assert (logits(ref, x) - logits(q, x)).abs().max().item() < 1e-5
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in q.named_parameters():
+        assert (p.grad is None) == (n not in grads), n
+        if p.grad is not None:
+            assert (p.grad - grads[n]).abs().max().item() < 1e-6, n
+    # the whole frozen base, table included, against its bytes in bf16
+    nbytes = lora.frozen_bytes(q)
+    bf16 = 2 * sum(p.numel() for p in base.parameters())
+    assert sum(nbytes.values()) / bf16 < 0.3
+    assert sum(lora.frozen_bytes(ref).values()) / bf16 > 0.4   # the fp32 table alone: 0.23
+
+
 def test_adapter_init_is_seeded_not_global_rng():
     a = apply_lora(tiny(), LoRAConfig(rank=4), seed=7)
     torch.manual_seed(123)
@@ -278,6 +326,8 @@ def test_bad_config_is_a_clear_error():
         apply_lora(apply_lora(tiny(), LoRAConfig()), LoRAConfig())
     with pytest.raises(LoRAError, match=r"unknown LoRA config key\(s\) \['rnak'\]"):
         LoRAConfig.from_dict({'rnak': 4})
+    with pytest.raises(LoRAError, match='quantize_embeddings .* needs QLoRA'):
+        LoRAConfig(quantize_embeddings=True)
 
 
 def test_adapter_for_another_base_shape_is_a_clear_error():

@@ -19,7 +19,8 @@ def _arch(n_layer, n_embd, vocab, block, n_head=4, n_kv_head=2):
                                                intermediate_size=3 * n_embd, vocab_size=vocab, block_size=block)
 
 
-def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32', dtype='float32'):
+def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32', dtype='float32',
+                   emb_nf4=False):
     """Peak bytes of live tensors in the third step of train_sft's loop (MemTracker follows every
     storage the step creates and frees, plus parameters, gradients and AdamW state); dtype
     'bfloat16': under CPU autocast, the model held as train_sft holds it there."""
@@ -37,7 +38,8 @@ def _measured_peak(arch, rows, ac, every=2, finetune='full', base_dtype='float32
     model = ConfigurableGPT(arch).train()
     if finetune != 'full':
         import lora
-        lora.apply_lora(model, lora.LoRAConfig(rank=8, quantize=finetune == 'qlora', base_dtype=base_dtype))
+        lora.apply_lora(model, lora.LoRAConfig(rank=8, quantize=finetune == 'qlora', base_dtype=base_dtype,
+                                               quantize_embeddings=emb_nf4))
         if dtype == 'bfloat16' and base_dtype == 'bfloat16':
             lora.hold_embeddings_in(model, torch.bfloat16)
     autocast = torch.autocast('cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
@@ -88,6 +90,7 @@ def _frozen_parameters_tracked():
     dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='lora', base='bfloat16'),
     dict(n_layer=4, n_embd=128, vocab=2048, block=512, rows=2, ac='full', finetune='qlora'),
     dict(n_layer=4, n_embd=256, vocab=4096, block=64, rows=1, ac='none', finetune='qlora'),
+    dict(n_layer=4, n_embd=256, vocab=8192, block=256, rows=1, ac='none', finetune='qlora', emb_nf4=True),
     # CPU bf16 autocast: 16-bit activations; LoRA with the frozen base (embedding too) in bf16
     dict(n_layer=3, n_embd=128, vocab=2048, block=512, rows=2, ac='none', dtype='bfloat16'),
     dict(n_layer=3, n_embd=128, vocab=2048, block=512, rows=2, ac='none', finetune='lora', base='bfloat16',
@@ -102,9 +105,11 @@ def test_planned_peak_is_within_15_percent_of_the_measured_cpu_step(shape):
     finetune = shape.get('finetune', 'full')
     base = shape.get('base', 'float32')
     dtype = shape.get('dtype', 'float32')
+    emb_nf4 = shape.get('emb_nf4', False)
     measured, trained = _measured_peak(arch, shape['rows'], shape['ac'], finetune=finetune, base_dtype=base,
-                                       dtype=dtype)
-    planned = plan(arch, Setup(ac=shape['ac'], finetune=finetune, lora_rank=8, lora_base_dtype=base),
+                                       dtype=dtype, emb_nf4=emb_nf4)
+    planned = plan(arch, Setup(ac=shape['ac'], finetune=finetune, lora_rank=8, lora_base_dtype=base,
+                               quantize_embeddings=emb_nf4),
                    tokens=shape['rows'] * shape['block'], trained_tokens=trained, dtype=dtype, device='cpu').peak
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
 
@@ -148,6 +153,7 @@ def test_lora_rows_count_rank_times_in_plus_out_per_targeted_projection():
 
 def test_the_loss_chunk_the_plan_counts_is_the_models():
     assert memory_plan.LOSS_CHUNK_ELEMENTS == model_builder.LOSS_CHUNK_ELEMENTS
+    assert memory_plan.HEAD_BLOCK_ROWS == model_builder.HEAD_BLOCK_ROWS
 
 
 def test_plan_command_prints_every_alternative_and_what_fits(capsys):

@@ -913,13 +913,14 @@ def test_lora_checkpoint_holds_adapters_and_the_base_fingerprint_not_the_base(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('finetune', ['lora', 'qlora'])
+@pytest.mark.parametrize('finetune', ['lora', 'qlora', 'qlora_embeddings'])
 def test_lora_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir, base_ckpt, monkeypatch,
                                                              finetune):
     import os
     import signal
     common = dict(max_iters=6, lr_decay_iters=6, eval_interval=3, batch_size=2, gradient_accumulation_steps=2,
-                  packing=True, lora_dropout=0.1, finetune=finetune)
+                  packing=True, lora_dropout=0.1, finetune=finetune.removesuffix('_embeddings'),
+                  lora_quantize_embeddings=finetune.endswith('_embeddings'))
     train_sft.train(lora_cfg(tmp_path / 'a', data_dir, base_ckpt, **common))
     interrupted = lora_cfg(tmp_path / 'b', data_dir, base_ckpt, **common)
     real_get_lr = train_sft.get_lr
@@ -1070,6 +1071,8 @@ def test_bad_lora_settings_are_clear_errors_before_training(tmp_path, data_dir, 
         (dict(finetune='qlora', dtype='float16'), 'QLoRA with dtype float16 on CPU'),
         (dict(lora_targets='q_proj,qkv_proj'), r"unknown LoRA target 'qkv_proj'.*'q_proj', 'k_proj'"),
         (dict(lora_rank=0), 'rank must be an integer >= 1'),
+        (dict(lora_quantize_embeddings=True), r"quantize_embeddings .* needs QLoRA"),
+        (dict(finetune='qlora', lora_quantize_embeddings=True, parallel='fsdp'), 'NF4 embedding table is not sharded'),
         (dict(lora_base=str(base_ckpt), init_from=f'hf:{tmp_path}'), 'lora_base=.* names the base of'),
         (dict(init_from=str(tmp_path / 'no.pt')), 'checkpoint not found'),
     ]
