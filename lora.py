@@ -236,9 +236,9 @@ def nf4_rows(weight, rows=None) -> torch.Tensor:
     an index tensor (an embedding lookup), None for all. The same values as torchao's dequantization
     (a test holds them equal) from its own storage, computed as one table lookup per byte: each
     byte holds two 4-bit codes, so a 256-entry table of code pairs decodes it at once. On this
-    project's CPU (CPU-seconds, medians of two runs) 6.6-7.6x faster than torchao's per-code decoding
-    for a block of 4096 x 1024, 4.0-4.4x for Qwen3-0.6B's whole 151,936 x 1,024 table, with under a third of its
-    temporary memory (torchao decodes through int64 code indices)."""
+    project's CPU (CPU-seconds, medians of two runs) 6.6-7.6x faster than torchao's per-code
+    decoding for a block of 4096 x 1024, 4.0-4.4x for Qwen3-0.6B's whole 151,936 x 1,024 table,
+    with under a third of its temporary memory (torchao decodes through int64 code indices)."""
     V, C = weight.shape
     per_row = C // weight.block_size
     rows = slice(0, V) if rows is None else rows
@@ -496,10 +496,11 @@ class FrozenEmbedding(nn.Embedding):
 def hold_embeddings_in(model: ConfigurableGPT, dtype: torch.dtype) -> None:
     """Hold the frozen token embedding and LM head in `dtype`, for training under autocast to it.
     There every use of them is in that dtype anyway (the head's matmul; the lookup is cast up for
-    the residual stream), so this changes nothing but memory (an NF4 one, quantize_embeddings, stays NF4): Qwen3-0.6B's tied 151,936 x 1,024
+    the residual stream), so this changes nothing but memory: Qwen3-0.6B's tied 151,936 x 1,024
     table 0.58 -> 0.29 GiB and no bf16 copy of it made by the loss each step; Qwen3-8B's untied
     pair 5.0 -> 2.5 GB. Without autocast (fp32 math) the fp32 loss would need a full fp32 copy of
-    the head at the step's peak, so fp32 runs keep them fp32. Trained ones stay as they are."""
+    the head at the step's peak, so fp32 runs keep them fp32. Trained ones stay as they are, and
+    NF4 ones (quantize_embeddings) stay NF4."""
     wte, head = model.transformer.wte, model.lm_head
     tied = head.weight is wte.weight
     if not wte.weight.requires_grad and wte.weight.dtype != dtype and not is_nf4(wte.weight):

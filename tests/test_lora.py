@@ -279,6 +279,23 @@ def test_quantized_embeddings_compute_the_dequantized_table_and_shrink_the_whole
     assert sum(lora.frozen_bytes(ref).values()) / bf16 > 0.4   # the fp32 table alone: 0.23
 
 
+def test_compiled_qlora_model_with_an_nf4_table_matches_eager():
+    """torch.compile traces the NF4 dequantization (lora.nf4_rows reads torchao's inner tensors)."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = perturb(apply_lora(tiny(), LoRAConfig(rank=4, quantize=True, quantize_embeddings=True))).train()
+    x = ids()
+    _, ref = model(x, labels=x)
+    ref.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, loss = torch.compile(model, backend='aot_eager')(x, labels=x)   # no C compiler needed
+    loss.backward()
+    assert loss.item() == ref.item()
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters() if n in grads)
+    torch._dynamo.reset()
+
+
 def test_adapter_init_is_seeded_not_global_rng():
     a = apply_lora(tiny(), LoRAConfig(rank=4), seed=7)
     torch.manual_seed(123)
