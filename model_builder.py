@@ -54,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(h) if want_h else None
             # fp32 accumulation over chunks even for bf16 weights (FSDP's param_dtype)
             acc = torch.promote_types(weight.dtype, torch.float32)
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+            grad_w = None
             fp = torch.promote_types(dtype, torch.float32)   # softmax and loss at >= fp32
             loss = torch.zeros((), dtype=fp, device=h.device)
             for s in range(0, h.shape[0], chunk_rows):
@@ -82,7 +82,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         for a, b in blocks:
                             gh.addmm_(p[:, a:b], dense_rows(a, b, dtype))
                     if want_w:
-                        if grad_w.dtype == dtype:
+                        if grad_w is None:   # the first product itself, not zeros + it (a V x C pass)
+                            grad_w = (p.t() @ hc).to(acc)
+                        elif grad_w.dtype == dtype:
                             grad_w.addmm_(p.t(), hc)
                         else:
                             grad_w += (p.t() @ hc).to(grad_w.dtype)
