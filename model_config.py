@@ -335,6 +335,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  gelu_approximate='tanh'),
     'qwen3-0.6b': dict(_QWEN3, n_layer=28, n_embd=1024, n_head=16, intermediate_size=3072),
     'qwen3-1.7b': dict(_QWEN3, n_layer=28, n_embd=2048, n_head=16, intermediate_size=6144),
+    'qwen3-4b': dict(_QWEN3, n_layer=36, n_embd=2560, n_head=32, intermediate_size=9728),
+    'qwen3-8b': dict(_QWEN3, n_layer=36, n_embd=4096, n_head=32, intermediate_size=12288,
+                     tie_word_embeddings=False),
     # Qwen3-style in miniature: the real Qwen3 vocabulary, so tests can use real tokenizer ids.
     'tiny': dict(_QWEN3, block_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16,
                  intermediate_size=128, rope_theta=10000.0),

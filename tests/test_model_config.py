@@ -64,6 +64,11 @@ def test_qwen3_presets_have_the_published_shapes_and_sizes():
     assert big == ModelArchitectureConfig.from_preset('qwen3-1.7b')
     assert round(big.num_params(non_embedding=True) / 1e9, 1) == 1.4        # model card: 1.4B
     assert round(big.num_params(non_embedding=False) / 1e9, 1) == 1.7
+    for name, non_embedding, total in (('qwen3-4b', 3.6, 4.0), ('qwen3-8b', 6.95, 8.19)):   # model cards
+        c = ModelArchitectureConfig.from_preset(name)
+        assert round(c.num_params(non_embedding=True) / 1e9, 2 if name == 'qwen3-8b' else 1) == non_embedding
+        assert round(c.num_params(non_embedding=False) / 1e9, 2 if name == 'qwen3-8b' else 1) == total
+    assert not ModelArchitectureConfig.from_preset('qwen3-8b').tie_word_embeddings
     gpt2 = ModelArchitectureConfig.from_preset('gpt2')
     assert round(gpt2.num_params(non_embedding=False) / 1e6) == 124
 
