@@ -1035,10 +1035,16 @@ def test_mfu_of_a_lora_run_leaves_out_the_frozen_weights_gradients():
         ids = torch.randint(1, 500, (1, T))
         with FlopCounterMode(display=False) as counter:
             model(ids, labels=ids)[1].backward()
-        ratios[targets] = (train_sft.train_flops_per_token(model, T), counter.get_total_flops() / T)
+        # the formula's attention term left out: torch's counter does not count SDPA's CPU kernel
+        c = model.config
+        attention = 12 * c.n_layer * c.n_head * c.head_size * T
+        ratios[targets] = (train_sft.train_flops_per_token(model, T) - attention, counter.get_total_flops() / T)
     full = ratios.pop(None)
+    assert full[0] == pytest.approx(full[1], rel=0.01)
     for targets, (formula, counted) in ratios.items():
-        assert formula / full[0] == pytest.approx(counted / full[1], rel=0.03), targets
+        # within 4%: the fused adapters' block-diagonal B also multiplies zeros (~3% of this tiny
+        # model's LoRA step), and with a frozen embedding autograd skips block 0's input gradient
+        assert formula / full[0] == pytest.approx(counted / full[1], rel=0.04), targets
         assert formula / full[0] < 0.8
 
 
