@@ -945,9 +945,9 @@ def test_lora_resume_after_sigterm_matches_uninterrupted_run(tmp_path, data_dir,
 
 @pytest.mark.slow
 def test_lora_on_two_ranks_matches_one_process(tmp_path, data_dir, base_ckpt):
-    """DDP with LoRA, FSDP with QLoRA (the frozen NF4 base sharded too), FSDP with a bf16-held base in
-    fp32 math and under bf16 autocast (embedding included), on 2 gloo ranks x 2 micro-steps end where
-    1 process x 4 micro-steps does."""
+    """DDP with LoRA and with QLoRA + an NF4 embedding table, FSDP with QLoRA (the frozen NF4 base
+    sharded too), FSDP with a bf16-held base in fp32 math and under bf16 autocast (embedding
+    included), on 2 gloo ranks x 2 micro-steps end where 1 process x 4 micro-steps does."""
     # FSDP shards each NF4 weight with whole groups of 256 x 64 weights per rank: a wider base
     wide = tmp_path / 'wide'
     train_sft.train(tiny_cfg(wide, data_dir=str(data_dir), max_iters=0, n_embd=256, n_head=4, head_dim=64,
@@ -955,6 +955,9 @@ def test_lora_on_two_ranks_matches_one_process(tmp_path, data_dir, base_ckpt):
     common = dict(max_iters=3, lr_decay_iters=3, eval_interval=100, eval_iters=1, batch_size=1,
                   packing=False, log_interval=3, learning_rate=3e-3, min_lr=3e-4)
     for name, base, extra in (('ddp_lora', base_ckpt, dict(finetune='lora', lora_dora=True)),
+                              # the NF4 table replicated by DDP (broadcast at wrap), read by rows
+                              ('ddp_qlora_embeddings', base_ckpt,
+                               dict(finetune='qlora', lora_quantize_embeddings=True)),
                               ('fsdp_qlora', wide / 'out' / 'ckpt.pt', dict(finetune='qlora', parallel='fsdp')),
                               ('fsdp_lora_bf16_base', base_ckpt, dict(finetune='lora', parallel='fsdp',
                                                                       lora_base_dtype='bfloat16')),
