@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_interop import _weight_map, write_dir
-from model_builder import HEAD_BLOCK_ROWS, ConfigurableGPT
+from model_builder import HEAD_BLOCK_ROWS, ConfigurableGPT, compute_dtype
 
 PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 NF4_BLOCK = 64             # torchao's (and bitsandbytes') NF4 block: one absmax scale per 64 weights
@@ -276,8 +276,7 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(weight)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
         return F.linear(x, dense(weight, dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -450,8 +449,7 @@ class NF4Head(nn.Module):
         return nf4_rows(self.weight, slice(start, end)).to(dtype)
 
     def forward(self, x):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dtype = compute_dtype(x)
         x = x.to(dtype)
         V = self.out_features
         out = x.new_empty(*x.shape[:-1], V)
@@ -465,24 +463,23 @@ def quantize_embeddings(model: ConfigurableGPT, device=None) -> None:
     A trained one ('embed_tokens' / 'lm_head' targets) stays as it is."""
     wte, head = model.transformer.wte, model.lm_head
     tied = head.weight is wte.weight
-    for name in ('wte', 'lm_head'):
-        module = wte if name == 'wte' else head
-        if module.weight.requires_grad or is_nf4(module.weight) or (name == 'lm_head' and tied):
-            continue
-        if module.weight.shape[1] % NF4_BLOCK:
-            raise LoRAError(f"quantize_embeddings: the {name} width {module.weight.shape[1]} is not a multiple "
-                            f"of NF4's block of {NF4_BLOCK}")
-        # quantized where the model was loaded (the host): torchao's quantizer briefly takes ~2.5x
-        # the fp32 table (1.5 GB for Qwen3-0.6B's, measured), which a GPU need not hold
-        q = to_nf4(module.weight.detach().float(), f"{name}.weight")
-        if device is not None:
-            q = nn.Parameter(q.data.to(device), requires_grad=False)
-        if name == 'wte':
-            model.transformer.wte = NF4Embedding(q, wte.padding_idx)
-            if tied:
-                model.lm_head = NF4Head(q)
-        else:
+    if not wte.weight.requires_grad and not is_nf4(wte.weight):
+        q = _table_to_nf4(wte.weight, 'wte', device)
+        model.transformer.wte = NF4Embedding(q, wte.padding_idx)
+        if tied:
             model.lm_head = NF4Head(q)
+    if not tied and not head.weight.requires_grad and not is_nf4(head.weight):
+        model.lm_head = NF4Head(_table_to_nf4(head.weight, 'lm_head', device))
+
+
+def _table_to_nf4(weight: torch.Tensor, name: str, device) -> nn.Parameter:
+    if weight.shape[1] % NF4_BLOCK:
+        raise LoRAError(f"quantize_embeddings: the {name} width {weight.shape[1]} is not a multiple "
+                        f"of NF4's block of {NF4_BLOCK}")
+    # quantized where the model was loaded (the host): torchao's quantizer briefly takes ~2.5x
+    # the fp32 table (1.5 GB for Qwen3-0.6B's, measured), which a GPU need not hold
+    q = to_nf4(weight.detach().float(), f"{name}.weight")
+    return q if device is None else nn.Parameter(q.data.to(device), requires_grad=False)
 
 
 class FrozenEmbedding(nn.Embedding):

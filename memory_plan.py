@@ -142,11 +142,10 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     held16 = setup.lora_base_dtype == 'bfloat16' or (setup.lora_base_dtype == 'auto' and dtype == 'bfloat16')
     base16 = setup.finetune == 'lora' and held16
     # train_sft's hold_embeddings_in: the frozen embedding and head in bf16 under bf16 autocast
-    emb16 = setup.finetune != 'full' and held16 and dtype == 'bfloat16' and not (
-        {'embed_tokens', 'lm_head'} & set(setup.lora_targets))
+    emb_frozen = setup.finetune != 'full' and not ({'embed_tokens', 'lm_head'} & set(setup.lora_targets))
+    emb16 = emb_frozen and held16 and dtype == 'bfloat16'
     # lora.quantize_embeddings: the frozen embedding / head in NF4, the head dequantized by blocks
-    emb_nf4 = setup.finetune == 'qlora' and setup.quantize_embeddings and not (
-        {'embed_tokens', 'lm_head'} & set(setup.lora_targets))
+    emb_nf4 = emb_frozen and setup.finetune == 'qlora' and setup.quantize_embeddings
     emb = V * C                                        # the embedding (= the head when tied)
     head = 0 if a.tie_word_embeddings else V * C
     total = a.num_params(non_embedding=False)

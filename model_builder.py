@@ -29,6 +29,12 @@ HEAD_BLOCK_ROWS = 4096
 
 
 # ---------------------------------------------------------------------- loss
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's where it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, t_i) without the (N, vocab) logits: chunk by chunk, and when gradients
     are needed they are computed right there in the forward (softmax - onehot is the logits' grad),
@@ -45,7 +51,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dense_rows is not None and want_w:
             raise ValueError("a head given as dense_rows is frozen: it gets no gradient")
         dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        dtype = compute_dtype(h)
         V = weight.shape[0]
         blocks = [(a, min(a + HEAD_BLOCK_ROWS, V)) for a in range(0, V, HEAD_BLOCK_ROWS)]
         with torch.autocast(dev, enabled=False):
