@@ -102,27 +102,29 @@ def lora_params(a: ModelArchitectureConfig, rank: int, targets=('all',)) -> int:
     return a.n_layer * sum(rank * (i + o) for i, o in chosen.values())
 
 
-def activation_bytes_per_token(a: ModelArchitectureConfig, act_bytes: int = 4, path: str = 'per_doc') -> float:
+def activation_bytes_per_token(a: ModelArchitectureConfig, act_bytes: int = 4, path: str = 'per_doc',
+                               down_adapted: bool = False) -> float:
     """Bytes autograd saves per token in one block of ConfigurableGPT (training, no dropout).
     act_bytes 4: fp32; 2: 16-bit autocast (matmul inputs/outputs 16-bit, the residual stream,
     norms and RoPE in fp32, as the model computes them). Derived op by op:
-      norm: its input (the residual stream) + for RMSNorm the normalized x before the weight;
+      norm: its input (the residual stream; RMSNorm + one 1/rms per row, model_builder._RMSNorm);
       the projection's input (a 16-bit copy under autocast); q|k|v fused output;
-      QK-norm: the normalized q and k (+ their fp32 copies under autocast); RoPE's rotated q and k;
+      QK-norm: one 1/rms per head (q and k themselves are the q|k|v output); RoPE's rotated q and k;
       attention: its output (per_doc: + the concatenation of the documents' outputs) + logsumexp;
-      MLP: fused gate|up output and silu(gate) * up (GELU: output and gelu(output))."""
+      MLP: fused gate|up output, recomputed silu(gate) * up kept only where a LoRA adapter wraps
+      the down projection (down_adapted); GELU: output and gelu(output)."""
     C, Q, K, F, H = a.n_embd, a.n_head * a.head_size, a.kv_heads * a.head_size, a.ffn_size, a.n_head
     lo, f32 = act_bytes, 4
-    norm = f32 * C * (2 if a.norm_type == 'rmsnorm' else 1)   # residual input (+ normalized x)
+    norm = f32 * (C + 1)                                 # residual input (+ its per-row statistics)
     b = 2 * (norm + lo * C)                              # ln_1 + c_attn input, ln_2 + c_fc input
     b += lo * (Q + 2 * K)                                # fused q|k|v
     if a.qk_norm:
-        b += (Q + K) * (f32 + lo if lo != f32 else f32)  # normalized q, k (+ fp32 copies)
+        b += f32 * (H + a.kv_heads)                      # 1/rms of every q and k head
     if a.pos_encoding == 'rope':
         b += lo * (Q + K)                                # rotated q, k (their 16-bit casts)
     b += lo * Q * (2 if path in ('per_doc', 'sdpa') else 1) + f32 * H   # output (+ concat), lse
     if a.mlp_type == 'swiglu':
-        b += lo * 3 * F                                  # gate|up, silu(gate) * up
+        b += lo * (3 if down_adapted else 2) * F         # gate|up (+ silu(gate) * up)
     else:
         b += lo * 2 * F
     return b
@@ -174,7 +176,8 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
     # the tied head's gradient is made in the forward by the fused loss (its gradient row above), at
     # full size under FSDP too: the loss works on the gathered weight
     grad_head = 4 * (emb if a.tie_word_embeddings else head) if head_trained else 0
-    per_tok = activation_bytes_per_token(a, lo, path)
+    down_adapted = setup.finetune != 'full' and bool({'all', 'down_proj'} & set(setup.lora_targets))
+    per_tok = activation_bytes_per_token(a, lo, path, down_adapted)
     ac_blocks = {'none': 0, 'full': L, 'selective': math.ceil(L / setup.ac_every)}[setup.ac]
     # model level: token ids, positions (int64), RoPE cos/sin, the final norm's input and output
     model_level = 16 + (2 * 4 * a.head_size if a.pos_encoding == 'rope' else 0) + 3 * 4 * C
@@ -203,7 +206,10 @@ def plan(a: ModelArchitectureConfig, setup: Setup, tokens: int, trained_tokens: 
         'forward end (loss)': base + grads_in_fwd + activations + loss,
         # a recomputed block's activations, or a dequantized weight: measured not to coincide
         'backward start': base + grads_in_fwd + activations + max(recomputed, dequant) + bw_temp,
-        'embedding backward': base + grads + (4 * emb if head_trained and a.tie_word_embeddings else 0),
+        # a tied table's two gradients (head, lookup) coexist only where the table is 16-bit (FSDP's
+        # param_dtype); elsewhere the lookup adds its rows into the head's (model_builder._TiedLookup)
+        'embedding backward': base + grads + (4 * emb if head_trained and a.tie_word_embeddings
+                                              and setup.parallel == 'fsdp' and lo == 2 and device == 'cuda' else 0),
         'optimizer step': base + grads,            # fused AdamW: no temporaries
     }
     return Plan(setup, weights, grads, optimizer, activations, loss, phases)

@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     (QLoRA's NF4 table) comes as dense_rows(start, end, dtype), made dense a block of rows at a time."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled, dense_rows):
+    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled, dense_rows, table_grad):
         # needs_input_grad ignores no_grad(), so the caller says whether grads can be wanted
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
@@ -96,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                             grad_w += (p.t() @ hc).to(grad_w.dtype)
                 e = p = None   # freed before the next chunk's logits, not after them
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.used, ctx.weight_dtype = False, weight.dtype
+        ctx.used, ctx.weight_dtype, ctx.table_grad = False, weight.dtype, table_grad
         return loss
 
     @staticmethod
@@ -110,16 +110,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None
+            if ctx.table_grad is not None:   # the tied lookup's backward finishes it (_TiedLookup)
+                ctx.table_grad['weight'], grad_w = grad_w, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None, dense_rows=None):
+class _TiedLookup(torch.autograd.Function):
+    """weight[ids] for the table the LM head shares. Autograd would give the table two
+    vocab x width gradients, the head's and the lookup's, and hold both at once at the end of
+    backward to add them (+445 MiB at a 151,936 x 768 fp32 table, the step's peak on CPU). Here the
+    fused loss leaves its gradient in table_grad and this backward adds the looked-up rows into it:
+    one buffer, handed to autograd whole (DDP and FSDP see one gradient, as before)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, table_grad):
+        ctx.save_for_backward(ids)
+        ctx.table_grad, ctx.table_shape = table_grad, weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, = ctx.saved_tensors
+        grad = ctx.table_grad.pop('weight', None)
+        if grad is None:   # the loss had no trained token, so no head gradient: the rows alone
+            grad = grad_out.new_zeros(ctx.table_shape)
+        # accumulate=True sums repeated ids; deterministic on CPU and CUDA (sorted there)
+        grad.index_put_((ids.reshape(-1),), grad_out.reshape(-1, grad.size(1)).to(grad.dtype), accumulate=True)
+        return None, grad, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk_rows: int | None = None, dense_rows=None, table_grad=None):
     """F.cross_entropy(F.linear(h, weight).float(), targets, reduction='sum') (h: (N, C), targets: (N,),
     all valid) holding at most LOSS_CHUNK_ELEMENTS logits at a time. One backward per forward.
-    dense_rows(start, end, dtype): the frozen weight's rows, for a weight held compressed."""
+    dense_rows(start, end, dtype): the frozen weight's rows, for a weight held compressed.
+    table_grad: the dict of a _TiedLookup of this weight, which then receives the weight's gradient."""
     if chunk_rows is None:
         chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled(), dense_rows)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled(), dense_rows,
+                                     table_grad)
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -128,6 +156,33 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     has_target = torch.zeros_like(labels, dtype=torch.bool)
     has_target[:, :-1] = labels[:, 1:] != -100
     return has_target.flatten().nonzero().squeeze(1)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * rms_norm(x in fp32).to(x.dtype), keeping for backward x (which autograd keeps anyway:
+    the residual stream, or q / k) and one 1/rms per row. Autograd's composite rms_norm would also
+    keep the normalized x, n_embd fp32 per token per norm (q and k too with QK-norm): recomputed in
+    backward instead, by one multiply. The forward is HF's arithmetic, op for op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        xf = x.float()
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * (xf * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+        # as autograd would: the product's gradient cast to x's dtype, then back to fp32
+        grad_n = (grad * weight).to(x.dtype).float()
+        n = xf * rstd   # d(x * rstd)/dx, rstd = mean(x^2)^-1/2: rstd * (grad_n - n * mean(grad_n * n))
+        grad_x = (grad_n - n * (grad_n * n).mean(-1, keepdim=True)).mul_(rstd)
+        return grad_x.to(x.dtype), grad_w, None
 
 
 class RMSNorm(nn.Module):
@@ -139,7 +194,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 def make_norm(config: ModelArchitectureConfig, dim: int) -> nn.Module:
@@ -228,27 +283,49 @@ class Attention(nn.Module):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up of h = [gate | up], keeping only h for backward. Autograd's silu-then-mul
-    would also keep silu(gate) (half of h again), a quarter of the MLP's saved activations; here
-    it is recomputed in backward (same kernels, bit-identical gradients; no slower on a CPU)."""
+    """silu(gate) * up of h = [gate | up], then the down projection when its weight is given,
+    keeping only h for backward. Autograd would also keep silu(gate) (half of h again) and the
+    product (the down projection's input, half again): together 3 F per token where h is 2 F. Both
+    are recomputed in backward with autograd's own kernels, in its order (bit-identical results
+    in fp32 and under autocast); a pointwise pass, no matmul, so no slower."""
 
     @staticmethod
-    def forward(ctx, h):
+    def forward(ctx, h, weight=None, bias=None):
         gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate).mul_(up)
+        a = F.silu(gate).mul_(up)
+        ctx.has_proj = weight is not None
+        if not ctx.has_proj:
+            ctx.save_for_backward(h)
+            return a
+        dtype = compute_dtype(a)   # as F.linear under autocast: the weight in the autocast dtype
+        w = weight.to(dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            out = F.linear(a, w, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(h, w)
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, = ctx.saved_tensors
+        h, *w = ctx.saved_tensors
         gate, up = h.chunk(2, dim=-1)
+        grad_w = grad_b = None
+        if ctx.has_proj:
+            g2 = grad.reshape(-1, grad.size(-1))
+            if ctx.needs_input_grad[1]:
+                a = F.silu(gate).mul_(up)
+                grad_w = g2.t().mm(a.reshape(-1, a.size(-1))).to(ctx.dtypes[0])
+                a = None
+            if ctx.needs_input_grad[2]:
+                grad_b = g2.sum(0).to(ctx.dtypes[1])
+            grad = grad.matmul(w[0])
         grad_h = torch.empty_like(h)
         d_gate, d_up = grad_h.chunk(2, dim=-1)
         # autograd's own kernels, in the order it would run them (the same rounding in every dtype),
         # written in place into the output: no temporaries at the backward's peak
         torch.ops.aten.silu_backward.grad_input(torch.mul(grad, up, out=d_gate), gate, grad_input=d_gate)
         torch.ops.aten.silu.out(gate, out=d_up).mul_(grad)
-        return grad_h
+        return grad_h, grad_w, grad_b
 
 
 class MLP(nn.Module):
@@ -263,6 +340,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
+        if self.swiglu and type(self.c_proj) is nn.Linear:   # not a LoRA-wrapped projection
+            return self.dropout(_SwiGLU.apply(h, self.c_proj.weight, self.c_proj.bias))
         if self.swiglu:
             h = _SwiGLU.apply(h)
         else:
@@ -330,14 +409,14 @@ class ConfigurableGPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids, position_ids=None, attn_mask=None, doc_ids=None, cache=None,
-                      cu_seqlens=None, max_seqlen=None):
+                      cu_seqlens=None, max_seqlen=None, table_grad=None):
         """Final-norm hidden states (B, T, n_embd). Packed documents: see forward."""
         B, T = input_ids.shape
         device = input_ids.device
         past = cache.pos if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device).expand(B, T)
-        x = self.transformer.wte(input_ids)
+        x = self._embed(input_ids, table_grad)
         rope = None
         if self.config.pos_encoding == 'learned':
             if past + T > self.config.block_size:  # checked on the host: no device sync
@@ -361,6 +440,24 @@ class ConfigurableGPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
+
+    # Eager under torch.compile: the lookup's backward reads what the loss's backward left in a dict.
+    @torch._disable_dynamo
+    def _embed(self, input_ids, table_grad):
+        if table_grad is None:
+            return self.transformer.wte(input_ids)
+        return _TiedLookup.apply(input_ids, self.transformer.wte.weight, table_grad)
+
+    def _table_grad(self) -> dict | None:
+        """A dict for the head's gradient to wait in for the lookup's rows (_TiedLookup) when one
+        fp32 table is both and is trained; None otherwise (autograd adds the two as usual). A 16-bit
+        table (FSDP's param_dtype) keeps autograd's path and its fp32 accumulation of the rows."""
+        wte = self.transformer.wte
+        w = wte.weight
+        if (type(wte) is nn.Embedding and w is self.lm_head.weight and w.requires_grad
+                and w.dtype == torch.float32 and torch.is_grad_enabled()):
+            return {}
+        return None
 
     @staticmethod
     def _attention_mask(B, T, past, attn_mask, device):
@@ -388,17 +485,19 @@ class ConfigurableGPT(nn.Module):
         (= trained_positions(labels)) made on the host, as sft_data does, cost no device sync."""
         if reduction not in ('mean', 'sum'):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        h = self.hidden_states(input_ids, position_ids, attn_mask, doc_ids, None, cu_seqlens, max_seqlen)
+        table_grad = self._table_grad() if labels is not None else None
+        h = self.hidden_states(input_ids, position_ids, attn_mask, doc_ids, None, cu_seqlens, max_seqlen,
+                               table_grad)
         if labels is None:
             return self.lm_head(h), None
         logits = self.lm_head(h) if return_logits else None
-        return logits, self._chunked_loss(h, labels, reduction, trained_index)
+        return logits, self._chunked_loss(h, labels, reduction, trained_index, table_grad)
 
     # Eager under torch.compile: the trained-position count changes every batch, and compiling
     # per count would recompile until the cache limit; the chunks are big matmuls anyway. (Lazy
     # torch.compiler.disable: see attention._per_doc.)
     @torch._disable_dynamo
-    def _chunked_loss(self, h, labels, reduction, trained_index=None):
+    def _chunked_loss(self, h, labels, reduction, trained_index=None, table_grad=None):
         if trained_index is None:
             trained_index = trained_positions(labels)
         n = trained_index.numel()
@@ -409,7 +508,7 @@ class ConfigurableGPT(nn.Module):
         h_sel = h.reshape(-1, h.size(-1)).index_select(0, trained_index)
         t_sel = labels.reshape(-1).index_select(0, trained_index + 1)
         total = linear_cross_entropy(h_sel, self.lm_head.weight, t_sel,
-                                     dense_rows=getattr(self.lm_head, 'dense_rows', None))
+                                     dense_rows=getattr(self.lm_head, 'dense_rows', None), table_grad=table_grad)
         return total / n if reduction == 'mean' else total
 
     # ------------------------------------------------------------------ optimizer

@@ -59,6 +59,35 @@ def test_fused_loss_and_every_gradient_equal_the_full_logits_path(monkeypatch, t
         assert 'transformer.wte.weight' in grads and 'lm_head.weight' not in grads
 
 
+def test_a_tied_table_gets_one_gradient_buffer_in_backward():
+    """The head's gradient waits for the lookup's rows (_TiedLookup): autograd's own path would make
+    a second vocab x width gradient at the end of backward and add the two (the step's peak)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = _tiny(tie_word_embeddings=True)
+    table = model.transformer.wte.weight
+    ids = _ids(T=40, B=3)
+    _, loss = model(ids, labels=ids)
+
+    class NewTableSized(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if (isinstance(out, torch.Tensor) and out.shape == table.shape
+                    and out.untyped_storage().data_ptr() not in ins):
+                self.made.append(str(func))
+            return out
+
+    with NewTableSized():
+        loss.backward()
+    assert NewTableSized.made == []
+    ref = _full_logits_loss(model, ids, ids, 'mean')
+    grad, table.grad = table.grad, None
+    ref.backward()
+    assert torch.allclose(grad, table.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_trained_positions_made_on_the_host_give_the_same_loss_and_gradients():
     model = _tiny()
     ids = _ids(T=30, B=3)
@@ -140,6 +169,39 @@ def test_swiglu_equals_autograd_bit_for_bit_and_keeps_only_its_input(dtype):
     assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
     assert len(saved) == 1 and saved[0] is not None and saved[0].shape == h0.shape
     assert len(saved_ref) == 3   # gate, silu(gate), up
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+@pytest.mark.parametrize('bias', [False, True])
+def test_swiglu_with_the_down_projection_equals_autograd_bit_for_bit_and_keeps_only_its_input(autocast, bias):
+    """The down projection's input (F per token) is recomputed in backward, not kept: fp32, and bf16
+    autocast (the weight cast as autocast casts it, its gradient back in fp32)."""
+    def reference(h, w, b):
+        gate, up = h.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w, b)
+
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(3, 7, 2 * 48, generator=g)
+    w0, b0 = torch.randn(16, 48, generator=g) / 7, torch.randn(16, generator=g) if bias else None
+    grad = torch.randn(3, 7, 16, generator=g)
+    results = []
+    for fn in (reference, model_builder._SwiGLU.apply):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            h = h0.to(torch.bfloat16 if autocast else torch.float32).requires_grad_()
+            w = w0.clone().requires_grad_()
+            b = b0.clone().requires_grad_() if bias else None
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = fn(h, w, b)
+        y.backward(grad.to(y.dtype))
+        results.append((y, h.grad, w.grad, b.grad if bias else None, saved))
+    (y_ref, *grads_ref, saved_ref), (y, *grads, saved) = results
+    assert torch.equal(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        assert (got is None and want is None) or (got.dtype == want.dtype and torch.equal(got, want))
+    kept = [t.numel() for t in saved]
+    assert sorted(kept) == sorted([h0.numel(), w0.numel()])   # h and the (cast) weight only
+    assert sum(t.numel() for t in saved_ref) > sum(kept) + h0.numel() // 2 - 1
 
 
 def test_return_logits_gives_the_full_logits_next_to_the_fused_loss():
