@@ -17,8 +17,9 @@ autocast, the fused LM-head loss, document-masked attention without a mask):
   loss         the fused cross-entropy's chunk of fp32 logits (LOSS_CHUNK_ELEMENTS, worked on in
                place), the selected hidden states and their gradient.
 The peak is the largest of four moments of a step: the loss at the end of the forward (all
-activations alive), the first block of the backward, the embedding's backward (the tied matrix's
-dense gradient) and the optimizer step (fused AdamW, CPU and CUDA: no temporaries).
+activations alive), the first block of the backward, the embedding's backward (a second dense
+gradient of a tied matrix only where it is 16-bit: FSDP's param_dtype) and the optimizer step
+(fused AdamW, CPU and CUDA: no temporaries).
 Validated against measured CPU peaks by benchmarks/bench_memory.py (and tests/test_memory_plan.py):
 fp32 and CPU bf16 autocast are measured; the CUDA (varlen) and FSDP terms follow the same accounting
 but are estimates until a GPU run checks them. Imports only model_config (torch only to read a
