@@ -134,8 +134,14 @@ class _TiedLookup(torch.autograd.Function):
         grad = ctx.table_grad.pop('weight', None)
         if grad is None:   # the loss had no trained token, so no head gradient: the rows alone
             grad = grad_out.new_zeros(ctx.table_shape)
-        # accumulate=True sums repeated ids; deterministic on CPU and CUDA (sorted there)
-        grad.index_put_((ids.reshape(-1),), grad_out.reshape(-1, grad.size(1)).to(grad.dtype), accumulate=True)
+        ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad.size(1)).to(grad.dtype)
+        # repeated ids summed in a fixed order, as autograd's embedding backward does (resumes stay
+        # bit-exact): index_add_ is serial per row on CPU but uses atomics on CUDA, where
+        # index_put_(accumulate=True) sorts first (and on CPU is the one that races)
+        if grad.is_cuda:
+            grad.index_put_((ids,), rows, accumulate=True)
+        else:
+            grad.index_add_(0, ids, rows)
         return None, grad, None
 
 

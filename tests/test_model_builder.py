@@ -88,6 +88,29 @@ def test_a_tied_table_gets_one_gradient_buffer_in_backward():
     assert torch.allclose(grad, table.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_tied_lookup_sums_repeated_ids_the_same_way_on_every_run():
+    """Resumes are bit-exact only if the rows of repeated ids add up in a fixed order: CPU
+    index_put_(accumulate=True) races between threads (measured: 20 runs differ at 2 threads)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (100, 200), generator=g)
+    weight = torch.randn(1000, 64, generator=g).requires_grad_()
+    head_grad, grad_out = torch.randn(1000, 64, generator=g), torch.randn(100, 200, 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(10):
+            table_grad = {'weight': head_grad.clone()}
+            model_builder._TiedLookup.apply(ids, weight, table_grad).backward(grad_out)
+            grads.append(weight.grad)
+            weight.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], x) for x in grads)
+    want = head_grad.index_add(0, ids.reshape(-1), grad_out.reshape(-1, 64))
+    assert torch.allclose(grads[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_trained_positions_made_on_the_host_give_the_same_loss_and_gradients():
     model = _tiny()
     ids = _ids(T=30, B=3)
