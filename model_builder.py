@@ -180,13 +180,13 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, rstd, weight = ctx.saved_tensors
-        xf = x.float()
+        n = x.float() * rstd   # the normalized x, recomputed
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad * (xf * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+            grad_w = (grad * n.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
         # as autograd would: the product's gradient cast to x's dtype, then back to fp32
         grad_n = (grad * weight).to(x.dtype).float()
-        n = xf * rstd   # d(x * rstd)/dx, rstd = mean(x^2)^-1/2: rstd * (grad_n - n * mean(grad_n * n))
+        # d(x * rstd)/dx with rstd = mean(x^2)^-1/2: rstd * (grad_n - n * mean(grad_n * n))
         grad_x = (grad_n - n * (grad_n * n).mean(-1, keepdim=True)).mul_(rstd)
         return grad_x.to(x.dtype), grad_w, None
 
