@@ -227,6 +227,30 @@ def test_swiglu_with_the_down_projection_equals_autograd_bit_for_bit_and_keeps_o
     assert sum(t.numel() for t in saved_ref) > sum(kept) + h0.numel() // 2 - 1
 
 
+@pytest.mark.parametrize('dtype, autocast', [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_rmsnorm_equals_hf_arithmetic_and_keeps_its_input_not_the_normalized_x(dtype, autocast):
+    """Outputs bit-identical to weight * rms_norm(x.float()).to(x.dtype), gradients to 2 ulp; for
+    backward only x, one 1/rms per row and the weight are kept (autograd also keeps the normalized x)."""
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = (torch.randn(3, 5, 64, generator=g) * 3).to(dtype), torch.randn(64, generator=g)
+    grad = torch.randn(3, 5, 64, generator=g)
+    results = []
+    for fn in (lambda x, w: w * F.rms_norm(x.float(), (64,), eps=1e-6).to(x.dtype),
+               lambda x, w: model_builder._RMSNorm.apply(x, w, 1e-6)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        saved = []
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(x, w)
+        y.backward(grad.to(y.dtype))
+        results.append((y, x.grad, w.grad, sum(t.numel() for t in saved)))
+    (y_ref, gx_ref, gw_ref, kept_ref), (y, gx, gw, kept) = results
+    assert torch.equal(y, y_ref) and gx.dtype == gx_ref.dtype
+    assert torch.allclose(gx.float(), gx_ref.float(), rtol=0, atol=4 * torch.finfo(gx.dtype).eps * gx_ref.float().abs().max())
+    assert torch.allclose(gw, gw_ref, rtol=1e-6, atol=1e-6)
+    assert kept == x0.numel() + 3 * 5 + 64 < kept_ref
+
+
 def test_return_logits_gives_the_full_logits_next_to_the_fused_loss():
     model = _tiny()
     ids = _ids(T=12, B=2)
